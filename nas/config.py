@@ -1,0 +1,84 @@
+"""A study's description: the small TOML file in studies/ that defines budget, epochs, objective
+and search ranges, so a new study (say a 5K budget) needs no code."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nas.space import SpaceConfig, smallest_arch
+from nas.spec import PRESETS, count_params
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+OBJECTIVES = ("accuracy", "params")
+PRUNERS = ("median", "hyperband", "none")
+
+
+class ConfigError(ValueError):
+    """A study file that cannot be used as written."""
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str = "mnist-8k"
+    budget: int = 8000  # trained architectures have strictly fewer parameters than this
+    epochs: int = 15
+    objectives: tuple[str, ...] = ("accuracy",)  # ("accuracy", "params") asks for a Pareto front
+    score_epochs: int = 3  # the accuracy objective is the mean of the last N epochs' validation accuracy
+    pruner: str = "median"
+    enqueue: tuple[str, ...] = ("model3",)  # presets run first, once per study
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+
+    @property
+    def directions(self) -> list[str]:
+        return ["maximize" if o == "accuracy" else "minimize" for o in self.objectives]
+
+
+def parse_study_config(data: dict[str, Any], source: str = "study file") -> StudyConfig:
+    top = dict(data)
+    try:
+        space = SpaceConfig.from_dict(top.pop("space", {}))
+        for key in ("objectives", "enqueue"):
+            if key in top:
+                top[key] = tuple(top[key])
+        config = StudyConfig(**top, space=space)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    check(config, source)
+    return config
+
+
+def check(config: StudyConfig, source: str) -> None:
+    if config.budget < 1 or config.epochs < 1 or config.score_epochs < 1:
+        raise ConfigError(f"{source}: budget, epochs and score_epochs must be positive")
+    if not config.objectives or any(o not in OBJECTIVES for o in config.objectives):
+        raise ConfigError(f"{source}: objectives must be drawn from {OBJECTIVES}, got {config.objectives}")
+    if config.objectives[0] != "accuracy":
+        raise ConfigError(f"{source}: the first objective must be accuracy")
+    if config.pruner not in PRUNERS:
+        raise ConfigError(f"{source}: pruner must be one of {PRUNERS}, got {config.pruner!r}")
+    unknown = [name for name in config.enqueue if name not in PRESETS]
+    if unknown:
+        raise ConfigError(f"{source}: enqueue names unknown presets {unknown}; known: {list(PRESETS)}")
+    smallest = count_params(smallest_arch(config.space))
+    if smallest >= config.budget:
+        raise ConfigError(
+            f"{source}: budget {config.budget:,} is unreachable: the smallest architecture in the "
+            f"search space has {smallest:,} parameters"
+        )
+
+
+def load_study_config(path: Path) -> StudyConfig:
+    if not path.is_file():
+        raise ConfigError(f"{path}: study file not found")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    return parse_study_config(data, str(path))

@@ -1,0 +1,146 @@
+"""Rebuild a stored trial through the search's own code path, retrain it with its stored seed, and
+compare the replayed validation score with the stored one; test accuracy is reported per epoch.
+
+    python -m nas.replay                      # the best trial of studies/mnist-8k.db
+    python -m nas.replay --trial 7 --full-train
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import FixedTrial, FrozenTrial, TrialState
+from torch import nn
+
+from nas import data
+from nas.config import StudyConfig
+from nas.search import DEFAULT_STUDY_FILE, checkpoint, config_from_study, epochs_to_target, ranked_trials, score
+from nas.space import suggest
+from nas.spec import ArchSpec, TrainConfig, count_params
+from nas.storage import StorageError, default_url, open_storage
+from nas.summary import summary_table
+from nas.train import EpochResult, epoch_line, evaluate, resolve_device, train
+
+
+class ReplayError(RuntimeError):
+    pass
+
+
+def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
+    if number is None:
+        ranked = ranked_trials(study)
+        if not ranked:
+            raise ReplayError(f"study {study.study_name!r} has no completed trial to replay")
+        return ranked[0]
+    matches = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+    if not matches:
+        raise ReplayError(f"study {study.study_name!r} has no trial {number}")
+    trial = matches[0]
+    if trial.state != TrialState.COMPLETE or "rejected" in trial.user_attrs:
+        raise ReplayError(f"trial {number} is {trial.state.name.lower()}, not a completed trial")
+    return trial
+
+
+def rebuild(trial: FrozenTrial, config: StudyConfig) -> tuple[ArchSpec, TrainConfig]:
+    """The same space function the search ran, fed the stored params."""
+    stored = trial.user_attrs["train"]
+    arch, train_config = suggest(FixedTrial(trial.params, trial.number), config.space, stored["epochs"], stored["seed"])
+    if arch.to_dict() != trial.user_attrs["arch"]:
+        raise ReplayError(f"trial {trial.number}: the search space no longer rebuilds the stored architecture")
+    return arch, train_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nas.replay", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trial", type=int, help="trial number (default: the best completed trial)")
+    parser.add_argument("--study", default="mnist-8k", help="study name (default mnist-8k)")
+    parser.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>.db)")
+    parser.add_argument("--full-train", action="store_true",
+                        help="retrain on all 60,000 training images and report the test set only")
+    parser.add_argument("--out", type=Path, help="where to save the model (default runs/<study>-trial<N>.pt)")
+    parser.add_argument("--device", default=None, help="default: the device the trial ran on, if present")
+    parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage_url = args.storage or default_url(args.study)
+    try:
+        storage = open_storage(storage_url, must_exist=True)
+        try:
+            study = optuna.load_study(study_name=args.study, storage=storage)
+        except KeyError:
+            raise ReplayError(f"no study named {args.study!r} in {storage_url}") from None
+        trial = pick_trial(study, args.trial)
+        config = config_from_study(study)
+        arch, train_config = rebuild(trial, config)
+        device = resolve_device(args.device or _stored_device(trial))
+        root = data.resolve_data_dir(args.data_dir)
+        data.prepare(root, progress=not args.quiet)
+        mnist = data.load_mnist(root)
+        subset = None if args.full_train else trial.user_attrs.get("subset")
+        split = data.make_split(mnist, "test" if args.full_train else "valid", subset, device)
+        test = data.make_split(mnist, "test", None, device)
+    except (ReplayError, StorageError, data.DataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    # Same thread count as the search worker, so CPU reductions, and so results, are bit-identical.
+    torch.set_num_threads(trial.user_attrs.get("threads", torch.get_num_threads()))
+    print(f"Replaying trial {trial.number} of study {study.study_name!r} on {device}")
+    print(summary_table(arch))
+    test_acc: list[float] = []
+
+    def report(result: EpochResult, model: nn.Module) -> None:
+        print(epoch_line(result, split.eval_name))
+        if not args.full_train:
+            _, correct = evaluate(model, test.eval_x, test.eval_y)
+            test_acc.append(100.0 * correct / len(test.eval_y))
+            print(f"Test set: Accuracy: {correct}/{len(test.eval_y)} ({test_acc[-1]:.2f}%)")
+        if not args.quiet:
+            print()
+
+    result = train(arch, train_config, split.train_x, split.train_y, split.eval_x, split.eval_y,
+                   on_epoch=report, progress=not args.quiet)
+    accuracies = [e.eval_acc for e in result.history]
+    replayed = score(accuracies, config.score_epochs)
+    if args.full_train:
+        test_acc = accuracies
+        print(f"Full-train test accuracy, mean of last {config.score_epochs} epochs: {replayed:.2f}%")
+    else:
+        stored = trial.values[0]
+        print(f"Validation score (mean of last {config.score_epochs} epochs): stored {stored:.4f}, "
+              f"replayed {replayed:.4f}, difference {replayed - stored:+.4f}"
+              + (" (identical)" if replayed == stored else ""))
+        print(f"Test accuracy, mean of last {config.score_epochs} epochs: {score(test_acc, config.score_epochs):.2f}% "
+              f"(best {max(test_acc):.2f}%, holds >= 99.4% from epoch {epochs_to_target(test_acc) or '-'})")
+    out = args.out or Path("runs") / f"{study.study_name}-trial{trial.number}{'-full' if args.full_train else ''}.pt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint(arch, train_config, result.model,
+                          {"study": study.study_name, "trial": trial.number, "params": count_params(arch),
+                           "eval_acc": accuracies, "test_acc": test_acc}), out)
+    print(f"Saved model (state_dict + spec + training config) to {out}")
+    return 0
+
+
+def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
+    """Rebuild a saved model without the study that produced it."""
+    from nas.model import build_model
+
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(ArchSpec.from_dict(saved["arch"]))
+    model.load_state_dict(saved["state_dict"])
+    return model, saved
+
+
+def _stored_device(trial: FrozenTrial) -> str:
+    stored = trial.user_attrs.get("device", "cpu")
+    return stored if stored == "cpu" or torch.cuda.is_available() else "cpu"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

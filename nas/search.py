@@ -1,0 +1,479 @@
+"""The main job: an Optuna study over architectures and training settings under a parameter budget.
+
+    python -m nas.search --trials 50
+
+`--trials` is the study's total: finished (completed or pruned) trained trials, counting those of
+earlier runs, so rerunning the same command after an interruption resumes and tops the study up.
+Over-budget candidates are never trained and never counted; they are reported apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+from tqdm import tqdm
+
+from nas import data
+from nas.cli import positive_int
+from nas.config import ConfigError, StudyConfig, load_study_config
+from nas.space import SpaceConfig, params_for, suggest
+from nas.spec import PRESETS, ArchSpec, SpecError, TrainConfig, count_params, receptive_field
+from nas.storage import StorageError, default_url, open_storage, sqlite_path
+from nas.summary import summary_table
+from nas.train import DivergedError, EpochResult, resolve_device, train
+
+DEFAULT_STUDY_FILE = Path("studies/mnist-8k.toml")
+TARGET_ACCURACY = 99.4  # the seed's bar: "consistent 99.4%"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What one search run was asked for on the command line, beyond the study file."""
+
+    storage: str
+    study: str
+    trials: int
+    epochs: int
+    subset: int | None
+    seed: int
+    device: str
+    data_dir: str
+    timeout: float | None = None
+    quiet: bool = False
+    threads: int | None = None
+    worker: int = 0
+
+
+# --- pure helpers -------------------------------------------------------------------------------
+
+
+def score(accuracies: list[float], last: int) -> float:
+    """Accuracy that holds: the mean of the last `last` epochs."""
+    tail = accuracies[-last:]
+    return sum(tail) / len(tail)
+
+
+def epochs_to_target(accuracies: list[float], target: float = TARGET_ACCURACY) -> int | None:
+    """First epoch (1-based) from which accuracy stays >= target to the end, or None."""
+    first = None
+    for epoch, acc in enumerate(accuracies, start=1):
+        if acc >= target:
+            first = first or epoch
+        else:
+            first = None
+    return first
+
+
+def is_rejected(trial: FrozenTrial) -> bool:
+    return "rejected" in trial.user_attrs
+
+
+def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Trained trials that count toward --trials."""
+    return [t for t in study.get_trials(deepcopy=False, states=FINISHED) if not is_rejected(t)]
+
+
+def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Completed, in-budget trials, best accuracy first (the first objective)."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not is_rejected(t)]
+    return sorted(done, key=lambda t: t.values[0], reverse=True)
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    ranked = ranked_trials(study)
+    return ranked[0] if ranked else None
+
+
+def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def make_sampler(seed: int, worker: int) -> optuna.samplers.BaseSampler:
+    # constant_liar keeps parallel workers from sampling the same point while trials run.
+    return optuna.samplers.TPESampler(
+        seed=seed + worker, multivariate=True, group=True, constant_liar=True, n_startup_trials=10
+    )
+
+
+def config_from_study(study: optuna.Study) -> StudyConfig:
+    """The study's own copy of its description, stored when it was created."""
+    stored = study.user_attrs["config"]
+    return dataclasses.replace(
+        StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k != "space"}),
+        space=SpaceConfig.from_dict(stored["space"]),
+    )
+
+
+# --- the objective ------------------------------------------------------------------------------
+
+
+class Objective:
+    def __init__(self, config: StudyConfig, options: RunOptions, split: data.Split, device: torch.device,
+                 artifact_dir: Path | None):
+        self.config, self.options, self.split, self.device = config, options, split, device
+        self.artifact_dir = artifact_dir
+        self.multi = len(config.objectives) > 1
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        arch, train_config = suggest(trial, self.config.space, self.options.epochs, self.options.seed)
+        try:
+            params = count_params(arch)
+        except SpecError as exc:
+            return self.reject(trial, f"invalid: {exc}", over=1.0)
+        trial.set_user_attr("params", params)
+        if params >= self.config.budget:
+            return self.reject(trial, f"over budget: {params:,} >= {self.config.budget:,}",
+                               over=float(params - self.config.budget + 1))
+        trial.set_constraint("params_over_budget", float(params - self.config.budget + 1))
+        trial.set_user_attr("receptive_field", receptive_field(arch))
+        trial.set_user_attr("arch", arch.to_dict())
+        trial.set_user_attr("train", train_config.to_dict())
+        trial.set_user_attr("seed", train_config.seed)
+        trial.set_user_attr("device", str(self.device))
+        trial.set_user_attr("threads", torch.get_num_threads())
+        trial.set_user_attr("subset", self.options.subset)
+        accuracies: list[float] = []
+
+        def on_epoch(result: EpochResult, model: torch.nn.Module) -> None:
+            accuracies.append(result.eval_acc)
+            trial.set_user_attr("epoch_acc", accuracies)
+            if self.multi:
+                return
+            trial.report(result.eval_acc, result.epoch)
+            if trial.should_prune():
+                trial.set_user_attr("pruned_at", result.epoch)
+                raise optuna.TrialPruned(f"pruned after epoch {result.epoch}")
+
+        try:
+            result = train(arch, train_config, self.split.train_x, self.split.train_y, self.split.eval_x,
+                           self.split.eval_y, on_epoch=on_epoch, progress=not self.options.quiet)
+        except DivergedError as exc:
+            trial.set_user_attr("failed_reason", str(exc))
+            raise optuna.TrialPruned(str(exc)) from None
+        value = score(accuracies, self.config.score_epochs)
+        trial.set_user_attr("best_epoch", max(range(len(accuracies)), key=accuracies.__getitem__) + 1)
+        trial.set_user_attr("epochs_to_99_4", epochs_to_target(accuracies))
+        trial.set_user_attr("train_seconds", round(result.seconds, 2))
+        self.save_weights(trial, arch, train_config, result.model)
+        save_layer_note(trial, arch, train_config)
+        return (value, float(params)) if self.multi else value
+
+    def reject(self, trial: optuna.Trial, reason: str, over: float) -> Any:
+        """Never train it, but tell the sampler how far out it was (Optuna's constraints)."""
+        trial.set_user_attr("rejected", reason)
+        trial.set_constraint("params_over_budget", over)
+        raise optuna.TrialPruned(reason)
+
+    def save_weights(self, trial: optuna.Trial, arch: ArchSpec, config: TrainConfig, model: torch.nn.Module) -> None:
+        if self.artifact_dir is None:
+            return
+        from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+        self.artifact_dir.mkdir(parents=True, exist_ok=True)
+        store = FileSystemArtifactStore(str(self.artifact_dir))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"trial-{trial.number}.pt"
+            torch.save(checkpoint(arch, config, model, {"trial": trial.number}), path)
+            artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)
+        trial.set_user_attr("weights_artifact", artifact_id)
+
+
+def checkpoint(arch: ArchSpec, config: TrainConfig, model: torch.nn.Module, extra: dict) -> dict:
+    """A self-describing checkpoint: loadable with weights_only=True and rebuildable without a study."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {"arch": arch.to_dict(), "train": config.to_dict(), "state_dict": state, **extra}
+
+
+def save_layer_note(trial: optuna.Trial, arch: ArchSpec, config: TrainConfig) -> None:
+    """The trial's layer table and config as an optuna-dashboard note."""
+    from optuna_dashboard import save_note
+
+    body = (
+        f"## Trial {trial.number}\n\n```\n{summary_table(arch)}\n```\n\n"
+        f"Training config:\n\n```json\n{json.dumps(config.to_dict(), indent=2)}\n```\n"
+    )
+    save_note(trial, body)
+
+
+# --- the study ----------------------------------------------------------------------------------
+
+
+def create_or_load(storage: optuna.storages.BaseStorage, options: RunOptions, config: StudyConfig,
+                   enqueue: tuple[str, ...]) -> optuna.Study:
+    """Load the study, or create it and enqueue the presets. Creating is atomic in the storage, so
+    exactly one of several workers starting together enqueues."""
+    sampler = make_sampler(options.seed, options.worker)
+    pruner = make_pruner(config.pruner, options.epochs)
+    try:
+        study = optuna.create_study(storage=storage, study_name=options.study, sampler=sampler,
+                                    pruner=pruner, directions=config.directions)
+        study.set_user_attr("config", dataclasses.asdict(config))
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(storage=storage, study_name=options.study, sampler=sampler, pruner=pruner)
+        created = False
+        if [d.name.lower() for d in study.directions] != config.directions:
+            raise ConfigError(
+                f"study {options.study!r} exists with objectives for {[d.name.lower() for d in study.directions]}; "
+                f"the study file asks for {config.directions}: use another --study name"
+            )
+    enqueue_presets(study, config, enqueue, fresh=created)
+    return study
+
+
+def enqueue_presets(study: optuna.Study, config: StudyConfig, names: tuple[str, ...], fresh: bool) -> None:
+    """Run each named preset once per study. A preset whose trial failed (interrupted) is queued
+    again; one whose trial is waiting, running, finished or was retried is not."""
+    trials = study.get_trials(deepcopy=False)
+    if not fresh and not trials:
+        return  # another worker created the study a moment ago and is enqueueing
+    present = {t.user_attrs.get("preset") for t in trials if t.state != TrialState.FAIL}
+    for name in names:
+        if name in present:
+            continue
+        preset = PRESETS[name]
+        params = params_for(preset)
+        arch, train_config = suggest(optuna.trial.FixedTrial(params), config.space, preset.train.epochs, 0)
+        if arch != preset.arch or dataclasses.replace(train_config, epochs=preset.train.epochs) != preset.train:
+            print(f"note: {name} lies outside this study's search space; not enqueued", file=sys.stderr)
+            continue
+        study.enqueue_trial(params, user_attrs={"preset": name})
+
+
+class StopAtTarget:
+    """Stops the study once it holds `target` finished trials (every worker checks after each trial)."""
+
+    def __init__(self, target: int):
+        self.target = target
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if len(finished_trials(study)) >= self.target:
+            study.stop()
+
+
+class ProgressBar:
+    """A bar over the study's finished trials that shows the best value so far."""
+
+    def __init__(self, study: optuna.Study, target: int, disable: bool):
+        self.bar = tqdm(total=target, desc="Trials", unit="trial", disable=disable, file=sys.stdout, position=0)
+        self.update(study)
+
+    def update(self, study: optuna.Study, trial: FrozenTrial | None = None) -> None:
+        done = len(finished_trials(study))
+        self.bar.n = min(done, self.bar.total)
+        best = best_trial(study)
+        rejected = sum(1 for t in study.get_trials(deepcopy=False) if is_rejected(t))
+        postfix = {"rejected": rejected}
+        if best is not None:
+            postfix["best"] = f"{best.values[0]:.2f}% (#{best.number})"
+        self.bar.set_postfix(postfix)
+        self.bar.refresh()
+
+    __call__ = update
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def artifact_dir_for(storage_url: str) -> Path:
+    """Where trial weights are stored: beside a SQLite/journal file, else under studies/."""
+    file = sqlite_path(storage_url)
+    base = file.parent if file else Path("studies")
+    return base / "artifacts"
+
+
+def run_worker(options: RunOptions, config: StudyConfig, split: data.Split | None = None) -> None:
+    """One process's share of the search: trials until the study holds options.trials."""
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    device = resolve_device(options.device)
+    if split is None:
+        split = load_split(options, device)
+    storage = open_storage(options.storage)
+    study = optuna.load_study(storage=storage, study_name=options.study,
+                              sampler=make_sampler(options.seed, options.worker),
+                              pruner=make_pruner(config.pruner, options.epochs))
+    remaining = options.trials - len(finished_trials(study))
+    if remaining <= 0:
+        return
+    objective = Objective(config, options, split, device, artifact_dir_for(options.storage))
+    callbacks: list = [StopAtTarget(options.trials)]
+    bar = None
+    if options.worker == 0 and not options.quiet and options.threads is None:
+        bar = ProgressBar(study, options.trials, disable=False)
+        callbacks.append(bar)
+    try:
+        study.optimize(objective, timeout=options.timeout, callbacks=callbacks, catch=(),
+                       gc_after_trial=False)
+    finally:
+        if bar:
+            bar.close()
+
+
+def load_split(options: RunOptions, device: torch.device) -> data.Split:
+    root = Path(options.data_dir)
+    return data.make_split(data.load_mnist(root), "valid", options.subset, device)
+
+
+def _worker_entry(options: RunOptions, config: StudyConfig) -> None:
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        run_worker(options, config)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def run_workers(options: RunOptions, config: StudyConfig, workers: int, study: optuna.Study) -> int:
+    """N processes share the study through its storage; this one only watches and draws the bar."""
+    context = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    procs = [
+        context.Process(target=_worker_entry,
+                        args=(dataclasses.replace(options, worker=i, threads=threads, quiet=True), config))
+        for i in range(workers)
+    ]
+    for p in procs:
+        p.start()
+    bar = ProgressBar(study, options.trials, disable=options.quiet)
+    try:
+        while any(p.is_alive() for p in procs):
+            time.sleep(2)
+            bar.update(study)
+    except KeyboardInterrupt:
+        for p in procs:
+            p.join(timeout=30)
+        raise
+    finally:
+        bar.update(study)
+        bar.close()
+    failed = [p.exitcode for p in procs if p.exitcode != 0]
+    return 1 if failed else 0
+
+
+# --- reporting ----------------------------------------------------------------------------------
+
+
+def results_table(study: optuna.Study, top: int = 10) -> str:
+    rows = ["| # | val acc (mean last) | params | RF | epochs to 99.4 | optimizer | lr | batch | scheduler | augment |",
+            "|--:|--:|--:|--:|--:|:--|--:|--:|:--|--:|"]
+    for t in ranked_trials(study)[:top]:
+        cfg = t.user_attrs.get("train", {})
+        rows.append(
+            f"| {t.number} | {t.values[0]:.2f} | {t.user_attrs.get('params', 0):,} | "
+            f"{t.user_attrs.get('receptive_field', '')} | {t.user_attrs.get('epochs_to_99_4') or '-'} | "
+            f"{cfg.get('optimizer', '')} | {cfg.get('lr', 0):.4g} | {cfg.get('batch_size', '')} | "
+            f"{cfg.get('scheduler', '')} | {cfg.get('augment', 0):.2f} |"
+        )
+    return "\n".join(rows)
+
+
+def summary_lines(study: optuna.Study, storage_url: str) -> list[str]:
+    trials = study.get_trials(deepcopy=False)
+    counts = {
+        "completed": sum(1 for t in trials if t.state == TrialState.COMPLETE),
+        "pruned": sum(1 for t in trials if t.state == TrialState.PRUNED and not is_rejected(t)),
+        "rejected (over budget, never trained)": sum(1 for t in trials if is_rejected(t)),
+        "failed/interrupted": sum(1 for t in trials if t.state == TrialState.FAIL),
+    }
+    lines = [f"Study {study.study_name!r}: " + ", ".join(f"{v} {k}" for k, v in counts.items()), "",
+             results_table(study), ""]
+    dashboard = f"optuna-dashboard {storage_url}"
+    dashboard += f" --artifact-dir {artifact_dir_for(storage_url)}"
+    lines += [f"Browse it:  {dashboard}", f"Replay the best trial:  python -m nas.replay --storage {storage_url} --study {study.study_name}"]
+    return lines
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m nas.search", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=positive_int, default=50,
+                        help="total finished trials the study should hold, earlier runs included (default 50)")
+    parser.add_argument("--study-file", type=Path, help=f"study description (default {DEFAULT_STUDY_FILE})")
+    parser.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>.db)")
+    parser.add_argument("--study", help="study name (default: the study file's name)")
+    parser.add_argument("--epochs", type=positive_int, help="epochs per trial (default: the study file's)")
+    parser.add_argument("--subset", type=positive_int, help="train on the first N images (quick looks)")
+    parser.add_argument("--timeout", type=positive_int, help="stop starting trials after this many seconds")
+    parser.add_argument("--seed", type=int, default=0, help="training and sampler seed (default 0)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--workers", type=positive_int, default=1, help="trial processes sharing the study")
+    parser.add_argument("--enqueue-all", action="store_true", help="also run the seed's Models 1 and 2 first")
+    parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def resolve_config(path: Path | None) -> StudyConfig:
+    if path is not None:
+        return load_study_config(path)
+    if DEFAULT_STUDY_FILE.is_file():
+        return load_study_config(DEFAULT_STUDY_FILE)
+    return StudyConfig()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        config = resolve_config(args.study_file)
+        device = resolve_device(args.device)
+        name = args.study or config.name
+        storage_url = args.storage or default_url(name)
+        if args.storage is None:
+            Path("studies").mkdir(exist_ok=True)
+        options = RunOptions(storage=storage_url, study=name, trials=args.trials, epochs=args.epochs or config.epochs,
+                             subset=args.subset, seed=args.seed, device=args.device,
+                             data_dir=str(data.resolve_data_dir(args.data_dir)), timeout=args.timeout,
+                             quiet=args.quiet)
+        data.prepare(Path(options.data_dir), progress=not args.quiet)
+        split = load_split(options, device)
+        storage = open_storage(storage_url)
+        enqueue = tuple(dict.fromkeys(config.enqueue + (("model1", "model2") if args.enqueue_all else ())))
+        study = create_or_load(storage, options, config, enqueue)
+    except (ConfigError, StorageError, data.DataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    done = len(finished_trials(study))
+    if not args.quiet:
+        print(f"Study {name!r} in {storage_url}: {done} of {args.trials} trials finished; "
+              f"budget < {config.budget:,} params, {options.epochs} epochs, {device}")
+    code = 0
+    try:
+        if args.workers > 1:
+            code = run_workers(options, config, args.workers, study)
+        else:
+            run_worker(options, config, split)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {len(finished_trials(study))} finished trials are stored; "
+              "rerun the same command to resume", file=sys.stderr)
+        return 130
+    print("\n".join(summary_lines(study, storage_url)))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

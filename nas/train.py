@@ -1,0 +1,249 @@
+"""Trains an ArchSpec with a TrainConfig on tensors that already live on the training device.
+
+The hot loop indexes one resident tensor with a randperm slice, augments the whole batch at once
+and keeps its metrics on the device, so nothing waits on the host until an epoch ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from nas.model import build_model
+from nas.spec import ArchSpec, TrainConfig, count_params
+
+MAX_ROTATION_DEG = 15.0  # at augment=1
+MAX_TRANSLATION = 0.1  # fraction of the image side, at augment=1
+EVAL_BATCH = 2000
+
+
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss; the run is worthless from here on."""
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    epoch: int  # 1-based, as in the seed's logs
+    train_loss: float
+    train_acc: float  # percent
+    eval_loss: float
+    eval_acc: float  # percent
+    eval_correct: int
+    eval_total: int
+    lr: float  # learning rate at the end of the epoch
+    seconds: float  # training time of the epoch, evaluation excluded
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: list[EpochResult] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return sum(e.seconds for e in self.history)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+def lr_factor(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of config.lr after `step` optimizer steps (the schedule is stepped per batch)."""
+    if config.scheduler == "none":
+        return 1.0
+    if config.scheduler == "step":
+        return config.gamma ** ((step // steps_per_epoch) // config.step_size)
+    if config.scheduler == "onecycle":
+        # OneCycleLR's defaults: 30% cosine warm-up from lr/25, cosine decay to lr/25/1e4.
+        total = config.epochs * steps_per_epoch
+        warm_end = 0.3 * total - 1
+        start, low = 1 / 25, 1 / 25 / 1e4
+        if step <= warm_end:
+            pct = step / warm_end
+            return 1 + (start - 1) * (1 + math.cos(math.pi * pct)) / 2
+        pct = (step - warm_end) / (total - 1 - warm_end)
+        return low + (1 - low) * (1 + math.cos(math.pi * min(pct, 1.0))) / 2
+    raise ValueError(f"unknown scheduler {config.scheduler!r}")
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    raise ValueError(f"unknown optimizer {config.optimizer!r}")
+
+
+def augment_batch(images: torch.Tensor, strength: float, generator: torch.Generator, background: float) -> torch.Tensor:
+    """Random rotation and translation of a whole batch in one affine warp."""
+    n = images.shape[0]
+    angle = (torch.rand(n, device=images.device, generator=generator) * 2 - 1) * math.radians(MAX_ROTATION_DEG * strength)
+    shift = (torch.rand(n, 2, device=images.device, generator=generator) * 2 - 1) * (2 * MAX_TRANSLATION * strength)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    # grid_sample pads with zeros; shifting by the background keeps the padding "blank paper".
+    return F.grid_sample(images - background, grid, align_corners=False) + background
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Mean cross-entropy and number of correct predictions."""
+    model.eval()
+    loss_sum = torch.zeros((), device=images.device)
+    correct = torch.zeros((), device=images.device, dtype=torch.long)
+    for i in range(0, len(images), EVAL_BATCH):
+        out = model(images[i : i + EVAL_BATCH])
+        loss_sum += F.cross_entropy(out, labels[i : i + EVAL_BATCH], reduction="sum")
+        correct += (out.argmax(1) == labels[i : i + EVAL_BATCH]).sum()
+    return loss_sum.item() / len(images), int(correct.item())
+
+
+def train(
+    arch: ArchSpec,
+    config: TrainConfig,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    eval_x: torch.Tensor,
+    eval_y: torch.Tensor,
+    on_epoch: Callable[[EpochResult, nn.Module], None] | None = None,
+    progress: bool = True,
+    background: float | None = None,
+) -> TrainResult:
+    """Train for config.epochs; `on_epoch` sees every epoch's result and the model (to evaluate
+    more), and may raise to stop early (the search's pruner does). `background` is the normalized value of a blank pixel."""
+    device = train_x.device
+    torch.manual_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    model = build_model(arch).to(device)
+    optimizer = make_optimizer(model, config)
+    n = len(train_x)
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(config, step, steps_per_epoch)
+    )
+    if background is None:
+        background = float(train_x.min())
+    result = TrainResult(model)
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        start = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        order = torch.randperm(n, device=device, generator=generator)
+        if progress:
+            tqdm.write(f"Epoch {epoch}", file=sys.stdout)
+        batches = tqdm(range(steps_per_epoch), disable=not progress, file=sys.stdout, desc="Train")
+        for b in batches:
+            index = order[b * config.batch_size : (b + 1) * config.batch_size]
+            images, labels = train_x[index], train_y[index]
+            if config.augment > 0:
+                images = augment_batch(images, config.augment, generator, background)
+            out = model(images)
+            loss = F.cross_entropy(out, labels, label_smoothing=config.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach() * len(index)
+            correct += (out.argmax(1) == labels).sum()
+        train_loss = loss_sum.item() / n
+        train_acc = 100.0 * correct.item() / n
+        seconds = time.perf_counter() - start
+        if progress:
+            batches.set_description(
+                f"Train: Loss={train_loss:.4f} Batch_id={steps_per_epoch - 1} Accuracy={train_acc:.2f}"
+            )
+            batches.close()
+        if not math.isfinite(train_loss):
+            raise DivergedError(f"training loss became {train_loss} in epoch {epoch}")
+        eval_loss, eval_correct = evaluate(model, eval_x, eval_y)
+        epoch_result = EpochResult(
+            epoch=epoch,
+            train_loss=train_loss,
+            train_acc=train_acc,
+            eval_loss=eval_loss,
+            eval_acc=100.0 * eval_correct / len(eval_x),
+            eval_correct=eval_correct,
+            eval_total=len(eval_x),
+            lr=optimizer.param_groups[0]["lr"],
+            seconds=seconds,
+        )
+        result.history.append(epoch_result)
+        if on_epoch is not None:
+            on_epoch(epoch_result, model)
+    return result
+
+
+def epoch_line(result: EpochResult, eval_name: str) -> str:
+    """The seed's evaluation line."""
+    label = "Test set" if eval_name == "test" else "Validation set"
+    return (
+        f"{label}: Average loss: {result.eval_loss:.4f}, "
+        f"Accuracy: {result.eval_correct}/{result.eval_total} ({result.eval_acc:.2f}%)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from nas import data
+    from nas.cli import positive_int
+    from nas.spec import SpecError, load_arch
+
+    parser = argparse.ArgumentParser(
+        prog="python -m nas.train", description="Train a preset or spec file on MNIST and report test accuracy."
+    )
+    parser.add_argument("--model", default="model3", help="model1, model2, model3 or a spec JSON file")
+    parser.add_argument("--epochs", type=positive_int, help="override the preset's epochs")
+    parser.add_argument("--subset", type=positive_int, help="train on the first N training images")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    try:
+        arch, config = load_arch(args.model)
+        device = resolve_device(args.device)
+        root = data.resolve_data_dir(args.data_dir)
+        data.prepare(root, progress=not args.quiet)
+        split = data.make_split(data.load_mnist(root), "test", args.subset, device)
+    except (SpecError, ValueError, data.DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    config = replace(config or TrainConfig(), seed=args.seed)
+    if args.epochs:
+        config = replace(config, epochs=args.epochs)
+    print(f"{args.model}: {count_params(arch):,} params, {config.epochs} epochs on {device}")
+
+    def report(result: EpochResult, model: nn.Module) -> None:
+        print(epoch_line(result, split.eval_name), flush=True)
+        if not args.quiet:
+            print()
+
+    try:
+        train(arch, config, split.train_x, split.train_y, split.eval_x, split.eval_y,
+              on_epoch=report, progress=not args.quiet)
+    except DivergedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

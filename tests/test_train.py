@@ -1,0 +1,114 @@
+from dataclasses import replace
+
+import pytest
+import torch
+
+from nas.spec import PRESETS, ArchSpec, BlockSpec, TrainConfig
+from nas.train import DivergedError, augment_batch, lr_factor, train
+
+TINY = ArchSpec(blocks=(BlockSpec((4, 8), padding=1), BlockSpec((8,))), tail=(8,))
+
+
+def torch_schedule(config: TrainConfig, steps_per_epoch: int, scheduler_factory) -> list[float]:
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.lr)
+    sched = scheduler_factory(opt)
+    lrs = []
+    for _ in range(config.epochs * steps_per_epoch):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_step_schedule_matches_torch_steplr_per_epoch():
+    config = TrainConfig(lr=0.01, epochs=10, scheduler="step", step_size=3, gamma=0.5)
+    steps = 4
+    ours = [config.lr * lr_factor(config, s, steps) for s in range(config.epochs * steps)]
+    per_epoch = torch_schedule(replace(config), 1, lambda o: torch.optim.lr_scheduler.StepLR(o, 3, 0.5))
+    assert ours[::steps] == pytest.approx(per_epoch)
+    assert ours[steps * 3 - 1] == pytest.approx(0.01) and ours[steps * 3] == pytest.approx(0.005)
+
+
+def test_onecycle_schedule_matches_torch_onecycle():
+    config = TrainConfig(lr=0.02, epochs=3, scheduler="onecycle")
+    steps = 7
+    expected = torch_schedule(
+        config, steps,
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.02, total_steps=21, cycle_momentum=False),
+    )
+    ours = [config.lr * lr_factor(config, s, steps) for s in range(21)]
+    assert ours == pytest.approx(expected, rel=1e-6)
+
+
+def test_no_schedule_is_constant_and_unknown_is_rejected():
+    assert lr_factor(TrainConfig(scheduler="none"), 1000, 10) == 1.0
+    with pytest.raises(ValueError):
+        lr_factor(TrainConfig(scheduler="cosine"), 0, 10)
+
+
+def test_augment_keeps_shape_and_background():
+    gen = torch.Generator().manual_seed(0)
+    blank = torch.full((5, 1, 28, 28), -0.42)
+    out = augment_batch(blank, 1.0, gen, background=-0.42)
+    assert out.shape == blank.shape
+    assert torch.allclose(out, blank, atol=1e-5)
+    digit = torch.zeros(5, 1, 28, 28)
+    digit[:, :, 10:18, 12:16] = 1.0
+    assert not torch.equal(augment_batch(digit, 1.0, gen, background=0.0), digit)
+
+
+def fake_data(n=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = torch.randn(n, 1, 28, 28, generator=g) * 0.1
+    x[torch.arange(n), 0, y * 2, y * 2] += 3.0  # a learnable class-dependent bright pixel
+    return x, y
+
+
+def test_training_is_deterministic_given_a_seed():
+    x, y = fake_data()
+    config = TrainConfig(epochs=2, batch_size=32, lr=0.01, augment=0.5, label_smoothing=0.05, seed=3)
+    runs = [[e.eval_acc for e in train(TINY, config, x, y, x, y, progress=False).history] for _ in range(2)]
+    assert runs[0] == runs[1]
+    other = train(TINY, replace(config, seed=4), x, y, x, y, progress=False).history
+    losses = [e.train_loss for e in other]
+    assert losses != [e.train_loss for e in train(TINY, config, x, y, x, y, progress=False).history]
+
+
+def test_callback_sees_every_epoch_and_can_stop_training():
+    x, y = fake_data()
+    seen = []
+
+    def stop_after_two(result, model):
+        seen.append(result.epoch)
+        if result.epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TINY, TrainConfig(epochs=5, batch_size=64), x, y, x, y, on_epoch=stop_after_two, progress=False)
+    assert seen == [1, 2]
+
+
+def test_divergence_is_reported():
+    x, y = fake_data()
+    x[0] = float("nan")
+    with pytest.raises(DivergedError, match="loss became nan"):
+        train(TINY, TrainConfig(epochs=1, batch_size=256), x, y, x, y, progress=False)
+
+
+@pytest.mark.parametrize("optimizer,scheduler", [("sgd", "step"), ("adam", "onecycle"), ("adam", "none")])
+def test_optimizers_and_schedulers_run(optimizer, scheduler):
+    x, y = fake_data()
+    config = TrainConfig(epochs=2, batch_size=64, optimizer=optimizer, scheduler=scheduler, step_size=1, lr=0.01)
+    history = train(TINY, config, x, y, x, y, progress=False).history
+    assert len(history) == 2 and all(0 <= e.eval_acc <= 100 for e in history)
+
+
+def test_short_training_on_real_mnist_learns(mnist):
+    from nas.data import make_split
+
+    split = make_split(mnist, "valid", subset=2000)
+    config = replace(PRESETS["model3"].train, epochs=1)
+    history = train(PRESETS["model3"].arch, config, split.train_x, split.train_y, split.eval_x[:2000],
+                    split.eval_y[:2000], progress=False).history
+    assert history[0].eval_acc > 80.0  # chance is 10%
