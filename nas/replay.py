@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -19,7 +18,7 @@ from torch import nn
 
 from nas import data
 from nas.config import StudyConfig
-from nas.search import DEFAULT_STUDY_FILE, checkpoint, config_from_study, epochs_to_target, ranked_trials, score
+from nas.search import checkpoint, config_from_study, epochs_to_target, ranked_trials, score
 from nas.space import suggest
 from nas.spec import ArchSpec, TrainConfig, count_params
 from nas.storage import StorageError, default_url, open_storage
@@ -50,7 +49,7 @@ def rebuild(trial: FrozenTrial, config: StudyConfig) -> tuple[ArchSpec, TrainCon
     """The same space function the search ran, fed the stored params."""
     stored = trial.user_attrs["train"]
     arch, train_config = suggest(FixedTrial(trial.params, trial.number), config.space, stored["epochs"], stored["seed"])
-    if arch.to_dict() != trial.user_attrs["arch"]:
+    if arch != ArchSpec.from_dict(trial.user_attrs["arch"]):
         raise ReplayError(f"trial {trial.number}: the search space no longer rebuilds the stored architecture")
     return arch, train_config
 

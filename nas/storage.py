@@ -3,6 +3,7 @@ failed and retried instead of staying RUNNING forever."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import optuna
@@ -14,6 +15,9 @@ HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 30  # a trial whose heartbeat is this old is stale: failed, then retried once
 MAX_RETRY = 1
 SQLITE_BUSY_TIMEOUT = 60  # seconds a SQLite writer waits on the lock instead of failing at once
+
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 class StorageError(RuntimeError):
@@ -54,7 +58,7 @@ def open_storage(url: str, must_exist: bool = False) -> optuna.storages.BaseStor
             engine_kwargs=engine_kwargs,
             heartbeat_interval=HEARTBEAT_SECONDS,
             grace_period=GRACE_SECONDS,
-            failed_trial_callback=retry,
+            heartbeat_stale_trial_callback=retry,
         )
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

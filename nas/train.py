@@ -150,8 +150,8 @@ def train(
         order = torch.randperm(n, device=device, generator=generator)
         if progress:
             tqdm.write(f"Epoch {epoch}", file=sys.stdout)
-        batches = tqdm(range(steps_per_epoch), disable=not progress, file=sys.stdout, desc="Train")
-        for b in batches:
+        bar = tqdm(total=steps_per_epoch, disable=not progress, file=sys.stdout, desc="Train")
+        for b in range(steps_per_epoch):
             index = order[b * config.batch_size : (b + 1) * config.batch_size]
             images, labels = train_x[index], train_y[index]
             if config.augment > 0:
@@ -164,14 +164,12 @@ def train(
             scheduler.step()
             loss_sum += loss.detach() * len(index)
             correct += (out.argmax(1) == labels).sum()
+            bar.update()
         train_loss = loss_sum.item() / n
         train_acc = 100.0 * correct.item() / n
         seconds = time.perf_counter() - start
-        if progress:
-            batches.set_description(
-                f"Train: Loss={train_loss:.4f} Batch_id={steps_per_epoch - 1} Accuracy={train_acc:.2f}"
-            )
-            batches.close()
+        bar.set_description(f"Train: Loss={train_loss:.4f} Batch_id={steps_per_epoch - 1} Accuracy={train_acc:.2f}")
+        bar.close()
         if not math.isfinite(train_loss):
             raise DivergedError(f"training loss became {train_loss} in epoch {epoch}")
         eval_loss, eval_correct = evaluate(model, eval_x, eval_y)

@@ -1,0 +1,320 @@
+"""Times one Model 3 training epoch in our pipeline and in the seed study's, and prints the ratio.
+
+Ours is nas.train.train itself: the whole training set as one normalized tensor on the device,
+batches cut with randperm, metrics kept on the device. Seed-style is what the seed notebook ran:
+torchvision's MNIST dataset with per-sample ToTensor + Normalize, a shuffling DataLoader, and a
+loop that reads the loss and the correct count back to the host every batch for its progress bar.
+Both train the same model from the same initialization with the same optimizer and batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from nas import data
+from nas.cli import positive_int
+from nas.model import build_model
+from nas.spec import PRESETS, ArchSpec, TrainConfig, count_params
+from nas.train import resolve_device, train
+
+MODEL = "model3"
+QUICK_BATCHES = 200
+WARMUP_BATCHES = 5
+REPEATS = 2
+OURS = "ours"
+SEED_STYLE = "seed-style"
+
+
+@dataclass(frozen=True)
+class Timing:
+    pipeline: str
+    seconds: float  # wall time of the timed batches
+    images: int  # images in the timed batches
+    epoch_images: int  # images in a full epoch, the size the time is scaled to
+    # Means over the timed images: both pipelines train the same thing, so these should be close.
+    train_loss: float
+    train_acc: float  # percent
+
+    @property
+    def extrapolated(self) -> bool:
+        return self.images < self.epoch_images
+
+    @property
+    def epoch_seconds(self) -> float:
+        return extrapolate(self.seconds, self.images, self.epoch_images)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seconds": self.seconds,
+            "images": self.images,
+            "epoch_images": self.epoch_images,
+            "epoch_seconds": self.epoch_seconds,
+            "extrapolated": self.extrapolated,
+            "images_per_second": self.images_per_second,
+            "train_loss": self.train_loss,
+            "train_acc": self.train_acc,
+        }
+
+
+def extrapolate(seconds: float, images: int, epoch_images: int) -> float:
+    """Scales a partial epoch linearly by images: the per-batch cost dominates, and every batch but
+    an epoch's last is full, so this and scaling by batches agree to within one batch."""
+    return seconds * epoch_images / images
+
+
+def ratio(ours: Timing, seed_style: Timing) -> float:
+    """Our epoch time as a fraction of the seed-style one; below 1 means ours is faster."""
+    return ours.epoch_seconds / seed_style.epoch_seconds
+
+
+def format_table(timings: list[Timing]) -> str:
+    header = ("pipeline", "s/epoch", "", "images/s", "train loss", "train acc")
+    rows = [header] + [
+        (t.pipeline, f"{t.epoch_seconds:.2f}",
+         f"extrapolated from {t.images:,} images" if t.extrapolated else "measured",
+         f"{t.images_per_second:,.0f}", f"{t.train_loss:.4f}", f"{t.train_acc:.2f}%")
+        for t in timings
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    # Text columns flush left, numbers flush right.
+    return "\n".join(
+        "  ".join(cell.ljust(w) if i in (0, 2) else cell.rjust(w)
+                  for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+        for row in rows
+    )
+
+
+def schedule(repeats: int) -> list[str]:
+    """The order of the timed runs: each repeat swaps which pipeline goes first, so neither always
+    runs in the other's wake (the first timed run on a fresh process tends to be the slowest)."""
+    pairs = ((SEED_STYLE, OURS), (OURS, SEED_STYLE))
+    return [name for r in range(repeats) for name in pairs[r % 2]]
+
+
+def fastest(runs: list[Timing]) -> dict[str, Timing]:
+    """Each pipeline's fastest run: noise from other processes only ever adds time."""
+    best: dict[str, Timing] = {}
+    for run in runs:
+        if run.pipeline not in best or run.seconds < best[run.pipeline].seconds:
+            best[run.pipeline] = run
+    return best
+
+
+def ratio_line(value: float) -> str:
+    return f"ours / seed-style: {value:.3f} of the time ({1 / value:.2f}x the speed)"
+
+
+def loader_workers(device: torch.device) -> int:
+    """The seed's DataLoader workers: on CUDA its notebook passed num_workers=2 with pin_memory=True;
+    without CUDA that template falls back to a plain DataLoader(batch_size, shuffle=True), i.e. none."""
+    return 2 if device.type == "cuda" else 0
+
+
+def synchronize(device: torch.device) -> None:
+    """CUDA runs asynchronously: a timer read before this would miss work still queued."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seed_dataset(data_dir: Path) -> Dataset:
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((data.MEAN,), (data.STD,))])
+    # torchvision reads <data_dir>/MNIST/raw/*-ubyte itself when download=False.
+    return torchvision.datasets.MNIST(root=data_dir, train=True, download=False, transform=transform)
+
+
+def time_seed_style(arch: ArchSpec, config: TrainConfig, dataset: Dataset, batches: int,
+                    device: torch.device, workers: int) -> Timing:
+    """`batches` steps of the seed notebook's training loop, without its progress bar."""
+    torch.manual_seed(config.seed)
+    model = build_model(arch).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
+                        num_workers=workers, pin_memory=device.type == "cuda")
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    synchronize(device)
+    # Started before the loader's iterator exists: the seed paid its worker start-up every epoch.
+    start = time.perf_counter()
+    for images, labels in itertools.islice(loader, batches):
+        images, labels = images.to(device), labels.to(device)
+        optimizer.zero_grad()
+        out = model(images)
+        # Our model ends in logits; cross-entropy on them is the seed's nll_loss on log_softmax.
+        loss = F.cross_entropy(out, labels)
+        loss.backward()
+        optimizer.step()
+        # The seed read both numbers back every batch for its bar: a host sync it paid per step.
+        loss_sum += loss.item() * len(labels)
+        correct += int((out.argmax(1) == labels).sum().item())
+        seen += len(labels)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return Timing(SEED_STYLE, seconds, seen, len(dataset), loss_sum / seen, 100.0 * correct / seen)
+
+
+def time_ours(arch: ArchSpec, config: TrainConfig, split: data.Split, images: int, epoch_images: int) -> Timing:
+    """One epoch of nas.train.train over the first `images` training images, timed by train itself."""
+    # Evaluation runs outside train's timer; one batch of it keeps the wall time down.
+    result = train(arch, replace(config, epochs=1), split.train_x[:images], split.train_y[:images],
+                   split.eval_x[: config.batch_size], split.eval_y[: config.batch_size], progress=False)
+    epoch = result.history[0]
+    return Timing(OURS, epoch.seconds, images, epoch_images, epoch.train_loss, epoch.train_acc)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # not Linux: platform's answer is vaguer but exists everywhere
+    return platform.processor() or "unknown"
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def report(machine: dict[str, Any], setup: dict[str, Any], runs: list[Timing]) -> dict[str, Any]:
+    """The JSON record: each pipeline's fastest run, with every run's seconds beside it."""
+    best = fastest(runs)
+    return {
+        "machine": machine,
+        "setup": setup,
+        "pipelines": {
+            name: {**timing.to_dict(), "all_seconds": [r.seconds for r in runs if r.pipeline == name]}
+            for name, timing in best.items()
+        },
+        "ratio": ratio(best[OURS], best[SEED_STYLE]),
+    }
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # Every user error of this command is one `error:` line; argparse would add a usage block.
+        self.exit(2, f"error: {message}\n")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = OneLineErrorParser(
+        prog="python -m nas.bench",
+        description=f"Time one {MODEL} training epoch in our pipeline and in the seed study's DataLoader pipeline.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="time --batches batches per pipeline and extrapolate to a full epoch")
+    parser.add_argument("--batches", type=positive_int, default=QUICK_BATCHES,
+                        help=f"batches timed per pipeline with --quick (default {QUICK_BATCHES})")
+    parser.add_argument("--warmup", type=positive_int, default=WARMUP_BATCHES,
+                        help=f"untimed batches each pipeline runs first (default {WARMUP_BATCHES})")
+    parser.add_argument("--repeats", type=positive_int, default=REPEATS,
+                        help="timed runs per pipeline, alternating which goes first; the fastest counts "
+                        f"(default {REPEATS})")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--workers", type=non_negative_int,
+                        help="seed-style DataLoader workers (default: the seed's, 2 on CUDA, 0 otherwise)")
+    parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.json and not args.json.parent.is_dir():
+        # Checked now rather than after minutes of timing.
+        print(f"error: {args.json}: no such directory {args.json.parent}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = PRESETS[MODEL]
+    arch, config = preset.arch, preset.train
+    try:
+        device = resolve_device(args.device)
+        root = data.resolve_data_dir(args.data_dir)
+        # Verifies without downloading: a benchmark should not quietly spend minutes on the network.
+        mnist = data.load_mnist(root)
+        epoch_images = len(mnist.train_images)
+        images = min(args.batches * config.batch_size, epoch_images) if args.quick else epoch_images
+        split = data.make_split(mnist, "test", images, device)
+        dataset = seed_dataset(root)
+    except (ValueError, RuntimeError, data.DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    workers = loader_workers(device) if args.workers is None else args.workers
+    batches = math.ceil(images / config.batch_size)
+    warmup = min(args.warmup, batches)
+    print(f"{MODEL}: {count_params(arch):,} params, batch {config.batch_size}, Adam lr {config.lr}, "
+          f"on {device} with {torch.get_num_threads()} threads; seed-style DataLoader workers: {workers}")
+    print(f"timing {batches} batches per pipeline, best of {args.repeats}, "
+          f"after {warmup} warm-up batches each ...", flush=True)
+
+    def measure(pipeline: str, count: int) -> Timing:
+        if pipeline == OURS:
+            return time_ours(arch, config, split, min(count * config.batch_size, images), epoch_images)
+        return time_seed_style(arch, config, dataset, count, device, workers)
+
+    # Both warm up before either is timed, so neither pays one-off allocation and kernel set-up.
+    for pipeline in (SEED_STYLE, OURS):
+        measure(pipeline, warmup)
+    runs = [measure(pipeline, batches) for pipeline in schedule(args.repeats)]
+
+    best = fastest(runs)
+    print(format_table([best[SEED_STYLE], best[OURS]]))
+    results = report(machine_info(device), {
+        "model": MODEL, "params": count_params(arch), "batch_size": config.batch_size, "lr": config.lr,
+        "mode": "quick" if args.quick else "full", "batches": batches, "warmup_batches": warmup,
+        "repeats": args.repeats, "seed_style_workers": workers,
+    }, runs)
+    print(ratio_line(results["ratio"]))
+    if args.json:
+        try:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        except OSError as exc:
+            print(f"error: {args.json}: cannot write: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

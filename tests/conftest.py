@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from nas.data import DATA_DIR_ENV, Mnist, load_mnist, prepare, resolve_data_dir
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The prepared MNIST directory: $NAS_DATA_DIR, else data/ at the repository root (whatever the CWD)."""
+    path = resolve_data_dir(None) if os.environ.get(DATA_DIR_ENV) else REPO_ROOT / "data"
+    prepare(path, progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist(data_dir: Path) -> Mnist:
+    return load_mnist(data_dir)

@@ -1,0 +1,143 @@
+import hashlib
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from nas import replay, search
+from nas.config import ConfigError, parse_study_config
+from nas.search import epochs_to_target, score
+from nas.space import params_for
+from nas.spec import PRESETS
+
+STUDY_FILE = "studies/mnist-8k.toml"
+
+
+def run_search(url, data_dir, trials, *extra):
+    return search.main(["--trials", str(trials), "--epochs", "1", "--subset", "256", "--storage", url,
+                        "--study-file", STUDY_FILE, "--data-dir", str(data_dir), "--quiet", *extra])
+
+
+def load(url):
+    return optuna.load_study(study_name="mnist-8k", storage=url)
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, data_dir):
+    """One tiny study, run twice: 2 trials, then topped up to 3."""
+    db = tmp_path_factory.mktemp("study") / "s.db"
+    url = f"sqlite:///{db}"
+    assert run_search(url, data_dir, 2) == 0
+    assert run_search(url, data_dir, 3) == 0
+    return url, db
+
+
+def test_model3_runs_first_and_only_once(searched):
+    study = load(searched[0])
+    first = study.trials[0]
+    assert first.user_attrs["preset"] == "model3"
+    assert first.user_attrs["params"] == 7918
+    assert first.params == params_for(PRESETS["model3"])
+    assert sum(t.user_attrs.get("preset") == "model3" for t in study.trials) == 1
+
+
+def test_trials_is_the_total_and_reruns_top_up(searched):
+    assert len(search.finished_trials(load(searched[0]))) == 3
+
+
+def test_trained_trials_are_under_budget_and_rejected_ones_never_trained(searched):
+    study = load(searched[0])
+    for t in study.trials:
+        if "rejected" in t.user_attrs:
+            assert t.state == TrialState.PRUNED
+            assert "epoch_acc" not in t.user_attrs and not t.intermediate_values
+            assert t.constraints["params_over_budget"] > 0
+        elif t.state == TrialState.COMPLETE:
+            assert t.user_attrs["params"] < 8000
+            assert len(t.user_attrs["epoch_acc"]) == 1
+            assert t.user_attrs["weights_artifact"]
+
+
+def test_replay_reproduces_the_stored_value_exactly(searched, data_dir, capsys, tmp_path):
+    url, _ = searched
+    out = tmp_path / "m.pt"
+    assert replay.main(["--storage", url, "--data-dir", str(data_dir), "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "difference +0.0000 (identical)" in printed
+    model, saved = replay.load_checkpoint(out)
+    assert saved["trial"] == search.best_trial(load(url)).number
+    assert sum(p.numel() for p in model.parameters()) == saved["params"]
+
+
+def test_interrupted_trial_is_failed_and_rerun_resumes(tmp_path, data_dir, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'i.db'}"
+    real_train = search.train
+    calls = {"n": 0}
+
+    def interrupt_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(search, "train", interrupt_second)
+    assert run_search(url, data_dir, 3) == 130
+    study = load(url)
+    assert [t.state for t in study.trials if "rejected" not in t.user_attrs][-1] == TrialState.FAIL
+    monkeypatch.setattr(search, "train", real_train)
+    assert run_search(url, data_dir, 3) == 0
+    assert len(search.finished_trials(load(url))) == 3
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "abc"])
+def test_bad_trial_counts_exit_cleanly(bad, tmp_path, capsys):
+    db = tmp_path / "x.db"
+    with pytest.raises(SystemExit) as exc:
+        search.main(["--trials", bad, "--storage", f"sqlite:///{db}"])
+    assert exc.value.code == 2
+    assert not db.exists()
+    assert "--trials" in capsys.readouterr().err
+
+
+def test_unopenable_storage_is_one_line(tmp_path, data_dir, capsys):
+    code = run_search(f"sqlite:///{tmp_path}/missing-dir/x.db", data_dir, 1)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+def test_impossible_budget_is_rejected_before_anything_is_stored(tmp_path, data_dir, capsys):
+    study_file = tmp_path / "tiny.toml"
+    study_file.write_text('name = "tiny"\nbudget = 50\n')
+    db = tmp_path / "t.db"
+    code = search.main(["--trials", "1", "--storage", f"sqlite:///{db}", "--study-file", str(study_file),
+                        "--data-dir", str(data_dir), "--quiet"])
+    assert code == 2 and not db.exists()
+    assert "unreachable" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="unreachable"):
+        parse_study_config({"budget": 50})
+
+
+def test_replay_errors_leave_the_database_untouched(searched, tmp_path, data_dir, capsys):
+    url, db = searched
+    before = digest(db)
+    assert replay.main(["--storage", url, "--trial", "999", "--data-dir", str(data_dir)]) == 2
+    assert "no trial 999" in capsys.readouterr().err
+    assert digest(db) == before
+    empty = tmp_path / "empty.db"
+    optuna.create_study(study_name="mnist-8k", storage=f"sqlite:///{empty}")
+    assert replay.main(["--storage", f"sqlite:///{empty}", "--data-dir", str(data_dir)]) == 2
+    assert "no completed trial" in capsys.readouterr().err
+    missing = tmp_path / "nothing.db"
+    assert replay.main(["--storage", f"sqlite:///{missing}"]) == 2
+    assert not missing.exists()
+
+
+def test_score_and_epochs_to_target():
+    assert score([90.0, 99.0, 99.5, 99.6], 3) == pytest.approx(99.3666, abs=1e-3)
+    assert epochs_to_target([99.5, 99.3, 99.4, 99.45]) == 3
+    assert epochs_to_target([99.5, 99.3]) is None
