@@ -108,7 +108,7 @@ def test_short_training_on_real_mnist_learns(mnist):
     from nas.data import make_split
 
     split = make_split(mnist, "valid", subset=4000)
-    config = replace(PRESETS["model3"].train, epochs=1)
+    config = replace(PRESETS["model3"].train, epochs=2)
     history = train(PRESETS["model3"].arch, config, split.train_x, split.train_y, split.eval_x[:2000],
                     split.eval_y[:2000], progress=False).history
-    assert history[0].eval_acc > 50.0  # chance is 10%
+    assert history[-1].eval_acc > 60.0  # chance is 10%
