@@ -31,7 +31,7 @@ from nas import data
 from nas.cli import positive_int
 from nas.model import build_model
 from nas.spec import PRESETS, ArchSpec, TrainConfig, count_params
-from nas.train import resolve_device, train
+from nas.train import PRECISIONS, resolve_device, resolve_precision, train
 
 MODEL = "model3"
 QUICK_BATCHES = 200
@@ -172,11 +172,13 @@ def time_seed_style(arch: ArchSpec, config: TrainConfig, dataset: Dataset, batch
     return Timing(SEED_STYLE, seconds, seen, len(dataset), loss_sum / seen, 100.0 * correct / seen)
 
 
-def time_ours(arch: ArchSpec, config: TrainConfig, split: data.Split, images: int, epoch_images: int) -> Timing:
+def time_ours(arch: ArchSpec, config: TrainConfig, split: data.Split, images: int, epoch_images: int,
+              precision: str = "auto") -> Timing:
     """One epoch of nas.train.train over the first `images` training images, timed by train itself."""
     # Evaluation runs outside train's timer; one batch of it keeps the wall time down.
     result = train(arch, replace(config, epochs=1), split.train_x[:images], split.train_y[:images],
-                   split.eval_x[: config.batch_size], split.eval_y[: config.batch_size], progress=False)
+                   split.eval_x[: config.batch_size], split.eval_y[: config.batch_size], progress=False,
+                   precision=precision)
     epoch = result.history[0]
     return Timing(OURS, epoch.seconds, images, epoch_images, epoch.train_loss, epoch.train_acc)
 
@@ -254,6 +256,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--workers", type=non_negative_int,
                         help="seed-style DataLoader workers (default: the seed's, 2 on CUDA, 0 otherwise)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="our trainer's precision (default auto: bf16 where native, as the search runs)")
     parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     return parser.parse_args(argv)
@@ -271,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     arch, config = preset.arch, preset.train
     try:
         device = resolve_device(args.device)
+        precision = resolve_precision(args.precision, device)
         root = data.resolve_data_dir(args.data_dir)
         # Verifies without downloading: a benchmark should not quietly spend minutes on the network.
         mnist = data.load_mnist(root)
@@ -285,13 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     batches = math.ceil(images / config.batch_size)
     warmup = min(args.warmup, batches)
     print(f"{MODEL}: {count_params(arch):,} params, batch {config.batch_size}, Adam lr {config.lr}, "
-          f"on {device} with {torch.get_num_threads()} threads; seed-style DataLoader workers: {workers}")
+          f"on {device} with {torch.get_num_threads()} threads; ours in {precision}, seed-style in fp32 "
+          f"with {workers} DataLoader workers")
     print(f"timing {batches} batches per pipeline, best of {args.repeats}, "
           f"after {warmup} warm-up batches each ...", flush=True)
 
     def measure(pipeline: str, count: int) -> Timing:
         if pipeline == OURS:
-            return time_ours(arch, config, split, min(count * config.batch_size, images), epoch_images)
+            return time_ours(arch, config, split, min(count * config.batch_size, images), epoch_images, precision)
         return time_seed_style(arch, config, dataset, count, device, workers)
 
     # Both warm up before either is timed, so neither pays one-off allocation and kernel set-up.
@@ -304,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     results = report(machine_info(device), {
         "model": MODEL, "params": count_params(arch), "batch_size": config.batch_size, "lr": config.lr,
         "mode": "quick" if args.quick else "full", "batches": batches, "warmup_batches": warmup,
-        "repeats": args.repeats, "seed_style_workers": workers,
+        "repeats": args.repeats, "seed_style_workers": workers, "precision": precision,
     }, runs)
     print(ratio_line(results["ratio"]))
     if args.json:

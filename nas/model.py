@@ -11,7 +11,7 @@ def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, padding:
     return [
         nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=False),
         nn.BatchNorm2d(out_channels),
-        nn.ReLU(),
+        nn.ReLU(inplace=True),
     ]
 
 

@@ -23,7 +23,7 @@ from nas.space import suggest
 from nas.spec import ArchSpec, TrainConfig, count_params
 from nas.storage import StorageError, default_url, open_storage
 from nas.summary import summary_table
-from nas.train import EpochResult, epoch_line, evaluate, resolve_device, train
+from nas.train import EpochResult, epoch_line, evaluate, resolve_device, resolve_precision, train
 
 
 class ReplayError(RuntimeError):
@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_study(study)
         arch, train_config = rebuild(trial, config)
         device = resolve_device(args.device or _stored_device(trial))
+        # Trials stored before the precision attribute existed trained in fp32.
+        precision = resolve_precision(trial.user_attrs.get("precision", "fp32"), device)
         root = data.resolve_data_dir(args.data_dir)
         data.prepare(root, progress=not args.quiet)
         mnist = data.load_mnist(root)
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Same thread count as the search worker, so CPU reductions, and so results, are bit-identical.
     torch.set_num_threads(trial.user_attrs.get("threads", torch.get_num_threads()))
-    print(f"Replaying trial {trial.number} of study {study.study_name!r} on {device}")
+    print(f"Replaying trial {trial.number} of study {study.study_name!r} on {device}, {precision}")
     print(summary_table(arch))
     test_acc: list[float] = []
 
@@ -104,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             print()
 
     result = train(arch, train_config, split.train_x, split.train_y, split.eval_x, split.eval_y,
-                   on_epoch=report, progress=not args.quiet)
+                   on_epoch=report, progress=not args.quiet, precision=precision,
+                   compile=trial.user_attrs.get("compiled", False))
     accuracies = [e.eval_acc for e in result.history]
     replayed = score(accuracies, config.score_epochs)
     if args.full_train:

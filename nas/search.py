@@ -34,7 +34,7 @@ from nas.space import SpaceConfig, params_for, suggest
 from nas.spec import PRESETS, ArchSpec, SpecError, TrainConfig, count_params, receptive_field
 from nas.storage import StorageError, default_url, open_storage, sqlite_path
 from nas.summary import summary_table
-from nas.train import DivergedError, EpochResult, resolve_device, train
+from nas.train import PRECISIONS, DivergedError, EpochResult, resolve_device, resolve_precision, train
 
 DEFAULT_STUDY_FILE = Path("studies/mnist-8k.toml")
 TARGET_ACCURACY = 99.4  # the seed's bar: "consistent 99.4%"
@@ -59,6 +59,8 @@ class RunOptions:
     quiet: bool = False
     threads: int | None = None
     worker: int = 0
+    precision: str = "auto"  # resolved per device by nas.train.resolve_precision
+    compile: bool = False
 
 
 # --- pure helpers -------------------------------------------------------------------------------
@@ -134,6 +136,7 @@ class Objective:
         self.config, self.options, self.split, self.device = config, options, split, device
         self.artifact_dir = artifact_dir
         self.multi = len(config.objectives) > 1
+        self.precision = resolve_precision(options.precision, device)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         arch, train_config = suggest(trial, self.config.space, self.options.epochs, self.options.seed)
@@ -152,6 +155,8 @@ class Objective:
         trial.set_user_attr("seed", train_config.seed)
         trial.set_user_attr("device", str(self.device))
         trial.set_user_attr("threads", torch.get_num_threads())
+        trial.set_user_attr("precision", self.precision)
+        trial.set_user_attr("compiled", self.options.compile)
         trial.set_user_attr("subset", self.options.subset)
         accuracies: list[float] = []
 
@@ -167,7 +172,8 @@ class Objective:
 
         try:
             result = train(arch, train_config, self.split.train_x, self.split.train_y, self.split.eval_x,
-                           self.split.eval_y, on_epoch=on_epoch, progress=not self.options.quiet)
+                           self.split.eval_y, on_epoch=on_epoch, progress=not self.options.quiet,
+                           precision=self.precision, compile=self.options.compile)
         except DivergedError as exc:
             trial.set_user_attr("failed_reason", str(exc))
             raise optuna.TrialPruned(str(exc)) from None
@@ -421,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="training and sampler seed (default 0)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--workers", type=positive_int, default=1, help="trial processes sharing the study")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="auto: bf16 autocast where the device runs it natively, else fp32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each trial's model")
     parser.add_argument("--enqueue-all", action="store_true", help="also run the seed's Models 1 and 2 first")
     parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -448,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         options = RunOptions(storage=storage_url, study=name, trials=args.trials, epochs=args.epochs or config.epochs,
                              subset=args.subset, seed=args.seed, device=args.device,
                              data_dir=str(data.resolve_data_dir(args.data_dir)), timeout=args.timeout,
-                             quiet=args.quiet)
+                             quiet=args.quiet, precision=args.precision, compile=args.compile)
         data.prepare(Path(options.data_dir), progress=not args.quiet)
         split = load_split(options, device)
         storage = open_storage(storage_url)

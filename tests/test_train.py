@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nas.spec import PRESETS, ArchSpec, BlockSpec, TrainConfig
-from nas.train import DivergedError, augment_batch, lr_factor, train
+from nas.train import DivergedError, augment_batch, bf16_supported, lr_factor, resolve_precision, train
 
 TINY = ArchSpec(blocks=(BlockSpec((4, 8), padding=1), BlockSpec((8,))), tail=(8,))
 
@@ -112,3 +112,23 @@ def test_short_training_on_real_mnist_learns(mnist):
     history = train(PRESETS["model3"].arch, config, split.train_x, split.train_y, split.eval_x[:2000],
                     split.eval_y[:2000], progress=False).history
     assert history[-1].eval_acc > 60.0  # chance is 10%
+
+
+def test_precision_resolution():
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32"
+    assert resolve_precision("auto", cpu) == ("bf16" if bf16_supported(cpu) else "fp32")
+    with pytest.raises(ValueError, match="unknown precision"):
+        resolve_precision("fp8", cpu)
+
+
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no native bf16")
+def test_bf16_training_is_deterministic_and_keeps_fp32_weights():
+    x, y = fake_data()
+    config = TrainConfig(epochs=2, batch_size=64, seed=3)
+    first = train(TINY, config, x, y, x, y, progress=False, precision="bf16")
+    second = train(TINY, config, x, y, x, y, progress=False, precision="bf16")
+    fp32 = train(TINY, config, x, y, x, y, progress=False, precision="fp32")
+    assert [e.eval_acc for e in first.history] == [e.eval_acc for e in second.history]
+    assert [e.train_loss for e in first.history] != [e.train_loss for e in fp32.history]
+    assert all(p.dtype == torch.float32 for p in first.model.parameters())
