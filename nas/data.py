@@ -7,7 +7,6 @@ a silently corrupted data set would make every trial of a search wrong in the sa
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import http.client
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from nas.cli import ArgumentParser
 
 MEAN = 0.1307
 STD = 0.3081
@@ -290,7 +290,7 @@ def make_split(mnist: Mnist, evaluate_on: str = "valid", subset: int | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nas.data",
+    parser = ArgumentParser(prog="python -m nas.data",
                                      description="Download MNIST if it is missing and verify its checksums.")
     parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
     args = parser.parse_args(argv)

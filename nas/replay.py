@@ -7,7 +7,6 @@ compare the replayed validation score with the stored one; test accuracy is repo
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from nas.spec import ArchSpec, TrainConfig, count_params
 from nas.storage import StorageError, default_url, open_storage
 from nas.summary import summary_table
 from nas.train import EpochResult, epoch_line, evaluate, resolve_device, resolve_precision, train
+from nas.cli import ArgumentParser
 
 
 class ReplayError(RuntimeError):
@@ -55,7 +55,7 @@ def rebuild(trial: FrozenTrial, config: StudyConfig) -> tuple[ArchSpec, TrainCon
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nas.replay", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m nas.replay", description=__doc__.split("\n\n")[0])
     parser.add_argument("--trial", type=int, help="trial number (default: the best completed trial)")
     parser.add_argument("--study", default="mnist-8k", help="study name (default mnist-8k)")
     parser.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>.db)")

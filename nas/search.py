@@ -9,7 +9,6 @@ Over-budget candidates are never trained and never counted; they are reported ap
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import multiprocessing
@@ -28,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from nas import data
-from nas.cli import positive_int
+from nas.cli import ArgumentParser, positive_int
 from nas.config import ConfigError, StudyConfig, load_study_config
 from nas.space import SpaceConfig, params_for, suggest
 from nas.spec import PRESETS, ArchSpec, SpecError, TrainConfig, count_params, receptive_field
@@ -414,8 +413,8 @@ def summary_lines(study: optuna.Study, storage_url: str) -> list[str]:
 # --- command line -------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m nas.search", description=__doc__.split("\n\n")[0])
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m nas.search", description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=positive_int, default=50,
                         help="total finished trials the study should hold, earlier runs included (default 50)")
     parser.add_argument("--study-file", type=Path, help=f"study description (default {DEFAULT_STUDY_FILE})")

@@ -5,13 +5,13 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torchinfo
 
 from nas.model import build_model
 from nas.spec import ArchSpec, SpecError, count_params, layer_table, load_arch
+from nas.cli import ArgumentParser
 
 RULE = "-" * 64
 DOUBLE_RULE = "=" * 64
@@ -53,7 +53,7 @@ def receptive_field_line(arch: ArchSpec) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nas.summary", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m nas.summary", description=__doc__.splitlines()[0])
     parser.add_argument("spec", help="preset name (model1, model2, model3) or a spec JSON file")
     args = parser.parse_args(argv)
     try:

@@ -6,7 +6,6 @@ and keeps its metrics on the device, so nothing waits on the host until an epoch
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -244,10 +243,10 @@ def epoch_line(result: EpochResult, eval_name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from nas import data
-    from nas.cli import positive_int
+    from nas.cli import ArgumentParser, positive_int
     from nas.spec import SpecError, load_arch
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m nas.train", description="Train a preset or spec file on MNIST and report test accuracy."
     )
     parser.add_argument("--model", default="model3", help="model1, model2, model3 or a spec JSON file")
