@@ -60,6 +60,7 @@ class RunOptions:
     worker: int = 0
     precision: str = "auto"  # resolved per device by nas.train.resolve_precision
     compile: bool = False
+    artifact_dir: str | None = None  # None: beside the SQLite/journal file, else studies/artifacts
 
 
 # --- pure helpers -------------------------------------------------------------------------------
@@ -92,14 +93,41 @@ def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Completed, in-budget trials, best accuracy first (the first objective)."""
+    """Completed, in-budget trials, best accuracy (the first objective) first; the smaller one
+    first among equals, so the top trial is always on the accuracy/params Pareto front."""
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not is_rejected(t)]
-    return sorted(done, key=lambda t: t.values[0], reverse=True)
+    return sorted(done, key=lambda t: (-t.values[0], t.user_attrs.get("params", 0)))
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The most accurate trial; in a two-objective study, the most accurate of the Pareto front."""
     ranked = ranked_trials(study)
     return ranked[0] if ranked else None
+
+
+def non_dominated(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (accuracy, params) points that no other point beats: none is at least as
+    accurate and at most as large while strictly better in one of the two."""
+    return [
+        i for i, (acc, size) in enumerate(points)
+        if not any(a >= acc and p <= size and (a > acc or p < size) for a, p in points)
+    ]
+
+
+def is_multi_objective(study: optuna.Study) -> bool:
+    return len(study.directions) > 1
+
+
+def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The accuracy-up, params-down front of the completed in-budget trials, most accurate first:
+    Optuna's own front for a two-objective study, computed from the params attribute otherwise."""
+    ranked = ranked_trials(study)
+    if is_multi_objective(study):
+        front = {t.number for t in study.best_trials}
+        return [t for t in ranked if t.number in front]
+    sized = [t for t in ranked if "params" in t.user_attrs]
+    keep = non_dominated([(t.values[0], t.user_attrs["params"]) for t in sized])
+    return [sized[i] for i in keep]
 
 
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
@@ -154,6 +182,7 @@ class Objective:
         trial.set_user_attr("seed", train_config.seed)
         trial.set_user_attr("device", str(self.device))
         trial.set_user_attr("threads", torch.get_num_threads())
+        trial.set_user_attr("worker", self.options.worker)
         trial.set_user_attr("precision", self.precision)
         trial.set_user_attr("compiled", self.options.compile)
         trial.set_user_attr("subset", self.options.subset)
@@ -301,6 +330,10 @@ class ProgressBar:
         self.bar.close()
 
 
+def artifact_dir(options: RunOptions) -> Path:
+    return Path(options.artifact_dir) if options.artifact_dir else artifact_dir_for(options.storage)
+
+
 def artifact_dir_for(storage_url: str) -> Path:
     """Where trial weights are stored: beside a SQLite/journal file, else under studies/."""
     file = sqlite_path(storage_url)
@@ -322,7 +355,7 @@ def run_worker(options: RunOptions, config: StudyConfig, split: data.Split | Non
     remaining = options.trials - len(finished_trials(study))
     if remaining <= 0:
         return
-    objective = Objective(config, options, split, device, artifact_dir_for(options.storage))
+    objective = Objective(config, options, split, device, artifact_dir(options))
     callbacks: list = [StopAtTarget(options.trials)]
     bar = None
     if options.worker == 0 and not options.quiet and options.threads is None:
@@ -380,10 +413,11 @@ def run_workers(options: RunOptions, config: StudyConfig, workers: int, study: o
 # --- reporting ----------------------------------------------------------------------------------
 
 
-def results_table(study: optuna.Study, top: int = 10) -> str:
+def trials_table(trials: list[FrozenTrial]) -> str:
+    """Markdown rows of completed trials, in the order given."""
     rows = ["| # | val acc (mean last) | params | RF | epochs to 99.4 | optimizer | lr | batch | scheduler | augment |",
             "|--:|--:|--:|--:|--:|:--|--:|--:|:--|--:|"]
-    for t in ranked_trials(study)[:top]:
+    for t in trials:
         cfg = t.user_attrs.get("train", {})
         rows.append(
             f"| {t.number} | {t.values[0]:.2f} | {t.user_attrs.get('params', 0):,} | "
@@ -394,19 +428,37 @@ def results_table(study: optuna.Study, top: int = 10) -> str:
     return "\n".join(rows)
 
 
-def summary_lines(study: optuna.Study, storage_url: str) -> list[str]:
+def results_table(study: optuna.Study, top: int = 10) -> str:
+    """The `top` most accurate trials; a two-objective study's whole Pareto front instead."""
+    if is_multi_objective(study):
+        return trials_table(pareto_trials(study))
+    return trials_table(ranked_trials(study)[:top])
+
+
+def trial_counts(study: optuna.Study) -> dict[str, int]:
     trials = study.get_trials(deepcopy=False)
-    counts = {
+    return {
         "completed": sum(1 for t in trials if t.state == TrialState.COMPLETE),
         "pruned": sum(1 for t in trials if t.state == TrialState.PRUNED and not is_rejected(t)),
         "rejected (over budget, never trained)": sum(1 for t in trials if is_rejected(t)),
         "failed/interrupted": sum(1 for t in trials if t.state == TrialState.FAIL),
     }
-    lines = [f"Study {study.study_name!r}: " + ", ".join(f"{v} {k}" for k, v in counts.items()), "",
-             results_table(study), ""]
+
+
+def summary_lines(study: optuna.Study, storage_url: str) -> list[str]:
+    counts = trial_counts(study)
+    lines = [f"Study {study.study_name!r}: " + ", ".join(f"{v} {k}" for k, v in counts.items()), ""]
+    replay = f"python -m nas.replay --storage {storage_url} --study {study.study_name}"
+    if is_multi_objective(study):
+        lines += ["Pareto front (validation accuracy up, params down), most accurate first:", ""]
+    lines += [results_table(study), ""]
     dashboard = f"optuna-dashboard {storage_url}"
     dashboard += f" --artifact-dir {artifact_dir_for(storage_url)}"
-    lines += [f"Browse it:  {dashboard}", f"Replay the best trial:  python -m nas.replay --storage {storage_url} --study {study.study_name}"]
+    lines.append(f"Browse it:  {dashboard}")
+    if is_multi_objective(study):
+        lines.append(f"Replay a trial of the front:  {replay} --trial N   (no --trial: its most accurate)")
+    else:
+        lines.append(f"Replay the best trial:  {replay}")
     return lines
 
 
@@ -429,6 +481,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="auto: bf16 autocast where the device runs it natively, else fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile each trial's model")
+    parser.add_argument("--artifact-dir", help="where trial weights go, shared by all workers "
+                        "(default: artifacts/ beside a SQLite or journal file, else studies/artifacts)")
     parser.add_argument("--enqueue-all", action="store_true", help="also run the seed's Models 1 and 2 first")
     parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -456,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
         options = RunOptions(storage=storage_url, study=name, trials=args.trials, epochs=args.epochs or config.epochs,
                              subset=args.subset, seed=args.seed, device=args.device,
                              data_dir=str(data.resolve_data_dir(args.data_dir)), timeout=args.timeout,
-                             quiet=args.quiet, precision=args.precision, compile=args.compile)
+                             quiet=args.quiet, precision=args.precision, compile=args.compile,
+                             artifact_dir=args.artifact_dir)
         data.prepare(Path(options.data_dir), progress=not args.quiet)
         split = load_split(options, device)
         storage = open_storage(storage_url)

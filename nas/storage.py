@@ -3,6 +3,7 @@ failed and retried instead of staying RUNNING forever."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -11,8 +12,11 @@ import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
+# A running trial's worker writes a heartbeat this often; a trial whose heartbeat is GRACE_SECONDS
+# old is stale (its worker died): failed, then retried once. The environment can shorten both
+# (the tests kill workers and should not wait half a minute).
 HEARTBEAT_SECONDS = 10
-GRACE_SECONDS = 30  # a trial whose heartbeat is this old is stale: failed, then retried once
+GRACE_SECONDS = 30
 MAX_RETRY = 1
 SQLITE_BUSY_TIMEOUT = 60  # seconds a SQLite writer waits on the lock instead of failing at once
 
@@ -56,8 +60,8 @@ def open_storage(url: str, must_exist: bool = False) -> optuna.storages.BaseStor
         return RDBStorage(
             url,
             engine_kwargs=engine_kwargs,
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=GRACE_SECONDS,
+            heartbeat_interval=int(os.environ.get("NAS_HEARTBEAT_SECONDS", HEARTBEAT_SECONDS)),
+            grace_period=int(os.environ.get("NAS_GRACE_SECONDS", GRACE_SECONDS)),
             heartbeat_stale_trial_callback=retry,
         )
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, OSError) as exc:

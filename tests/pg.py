@@ -1,0 +1,79 @@
+"""A throwaway PostgreSQL server for tests: initdb + pg_ctl on a temp dir and a free localhost port.
+
+PostgreSQL refuses to run as root, so when the tests run as root the server runs as the
+`postgres` OS user. Set NAS_REQUIRE_POSTGRES=1 (CI does) to fail instead of skipping when the
+server binaries are missing.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psycopg
+
+USER = "nas"
+
+
+def find_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    # Debian keeps the server binaries off PATH.
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return candidates[-1] if candidates else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, root: Path):
+        self.data = root / "pgdata"
+        self.port = free_port()
+        self.initdb, self.pg_ctl = find_bin("initdb"), find_bin("pg_ctl")
+        self.as_postgres = os.geteuid() == 0
+
+    @property
+    def available(self) -> bool:
+        return bool(self.initdb and self.pg_ctl)
+
+    def run(self, *args: str) -> None:
+        command = list(args)
+        if self.as_postgres:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, capture_output=True, text=True)
+
+    def start(self) -> None:
+        if self.as_postgres:
+            shutil.chown(self.data.parent, "postgres", "postgres")
+        self.run(self.initdb, "-D", str(self.data), "-U", USER, "--auth=trust", "--no-sync")
+        options = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self.run(self.pg_ctl, "-D", str(self.data), "-o", options, "-l", str(self.data / "server.log"),
+                 "-w", "start")
+
+    def create_database(self, name: str) -> str:
+        """A fresh database; returns its SQLAlchemy URL."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with psycopg.connect(f"host=127.0.0.1 port={self.port} user={USER} dbname=postgres",
+                                     autocommit=True) as conn:
+                    conn.execute(f'CREATE DATABASE "{name}"')
+                break
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        return f"postgresql+psycopg://{USER}@127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        self.run(self.pg_ctl, "-D", str(self.data), "-m", "immediate", "stop")
