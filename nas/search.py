@@ -374,9 +374,15 @@ def load_split(options: RunOptions, device: torch.device) -> data.Split:
     return data.make_split(data.load_mnist(root), "valid", options.subset, device)
 
 
+def quiet_optuna() -> None:
+    # Optuna logs an interrupted trial as a warning with a traceback; the end-of-run summary
+    # counts failed and interrupted trials instead.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+
 def _worker_entry(options: RunOptions, config: StudyConfig) -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_optuna()
     try:
         run_worker(options, config)
     except KeyboardInterrupt:
@@ -499,7 +505,7 @@ def resolve_config(path: Path | None) -> StudyConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_optuna()
     try:
         config = resolve_config(args.study_file)
         device = resolve_device(args.device)
