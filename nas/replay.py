@@ -3,6 +3,9 @@ compare the replayed validation score with the stored one; test accuracy is repo
 
     python -m nas.replay                      # the best trial of studies/mnist-8k.db
     python -m nas.replay --trial 7 --full-train
+
+In a two-objective (accuracy, params) study, --trial picks any trial of the Pareto front; without
+it, the front's most accurate trial is replayed.
 """
 
 from __future__ import annotations
@@ -17,7 +20,15 @@ from torch import nn
 
 from nas import data
 from nas.config import StudyConfig
-from nas.search import checkpoint, config_from_study, epochs_to_target, ranked_trials, score
+from nas.search import (
+    best_trial,
+    checkpoint,
+    config_from_study,
+    epochs_to_target,
+    is_multi_objective,
+    pareto_trials,
+    score,
+)
 from nas.space import suggest
 from nas.spec import ArchSpec, TrainConfig, count_params
 from nas.storage import StorageError, default_url, open_storage
@@ -31,11 +42,13 @@ class ReplayError(RuntimeError):
 
 
 def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
+    """Trial `number`, or the most accurate completed one (in a two-objective study, the most
+    accurate of the Pareto front)."""
     if number is None:
-        ranked = ranked_trials(study)
-        if not ranked:
+        best = best_trial(study)
+        if best is None:
             raise ReplayError(f"study {study.study_name!r} has no completed trial to replay")
-        return ranked[0]
+        return best
     matches = [t for t in study.get_trials(deepcopy=False) if t.number == number]
     if not matches:
         raise ReplayError(f"study {study.study_name!r} has no trial {number}")
@@ -43,6 +56,19 @@ def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
     if trial.state != TrialState.COMPLETE or "rejected" in trial.user_attrs:
         raise ReplayError(f"trial {number} is {trial.state.name.lower()}, not a completed trial")
     return trial
+
+
+def front_note(study: optuna.Study, trial: FrozenTrial, picked: bool) -> str:
+    """Where the trial sits on a two-objective study's Pareto front."""
+    front = pareto_trials(study)
+    numbers = ", ".join(str(t.number) for t in front)
+    size = f"{trial.values[0]:.2f}% validation accuracy, {trial.user_attrs.get('params', 0):,} params"
+    if picked:
+        return (f"Trial {trial.number} is the most accurate of the Pareto front ({size}); "
+                f"front trials: {numbers} (pick one with --trial N)")
+    if any(t.number == trial.number for t in front):
+        return f"Trial {trial.number} is on the Pareto front ({size}); front trials: {numbers}"
+    return f"note: trial {trial.number} is not on the Pareto front ({size}); front trials: {numbers}"
 
 
 def rebuild(trial: FrozenTrial, config: StudyConfig) -> tuple[ArchSpec, TrainConfig]:
@@ -56,7 +82,8 @@ def rebuild(trial: FrozenTrial, config: StudyConfig) -> tuple[ArchSpec, TrainCon
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m nas.replay", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trial", type=int, help="trial number (default: the best completed trial)")
+    parser.add_argument("--trial", type=int, help="trial number (default: the best completed trial; "
+                        "in a two-objective study, the most accurate of the Pareto front)")
     parser.add_argument("--study", default="mnist-8k", help="study name (default mnist-8k)")
     parser.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>.db)")
     parser.add_argument("--full-train", action="store_true",
@@ -86,12 +113,15 @@ def main(argv: list[str] | None = None) -> int:
         subset = None if args.full_train else trial.user_attrs.get("subset")
         split = data.make_split(mnist, "test" if args.full_train else "valid", subset, device)
         test = data.make_split(mnist, "test", None, device)
-    except (ReplayError, StorageError, data.DataError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ReplayError, StorageError, data.DataError, ValueError, RuntimeError) as exc:
+        # RuntimeError: torch's word on a device string it can't parse or a GPU that isn't there.
+        print(f"error: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}", file=sys.stderr)
         return 2
 
     # Same thread count as the search worker, so CPU reductions, and so results, are bit-identical.
     torch.set_num_threads(trial.user_attrs.get("threads", torch.get_num_threads()))
+    if is_multi_objective(study):
+        print(front_note(study, trial, picked=args.trial is None))
     print(f"Replaying trial {trial.number} of study {study.study_name!r} on {device}, {precision}")
     print(summary_table(arch))
     test_acc: list[float] = []

@@ -1,0 +1,281 @@
+"""Figures and an index page for a stored study: optimization history, parameter importances,
+per-epoch values (what the pruner saw), and validation accuracy against size with the Pareto front.
+
+    python -m nas.report                                  # studies/mnist-8k.db -> runs/report/mnist-8k/
+    python -m nas.report --study mo --storage sqlite:///studies/mo.db --out reports/mo
+
+Only trained trials carry an accuracy: rejected candidates (over budget or shape-invalid, never
+trained) and pruned trials (stopped early, no final score) are counted but not plotted as results.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from matplotlib.figure import Figure
+from optuna.trial import FrozenTrial
+
+from nas.cli import ArgumentParser, positive_int
+from nas.search import (
+    is_multi_objective,
+    pareto_trials,
+    ranked_trials,
+    trial_counts,
+    trials_table,
+)
+from nas.storage import StorageError, default_url, open_storage
+
+DEFAULT_STUDY = "mnist-8k"
+ACCURACY_LABEL = "validation accuracy (%)"
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+class ReportError(RuntimeError):
+    """A study that cannot be reported on."""
+
+
+@dataclass(frozen=True)
+class Section:
+    title: str
+    image: str | None  # file name of the PNG, or None when the figure could not be drawn
+    text: str  # what the figure shows, or why it is missing
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def load_study(storage: optuna.storages.BaseStorage, url: str, name: str | None) -> optuna.Study:
+    """The named study; without a name, the storage's only study (or mnist-8k among several)."""
+    names = optuna.get_all_study_names(storage)
+    if name is None:
+        name = names[0] if len(names) == 1 else DEFAULT_STUDY
+    if name not in names:
+        known = f"; it holds {', '.join(sorted(names))}" if names else "; it holds no study"
+        raise ReportError(f"no study named {name!r} in {url}{known}")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def budget_of(study: optuna.Study) -> int | None:
+    """The parameter budget the study was created with, if nas.search created it."""
+    return study.user_attrs.get("config", {}).get("budget")
+
+
+# --- figures ------------------------------------------------------------------------------------
+
+
+def accuracy(trial: FrozenTrial) -> float:
+    return trial.values[0]
+
+
+def history_figure(study: optuna.Study) -> Figure:
+    from optuna.visualization.matplotlib import plot_optimization_history
+
+    if not is_multi_objective(study):
+        ax = plot_optimization_history(study, target_name=ACCURACY_LABEL)
+    else:
+        # Optuna draws no best-so-far line for a chosen target of a multi-objective study.
+        ax = plot_optimization_history(study, target=accuracy, target_name=ACCURACY_LABEL)
+        ranked = sorted(ranked_trials(study), key=lambda t: t.number)
+        best, xs, ys = float("-inf"), [], []
+        for t in ranked:
+            best = max(best, accuracy(t))
+            xs.append(t.number)
+            ys.append(best)
+        ax.step(xs, ys, where="post", color="tab:red", label="best so far")
+        ax.legend()
+    ax.set_title(f"Optimization history of {study.study_name!r}")
+    return ax.figure
+
+
+def importance_figure(study: optuna.Study) -> tuple[Figure | None, str]:
+    """PED-ANOVA importances of the parameters for accuracy, or None and why they can't be had."""
+    from optuna.visualization.matplotlib import plot_param_importances
+
+    completed = len(ranked_trials(study))
+    if completed < 2:
+        return None, f"Parameter importances need at least 2 completed trials; this study has {completed}."
+    try:
+        with warnings.catch_warnings():
+            # PED-ANOVA warns that it favours low targets (hence the minus) and, in small studies,
+            # that some regimes hold few trials; the text below says as much once.
+            warnings.simplefilter("ignore", UserWarning)
+            ax = plot_param_importances(study, target=lambda t: -accuracy(t), target_name=ACCURACY_LABEL)
+    except (ValueError, RuntimeError, ZeroDivisionError, IndexError) as exc:
+        return None, f"Optuna could not compute parameter importances: {exc}"
+    ax.set_title("Parameter importances for high validation accuracy", loc="left")  # Optuna's title sits left
+    return ax.figure, (f"How much each parameter matters for reaching high validation accuracy (PED-ANOVA over "
+                       f"{completed} completed trials; rough while there are few).")
+
+
+def intermediate_figure(study: optuna.Study) -> tuple[Figure | None, str]:
+    from optuna.visualization.matplotlib import plot_intermediate_values
+
+    if not any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
+        why = ("a two-objective study does not prune, so its trials report no per-epoch values"
+               if is_multi_objective(study) else "no trial has reported a per-epoch value yet")
+        return None, f"No intermediate values: {why}."
+    ax = plot_intermediate_values(study)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ACCURACY_LABEL)
+    ax.set_title("Validation accuracy per epoch, as the pruner saw it")
+    return ax.figure, ("Validation accuracy after every epoch of each trained trial; lines that stop early "
+                       "are trials the pruner stopped (or trials still running).")
+
+
+def pareto_figure(study: optuna.Study) -> Figure:
+    """Validation accuracy against params for every completed trial, the front joined by a step line.
+
+    The y axis is zoomed onto the front: trials far below it (diverged or hopeless settings) would
+    otherwise squash it into a line; they are drawn on the bottom edge.
+    """
+    done = [t for t in ranked_trials(study) if "params" in t.user_attrs]
+    front = pareto_trials(study)
+    front_numbers = {t.number for t in front}
+    fig = Figure(figsize=(7.5, 5), layout="constrained")
+    ax = fig.subplots()
+    accs = [accuracy(t) for t in front]
+    span = max(accs) - min(accs)
+    bottom = min(accs) - max(0.1, 0.25 * span)
+    top = max(accs) + max(0.05, 0.05 * span)
+    rest = [t for t in done if t.number not in front_numbers]
+    shown = [t for t in rest if accuracy(t) >= bottom]
+    below = [t for t in rest if accuracy(t) < bottom]
+    if rest:
+        ax.scatter([t.user_attrs["params"] for t in shown], [accuracy(t) for t in shown], color="tab:gray",
+                   alpha=0.6, label=f"other completed trials ({len(rest)})")
+    if below:
+        ax.scatter([t.user_attrs["params"] for t in below], [bottom] * len(below), marker="v",
+                   color="tab:gray", alpha=0.6, clip_on=False, label=f"below the axis ({len(below)})")
+    by_size = sorted(front, key=lambda t: t.user_attrs["params"])
+    ax.step([t.user_attrs["params"] for t in by_size], [accuracy(t) for t in by_size], where="post",
+            color="tab:red", alpha=0.5)
+    ax.scatter([t.user_attrs["params"] for t in front], accs, color="tab:red", zorder=3,
+               label=f"Pareto front ({len(front)})")
+    for t in front:
+        name = t.user_attrs.get("preset")
+        ax.annotate(f"#{t.number}" + (f" {name}" if name else ""), (t.user_attrs["params"], accuracy(t)),
+                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+    budget = budget_of(study)
+    if budget:
+        ax.axvline(budget, color="black", linestyle=":", label=f"budget ({budget:,})")
+    ax.set_ylim(bottom, top)
+    ax.set_xlabel("parameters")
+    ax.set_ylabel(ACCURACY_LABEL)
+    ax.set_title(f"Accuracy against size in {study.study_name!r}")
+    ax.legend(loc="lower right")
+    return fig
+
+
+# --- the page -----------------------------------------------------------------------------------
+
+
+def objectives_text(study: optuna.Study) -> str:
+    if is_multi_objective(study):
+        return "validation accuracy (maximized) and parameter count (minimized): a Pareto front"
+    return "validation accuracy (maximized), mean of the last epochs"
+
+
+def index_markdown(study: optuna.Study, url: str, sections: list[Section], top: int) -> str:
+    counts = trial_counts(study)
+    lines = [
+        f"# Study `{study.study_name}`",
+        "",
+        f"Storage `{url}`; objectives: {objectives_text(study)}.",
+        "",
+        "Trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ". "
+        "Rejected candidates were never trained and pruned trials have no final score, so "
+        "neither appears among the results below (pruned trials do appear in the per-epoch plot, where there is one).",
+        "",
+    ]
+    for section in sections:
+        lines += [f"## {section.title}", ""]
+        if section.image:
+            lines += [f"![{section.title}]({section.image})", ""]
+        lines += [section.text, ""]
+    front = pareto_trials(study)
+    lines += [
+        f"## Pareto front ({len(front)} trials, most accurate first)",
+        "",
+        "Completed trials that no other completed trial beats on both validation accuracy and size.",
+        "",
+        trials_table(front),
+        "",
+        f"## Top {top} trials by validation accuracy",
+        "",
+        trials_table(ranked_trials(study)[:top]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(study: optuna.Study, url: str, out: Path, top: int = 10) -> list[Path]:
+    """Every PNG and the index.md, in `out`; returns the paths written."""
+    import matplotlib.pyplot as plt
+
+    if not ranked_trials(study):
+        raise ReportError(f"study {study.study_name!r} has no completed trial to report on yet")
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    sections: list[Section] = []
+
+    def save(fig: Figure, name: str) -> str:
+        path = out / name
+        fig.savefig(path, dpi=120, bbox_inches="tight")  # Optuna's figures clip long parameter names
+        plt.close(fig)
+        written.append(path)
+        return name
+
+    sections.append(Section("Optimization history", save(history_figure(study), "optimization_history.png"),
+                            "Validation accuracy of every completed trial in the order they ran."))
+    fig, text = importance_figure(study)
+    sections.append(Section("Parameter importances", save(fig, "param_importances.png") if fig else None, text))
+    fig, text = intermediate_figure(study)
+    sections.append(Section("Intermediate values", save(fig, "intermediate_values.png") if fig else None, text))
+    sections.append(Section("Accuracy against parameters", save(pareto_figure(study), "pareto.png"),
+                            "Every completed trial; the red points are the Pareto front "
+                            "(higher accuracy, fewer parameters)."))
+    index = out / "index.md"
+    index.write_text(index_markdown(study, url, sections, top))
+    written.append(index)
+    return written
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    parser = ArgumentParser(prog="python -m nas.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", help="study name (default: the storage's only study, else mnist-8k)")
+    parser.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>.db)")
+    parser.add_argument("--out", type=Path, help="output directory (default runs/report/<study>)")
+    parser.add_argument("--top", type=positive_int, default=10, help="trials in the top table (default 10)")
+    args = parser.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    url = args.storage or default_url(args.study or DEFAULT_STUDY)
+    try:
+        storage = open_storage(url, must_exist=True)
+        study = load_study(storage, url, args.study)
+        out = args.out or Path("runs") / "report" / study.study_name
+        written = write_report(study, url, out, args.top)
+    except (ReportError, StorageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: cannot write the report: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+        return 2
+    print(f"Report on study {study.study_name!r} ({len(ranked_trials(study))} completed trials):")
+    for path in written:
+        print(f"  {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+import random
+import re
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.trial import TrialState, create_trial
+
+from nas import report
+from nas.search import non_dominated, pareto_trials, ranked_trials
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+DISTRIBUTIONS = {"lr": FloatDistribution(1e-3, 1e-1, log=True), "width": IntDistribution(4, 32)}
+FIGURES = ("optimization_history.png", "param_importances.png", "intermediate_values.png", "pareto.png")
+
+
+def dominates(a, b):
+    """(accuracy, params) a is at least as good as b on both and better on one."""
+    return a[0] >= b[0] and a[1] <= b[1] and a != b
+
+
+def point(trial):
+    return trial.values[0], trial.user_attrs["params"]
+
+
+def fill(study, completed=12):
+    """Completed trials with a tie on the front, a pruned trial and a rejected (never trained) one."""
+    rng = random.Random(0)
+    multi = len(study.directions) > 1
+    points = [(round(rng.uniform(97.0, 99.5), 2), rng.randrange(1500, 8000)) for _ in range(completed - 2)]
+    best = max(points)
+    points += [best, (best[0], best[1] + 100)]  # the same point twice, and an equally accurate larger one
+    for acc, params in points:
+        study.add_trial(create_trial(
+            params={"lr": rng.uniform(1e-3, 1e-1), "width": rng.randint(4, 32)}, distributions=DISTRIBUTIONS,
+            values=[acc, float(params)] if multi else [acc],
+            user_attrs={"params": params, "train": {"optimizer": "adam", "lr": 0.005}},
+            intermediate_values={} if multi else {1: acc - 1.0, 2: acc},
+        ))
+    study.add_trial(create_trial(state=TrialState.PRUNED, params={"lr": 0.01, "width": 8},
+                                 distributions=DISTRIBUTIONS, user_attrs={"params": 3000},
+                                 intermediate_values={} if multi else {1: 60.0}))
+    study.add_trial(create_trial(state=TrialState.PRUNED, params={"lr": 0.01, "width": 32},
+                                 distributions=DISTRIBUTIONS,
+                                 user_attrs={"params": 12000, "rejected": "over budget: 12,000 >= 8,000"}))
+    study.set_user_attr("config", {"budget": 8000})
+    return study
+
+
+@pytest.fixture
+def tiny_study(tmp_path):
+    url = f"sqlite:///{tmp_path / 'tiny.db'}"
+    return url, fill(optuna.create_study(study_name="tiny", storage=url))
+
+
+def table_numbers(index, heading):
+    """Trial numbers in the first column of the table under the heading starting with `heading`."""
+    section = index.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+    return [int(n) for n in re.findall(r"^\| (\d+) \|", section, flags=re.M)]
+
+
+def test_report_writes_every_figure_and_an_index(tiny_study, tmp_path, capsys):
+    url, study = tiny_study
+    out = tmp_path / "report"
+    assert report.main(["--storage", url, "--out", str(out)]) == 0  # the storage's only study
+    printed = capsys.readouterr().out
+    for name in FIGURES:
+        assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
+        assert str(out / name) in printed
+    index = (out / "index.md").read_text()
+    for name in FIGURES:
+        assert f"]({name})" in index
+    assert "12 completed, 1 pruned, 1 rejected" in index
+    front = table_numbers(index, "Pareto front")
+    assert front == [t.number for t in pareto_trials(study)]
+    top = table_numbers(index, "Top 10")
+    assert top == [t.number for t in ranked_trials(study)][:10]
+    pruned_or_rejected = {t.number for t in study.trials if t.state == TrialState.PRUNED}
+    assert not pruned_or_rejected & (set(front) | set(top))
+
+
+def test_reported_front_is_non_dominated_and_complete(tiny_study):
+    _, study = tiny_study
+    front = pareto_trials(study)
+    completed = ranked_trials(study)
+    for a in front:
+        assert not any(dominates(point(b), point(a)) for b in completed)
+    numbers = {t.number for t in front}
+    for b in completed:
+        if b.number not in numbers:
+            assert any(dominates(point(a), point(b)) for a in front)
+    # both copies of the most accurate point are on the front; the larger equally accurate one is not
+    accurate = [t for t in completed if t.values[0] == completed[0].values[0]]
+    assert sorted(t.number in numbers for t in accurate) == [False, True, True]
+
+
+def test_two_objective_front_is_optunas_and_non_dominated(tmp_path):
+    url = f"sqlite:///{tmp_path / 'mo.db'}"
+    study = fill(optuna.create_study(study_name="mo", storage=url, directions=["maximize", "minimize"]))
+    front = pareto_trials(study)
+    assert {t.number for t in front} == {t.number for t in study.best_trials}
+    assert [t.values[0] for t in front] == sorted((t.values[0] for t in front), reverse=True)
+    for a in front:
+        for b in front:
+            assert not dominates(point(b), point(a))
+    out = tmp_path / "report"
+    assert report.main(["--storage", url, "--study", "mo", "--out", str(out)]) == 0
+    index = (out / "index.md").read_text()
+    assert "two-objective study does not prune" in index and not (out / "intermediate_values.png").exists()
+    assert table_numbers(index, "Pareto front") == [t.number for t in front]
+
+
+def test_non_dominated_on_random_points_with_ties():
+    rng = random.Random(1)
+    points = [(rng.choice([98.0, 98.5, 99.0, 99.2, 99.4]), rng.choice([2000, 4000, 6000, 7900])) for _ in range(60)]
+    keep = set(non_dominated(points))
+    assert keep
+    for i in keep:
+        assert not any(dominates(q, points[i]) for q in points)
+    for j in set(range(len(points))) - keep:
+        assert any(dominates(points[i], points[j]) for i in keep)
+
+
+def test_importances_are_skipped_with_a_note_below_two_trials(tmp_path):
+    url = f"sqlite:///{tmp_path / 'one.db'}"
+    study = optuna.create_study(study_name="one", storage=url)
+    study.add_trial(create_trial(params={"lr": 0.01, "width": 8}, distributions=DISTRIBUTIONS, value=98.5,
+                                 user_attrs={"params": 4000}, intermediate_values={1: 98.5}))
+    out = tmp_path / "report"
+    assert report.main(["--storage", url, "--out", str(out)]) == 0
+    index = (out / "index.md").read_text()
+    assert "need at least 2 completed trials" in index
+    assert not (out / "param_importances.png").exists() and (out / "pareto.png").exists()
+
+
+def one_line_error(argv, capsys):
+    code = report.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+    return err
+
+
+def test_missing_storage_or_study_is_one_line(tiny_study, tmp_path, capsys):
+    url, _ = tiny_study
+    missing = tmp_path / "nothing.db"
+    assert "no such database file" in one_line_error(["--storage", f"sqlite:///{missing}"], capsys)
+    assert not missing.exists()
+    err = one_line_error(["--storage", url, "--study", "other", "--out", str(tmp_path / "r")], capsys)
+    assert "no study named 'other'" in err and "tiny" in err
+    assert not (tmp_path / "r").exists()
+    one_line_error(["--storage", "nosuchdb://x"], capsys)
+
+
+def test_study_without_completed_trials_is_one_line(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    optuna.create_study(study_name="empty", storage=url)
+    assert "no completed trial" in one_line_error(["--storage", url, "--out", str(tmp_path / "r")], capsys)
+
+
+def test_out_that_is_a_file_is_one_line(tiny_study, tmp_path, capsys):
+    url, _ = tiny_study
+    out = tmp_path / "file"
+    out.write_text("")
+    one_line_error(["--storage", url, "--out", str(out)], capsys)
