@@ -288,7 +288,13 @@ def enqueue_presets(study: optuna.Study, config: StudyConfig, names: tuple[str, 
             continue
         preset = PRESETS[name]
         params = params_for(preset)
-        arch, train_config = suggest(optuna.trial.FixedTrial(params), config.space, preset.train.epochs, 0)
+        with warnings.catch_warnings():
+            # FixedTrial only warns when a value lies outside its distribution's range.
+            warnings.simplefilter("error", UserWarning)
+            try:
+                arch, train_config = suggest(optuna.trial.FixedTrial(params), config.space, preset.train.epochs, 0)
+            except (UserWarning, ValueError):
+                arch, train_config = None, None
         if arch != preset.arch or dataclasses.replace(train_config, epochs=preset.train.epochs) != preset.train:
             print(f"note: {name} lies outside this study's search space; not enqueued", file=sys.stderr)
             continue

@@ -141,3 +141,14 @@ def test_score_and_epochs_to_target():
     assert score([90.0, 99.0, 99.5, 99.6], 3) == pytest.approx(99.3666, abs=1e-3)
     assert epochs_to_target([99.5, 99.3, 99.4, 99.45]) == 3
     assert epochs_to_target([99.5, 99.3]) is None
+
+
+def test_a_preset_outside_the_space_is_not_enqueued(tmp_path, data_dir, capsys):
+    study_file = tmp_path / "narrow.toml"
+    study_file.write_text('name = "narrow"\nbudget = 8000\nepochs = 1\n[space]\nwidth = [4, 12]\n')
+    url = f"sqlite:///{tmp_path / 'n.db'}"
+    assert search.main(["--trials", "1", "--subset", "256", "--storage", url, "--study-file", str(study_file),
+                        "--data-dir", str(data_dir), "--quiet"]) == 0
+    assert "model3 lies outside this study's search space" in capsys.readouterr().err
+    study = optuna.load_study(study_name="narrow", storage=url)
+    assert all("preset" not in t.user_attrs for t in study.trials)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nas.spec import PRESETS, ArchSpec, BlockSpec, TrainConfig
-from nas.train import DivergedError, augment_batch, bf16_supported, lr_factor, resolve_precision, train
+from nas.train import DivergedError, augment_batch, bf16_supported, lr_factor, resolve_device, resolve_precision, train
 
 TINY = ArchSpec(blocks=(BlockSpec((4, 8), padding=1), BlockSpec((8,))), tail=(8,))
 
@@ -132,3 +132,9 @@ def test_bf16_training_is_deterministic_and_keeps_fp32_weights():
     assert [e.eval_acc for e in first.history] == [e.eval_acc for e in second.history]
     assert [e.train_loss for e in first.history] != [e.train_loss for e in fp32.history]
     assert all(p.dtype == torch.float32 for p in first.model.parameters())
+
+
+@pytest.mark.parametrize("name", ["foo", "cuda:99" if torch.cuda.is_available() else "cuda", "meta"])
+def test_unusable_devices_are_a_clear_error(name):
+    with pytest.raises(ValueError, match="device"):
+        resolve_device(name)
