@@ -31,7 +31,7 @@ from nas.cli import ArgumentParser, positive_int
 from nas.config import ConfigError, StudyConfig, load_study_config
 from nas.space import SpaceConfig, params_for, suggest
 from nas.spec import PRESETS, ArchSpec, SpecError, TrainConfig, count_params, receptive_field
-from nas.storage import StorageError, default_url, open_storage, sqlite_path
+from nas.storage import StorageError, default_url, journal_path, open_storage, sqlite_path
 from nas.summary import summary_table
 from nas.train import PRECISIONS, DivergedError, EpochResult, resolve_device, resolve_precision, train
 
@@ -342,7 +342,7 @@ def artifact_dir(options: RunOptions) -> Path:
 
 def artifact_dir_for(storage_url: str) -> Path:
     """Where trial weights are stored: beside a SQLite/journal file, else under studies/."""
-    file = sqlite_path(storage_url)
+    file = sqlite_path(storage_url) or journal_path(storage_url)
     base = file.parent if file else Path("studies")
     return base / "artifacts"
 
