@@ -11,6 +11,7 @@ it, the front's most accurate trial is replayed.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>.db)")
     parser.add_argument("--full-train", action="store_true",
                         help="retrain on all 60,000 training images and report the test set only")
+    parser.add_argument("--seed", type=int, help="train with this seed instead of the stored one, to see "
+                        "how much a result owes to its seed (the stored value is then not expected back)")
     parser.add_argument("--out", type=Path, help="where to save the model (default runs/<study>-trial<N>.pt)")
     parser.add_argument("--device", default=None, help="default: the device the trial ran on, if present")
     parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
@@ -104,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         trial = pick_trial(study, args.trial)
         config = config_from_study(study)
         arch, train_config = rebuild(trial, config)
+        if args.seed is not None:
+            train_config = replace(train_config, seed=args.seed)
         device = resolve_device(args.device or _stored_device(trial))
         # Trials stored before the precision attribute existed trained in fp32.
         precision = resolve_precision(trial.user_attrs.get("precision", "fp32"), device)
@@ -122,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(trial.user_attrs.get("threads", torch.get_num_threads()))
     if is_multi_objective(study):
         print(front_note(study, trial, picked=args.trial is None))
-    print(f"Replaying trial {trial.number} of study {study.study_name!r} on {device}, {precision}")
+    print(f"Replaying trial {trial.number} of study {study.study_name!r} on {device}, {precision}, "
+          f"seed {train_config.seed}" + (" (not the stored seed)" if args.seed is not None else ""))
     print(summary_table(arch))
     test_acc: list[float] = []
 
@@ -150,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
               + (" (identical)" if replayed == stored else ""))
         print(f"Test accuracy, mean of last {config.score_epochs} epochs: {score(test_acc, config.score_epochs):.2f}% "
               f"(best {max(test_acc):.2f}%, holds >= 99.4% from epoch {epochs_to_target(test_acc) or '-'})")
-    out = args.out or Path("runs") / f"{study.study_name}-trial{trial.number}{'-full' if args.full_train else ''}.pt"
+    suffix = ("-full" if args.full_train else "") + ("" if args.seed is None else f"-seed{args.seed}")
+    out = args.out or Path("runs") / f"{study.study_name}-trial{trial.number}{suffix}.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(checkpoint(arch, train_config, result.model,
                           {"study": study.study_name, "trial": trial.number, "params": count_params(arch),

@@ -73,6 +73,16 @@ def test_replay_reproduces_the_stored_value_exactly(searched, data_dir, capsys, 
     assert sum(p.numel() for p in model.parameters()) == saved["params"]
 
 
+def test_replay_with_another_seed_trains_differently(searched, data_dir, capsys, tmp_path, monkeypatch):
+    url, _ = searched
+    monkeypatch.chdir(tmp_path)
+    assert replay.main(["--storage", url, "--data-dir", str(data_dir), "--quiet", "--seed", "7"]) == 0
+    printed = capsys.readouterr().out
+    assert "seed 7 (not the stored seed)" in printed and "(identical)" not in printed
+    best = search.best_trial(load(url)).number
+    assert replay.load_checkpoint(tmp_path / "runs" / f"mnist-8k-trial{best}-seed7.pt")[1]["train"]["seed"] == 7
+
+
 def test_interrupted_trial_is_failed_and_rerun_resumes(tmp_path, data_dir, monkeypatch):
     url = f"sqlite:///{tmp_path / 'i.db'}"
     real_train = search.train
