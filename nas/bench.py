@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from nas import data
-from nas.cli import positive_int
+from nas.cli import ArgumentParser, non_negative_int, positive_int
 from nas.model import build_model
 from nas.spec import PRESETS, ArchSpec, TrainConfig, count_params
 from nas.train import PRECISIONS, resolve_device, resolve_precision, train
@@ -222,24 +222,8 @@ def report(machine: dict[str, Any], setup: dict[str, Any], runs: list[Timing]) -
     }
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # Every user error of this command is one `error:` line; argparse would add a usage block.
-        self.exit(2, f"error: {message}\n")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = OneLineErrorParser(
+    parser = ArgumentParser(
         prog="python -m nas.bench",
         description=f"Time one {MODEL} training epoch in our pipeline and in the seed study's DataLoader pipeline.",
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nas.cli import non_negative_int
 from nas.bench import (
     OURS,
     SEED_STYLE,
@@ -18,7 +19,6 @@ from nas.bench import (
     format_table,
     loader_workers,
     main,
-    non_negative_int,
     ratio,
     ratio_line,
     report,
