@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from nas.cli import non_negative_int
 from nas.bench import (
     OURS,
     SEED_STYLE,
@@ -24,6 +23,7 @@ from nas.bench import (
     report,
     schedule,
 )
+from nas.cli import non_negative_int
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
