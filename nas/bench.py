@@ -222,6 +222,58 @@ def report(machine: dict[str, Any], setup: dict[str, Any], runs: list[Timing]) -
     }
 
 
+def concurrency_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of process counts") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"process counts must be at least 1, got {text!r}")
+    return values
+
+
+def _concurrent_trial(device: str, threads: int, images: int, precision: str, data_dir: str,
+                      barrier: Any, results: Any) -> None:
+    """One of N processes training Model 3 at once, as N search workers would."""
+    torch.set_num_threads(threads)
+    preset = PRESETS[MODEL]
+    split = data.make_split(data.load_mnist(Path(data_dir)), "test", images, torch.device(device))
+    # A few untimed batches first, so one-off kernel set-up isn't counted.
+    time_ours(preset.arch, preset.train, split, WARMUP_BATCHES * preset.train.batch_size, images, precision)
+    barrier.wait()
+    timing = time_ours(preset.arch, preset.train, split, images, images, precision)
+    results.put(timing.images_per_second)
+
+
+def time_concurrent(processes: int, device: torch.device, images: int, precision: str, data_dir: Path) -> dict:
+    """Aggregate training throughput of `processes` Model 3 trainings started together; on CPU the
+    cores are split between them, on a GPU they share the device."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // processes) if device.type == "cpu" else 1
+    barrier, results = context.Barrier(processes), context.Queue()
+    procs = [context.Process(target=_concurrent_trial,
+                             args=(str(device), threads, images, precision, str(data_dir), barrier, results))
+             for _ in range(processes)]
+    for p in procs:
+        p.start()
+    rates = [results.get(timeout=3600) for _ in procs]
+    for p in procs:
+        p.join()
+    return {"processes": processes, "threads_each": threads, "images_per_process": images,
+            "images_per_second": sum(rates), "per_process": rates}
+
+
+def format_concurrency(rows: list[dict]) -> str:
+    lines = ["processes  threads each  images/s (all)  images/s (each)"]
+    for row in rows:
+        each = row["images_per_second"] / row["processes"]
+        lines.append(f"{row['processes']:>9}  {row['threads_each']:>12}  {row['images_per_second']:>14,.0f}"
+                     f"  {each:>15,.0f}")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(
         prog="python -m nas.bench",
@@ -243,6 +295,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="our trainer's precision (default auto: bf16 where native, as the search runs)")
     parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
+    parser.add_argument("--concurrency", type=concurrency_list,
+                        help="also time N Model 3 trainings at once for each N in this list, e.g. 1,2,4,8 "
+                        "(aggregate images/s: what N search workers get from the machine)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     return parser.parse_args(argv)
 
@@ -297,6 +352,11 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats, "seed_style_workers": workers, "precision": precision,
     }, runs)
     print(ratio_line(results["ratio"]))
+    if args.concurrency:
+        print(f"concurrent trainings, {images:,} images each ...", flush=True)
+        rows = [time_concurrent(n, device, images, precision, root) for n in args.concurrency]
+        print(format_concurrency(rows))
+        results["concurrency"] = rows
     if args.json:
         try:
             args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -134,7 +134,20 @@ def test_missing_data_is_one_error_line_without_traceback(tmp_path):
     assert "missing" in one_error_line(result.stderr)
 
 
-@pytest.mark.parametrize("argv", [["--batches", "0"], ["--workers", "-1"], ["--nonsense"]])
+def test_concurrent_trainings_report_aggregate_throughput(data_dir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["--quick", "--batches", "2", "--warmup", "1", "--repeats", "1", "--device", "cpu",
+                 "--concurrency", "1,2", "--data-dir", str(data_dir), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["concurrency"]
+    assert [(r["processes"], len(r["per_process"])) for r in rows] == [(1, 1), (2, 2)]
+    for row in rows:
+        assert row["images_per_process"] == 128 and all(rate > 0 for rate in row["per_process"])
+        assert row["images_per_second"] == pytest.approx(sum(row["per_process"]))
+    assert "images/s (all)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--batches", "0"], ["--workers", "-1"], ["--nonsense"],
+                                  ["--concurrency", "0"], ["--concurrency", "1,x"]])
 def test_bad_flags_are_one_error_line(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
