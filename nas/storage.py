@@ -9,6 +9,7 @@ from pathlib import Path
 
 import optuna
 import sqlalchemy.exc
+from filelock import FileLock
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -22,6 +23,26 @@ SQLITE_BUSY_TIMEOUT = 60  # seconds a SQLite writer waits on the lock instead of
 
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+class SQLiteStorage(RDBStorage):
+    """RDBStorage for one SQLite file shared by several worker processes.
+
+    A worker claims a queued (WAITING) trial, such as the enqueued Model 3, by reading that it is
+    still waiting and marking it RUNNING. PostgreSQL makes the two one step (SELECT ... FOR
+    UPDATE); SQLite ignores FOR UPDATE, so two workers could both read WAITING and train the same
+    trial (the second then fails with "Cannot tell a COMPLETE trial"). A lock file beside the
+    database serializes the claim."""
+
+    def __init__(self, url: str, lock_path: Path, **kwargs):
+        super().__init__(url, **kwargs)
+        self.lock_path = lock_path
+
+    def set_trial_state_values(self, trial_id, state, values=None) -> bool:
+        if state != optuna.trial.TrialState.RUNNING:
+            return super().set_trial_state_values(trial_id, state, values)
+        with FileLock(self.lock_path):
+            return super().set_trial_state_values(trial_id, state, values)
 
 
 class StorageError(RuntimeError):
@@ -56,14 +77,16 @@ def open_storage(url: str, must_exist: bool = False) -> optuna.storages.BaseStor
     try:
         if journal_path(url) is not None:
             return JournalStorage(JournalFileBackend(str(journal_path(url))))
-        engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}} if sqlite_path(url) else {}
-        return RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=int(os.environ.get("NAS_HEARTBEAT_SECONDS", HEARTBEAT_SECONDS)),
-            grace_period=int(os.environ.get("NAS_GRACE_SECONDS", GRACE_SECONDS)),
-            heartbeat_stale_trial_callback=retry,
-        )
+        heartbeat = {
+            "heartbeat_interval": int(os.environ.get("NAS_HEARTBEAT_SECONDS", HEARTBEAT_SECONDS)),
+            "grace_period": int(os.environ.get("NAS_GRACE_SECONDS", GRACE_SECONDS)),
+            "heartbeat_stale_trial_callback": retry,
+        }
+        database = sqlite_path(url)
+        if database is not None:
+            return SQLiteStorage(url, database.with_name(database.name + ".lock"),
+                                 engine_kwargs={"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}, **heartbeat)
+        return RDBStorage(url, **heartbeat)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StorageError(f"cannot open storage {url}: {reason}") from None
