@@ -2,26 +2,41 @@ from __future__ import annotations
 
 import argparse
 import json
+import queue
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from nas import bench
 from nas.bench import (
+    GPU_CONCURRENCY,
     OURS,
     SEED_STYLE,
+    StudySize,
     Timing,
+    concurrency_list,
     extrapolate,
     fastest,
+    format_concurrency,
+    format_study,
     format_table,
+    gather,
     loader_workers,
+    machine_line,
     main,
+    planned,
     ratio,
     ratio_line,
     report,
     schedule,
+    study_command,
+    study_size,
+    threads_each,
+    time_study,
 )
 from nas.cli import non_negative_int
 
@@ -117,6 +132,7 @@ def test_quick_run_end_to_end_writes_consistent_json(data_dir, tmp_path, capsys)
     assert result["ratio"] == pytest.approx(pipelines[OURS]["epoch_seconds"] / pipelines[SEED_STYLE]["epoch_seconds"])
     assert result["setup"]["mode"] == "quick" and result["setup"]["batches"] == 2
     assert result["machine"]["device"] == "cpu" and result["machine"]["threads"] >= 1
+    assert "concurrency" not in result and "study" not in result
     printed = capsys.readouterr().out
     assert "extrapolated from 128 images" in printed and "ours / seed-style" in printed
 
@@ -134,20 +150,136 @@ def test_missing_data_is_one_error_line_without_traceback(tmp_path):
     assert "missing" in one_error_line(result.stderr)
 
 
-def test_concurrent_trainings_report_aggregate_throughput(data_dir, tmp_path, capsys):
+def test_concurrency_list_and_study_size_parse_what_the_flags_take():
+    assert concurrency_list("1,2,4,8") == [1, 2, 4, 8] and concurrency_list("3") == [3]
+    assert study_size("10x15") == StudySize(10, 15) and study_size("2X1") == StudySize(2, 1)
+    assert str(StudySize(10, 15)) == "10x15"
+    for bad in ("0", "1,0", "x", "1,,2", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            concurrency_list(bad)
+    for bad in ("3", "0x2", "2x0", "x", "2x3x4", "ax2"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            study_size(bad)
+
+
+def test_concurrency_and_study_are_opt_in_on_cpu_and_default_on_gpu():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert planned(None, None, cpu, quick=False) == ([], None)
+    assert planned([1, 2], StudySize(2, 1), cpu, quick=True) == ([1, 2], StudySize(2, 1))
+    assert planned(None, None, gpu, quick=False) == (list(GPU_CONCURRENCY), StudySize(10, 15))
+    # --quick on a GPU keeps the concurrency table but not the minutes of a default study.
+    assert planned(None, None, gpu, quick=True) == (list(GPU_CONCURRENCY), None)
+    assert planned([4], StudySize(3, 2), gpu, quick=True) == ([4], StudySize(3, 2))
+
+
+def test_cpu_threads_are_split_between_concurrent_processes(monkeypatch):
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 8)
+    cpu = torch.device("cpu")
+    assert [threads_each(n, cpu) for n in (1, 2, 4, 8, 16)] == [8, 4, 2, 1, 1]
+    assert threads_each(4, torch.device("cuda")) == 1
+
+
+def test_gather_fails_at_once_when_a_process_dies_without_reporting(monkeypatch):
+    monkeypatch.setattr(bench, "POLL_SECONDS", 0.01)
+    messages = queue.Queue()
+    messages.put(1.5)
+    alive, dead = SimpleNamespace(exitcode=None), SimpleNamespace(exitcode=1)
+    with pytest.raises(RuntimeError, match="died while training .exit status 1"):
+        gather(messages, [alive, dead], "while training")
+    # Both gone, one of them silently: waiting longer would hang.
+    messages.put(1.5)
+    with pytest.raises(RuntimeError, match="exit status 0"):
+        gather(messages, [SimpleNamespace(exitcode=0), SimpleNamespace(exitcode=0)], "while training")
+    for rate in (1.0, 2.0):
+        messages.put(rate)
+    assert gather(messages, [alive, alive], "while training") == [1.0, 2.0]
+
+
+def test_concurrent_trainings_report_aggregate_and_per_process_throughput(data_dir, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["--quick", "--batches", "2", "--warmup", "1", "--repeats", "1", "--device", "cpu",
+    assert main(["--quick", "--batches", "3", "--warmup", "1", "--repeats", "1", "--device", "cpu",
                  "--concurrency", "1,2", "--data-dir", str(data_dir), "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["concurrency"]
     assert [(r["processes"], len(r["per_process"])) for r in rows] == [(1, 1), (2, 2)]
+    cpu = torch.device("cpu")
     for row in rows:
-        assert row["images_per_process"] == 128 and all(rate > 0 for rate in row["per_process"])
-        assert row["images_per_second"] == pytest.approx(sum(row["per_process"]))
-    assert "images/s (all)" in capsys.readouterr().out
+        assert row["threads_each"] == threads_each(row["processes"], cpu)
+        assert row["images_per_process"] == 192 and row["seconds"] > 0
+        assert all(rate > 0 for rate in row["per_process"])
+        assert row["images_per_second"] == pytest.approx(row["processes"] * 192 / row["seconds"])
+    printed = capsys.readouterr().out
+    assert "images/s (all)" in printed and "images/s (each, mean)" in printed
+    assert printed.rstrip().splitlines()[-1].startswith("machine: ")
+
+
+def test_concurrency_table_lines_up_aggregate_and_each():
+    rows = [{"processes": 1, "threads_each": 2, "images_per_process": 12_800, "seconds": 4.0,
+             "images_per_second": 3_200.0, "per_process": [3_300.0]},
+            {"processes": 2, "threads_each": 1, "images_per_process": 12_800, "seconds": 5.0,
+             "images_per_second": 5_120.0, "per_process": [2_500.0, 2_700.0]}]
+    header, one, two = format_concurrency(rows).splitlines()
+    assert "3,200" in one and "3,300" in one and "5,120" in two and "2,600" in two and "2,500-2,700" in two
+    end = header.index("images/s (all)") + len("images/s (all)")
+    assert one.index("3,200") + len("3,200") == end == two.index("5,120") + len("5,120")
+
+
+def test_study_command_is_the_search_on_its_own_storage(tmp_path):
+    command = study_command(StudySize(10, 15), "journal:///tmp/x/bench.log", 1, torch.device("cpu"), "auto",
+                            tmp_path, None)
+    assert command[:3] == [sys.executable, "-m", "nas.search"]
+    args = " ".join(command[3:])
+    assert args.startswith("--trials 10 --epochs 15 --storage journal:///tmp/x/bench.log --study bench --quiet")
+    assert "--device cpu" in args and f"--data-dir {tmp_path}" in args
+    assert "--workers" not in args and "--subset" not in args
+    command = study_command(StudySize(2, 1), "journal:///s.log", 4, torch.device("cpu"), "fp32", tmp_path, 256)
+    assert " ".join(command).endswith("--precision fp32 --data-dir " + str(tmp_path) + " --workers 4 --subset 256")
+
+
+def test_a_real_tiny_study_reports_its_trials_and_rate(data_dir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["--quick", "--batches", "2", "--warmup", "1", "--repeats", "1", "--device", "cpu",
+                 "--study", "2x1", "--study-subset", "128", "--data-dir", str(data_dir), "--json", str(out)]) == 0
+    study = json.loads(out.read_text())["study"]
+    assert (study["trials"], study["epochs"], study["workers"], study["subset"]) == (2, 1, 1, 128)
+    assert study["finished"] == 2 and study["counts"]["completed"] + study["counts"]["pruned"] == 2
+    assert study["wall_seconds"] > study["trial_span_seconds"] > 0
+    assert study["trials_per_hour"] == pytest.approx(2 * 3600 / study["wall_seconds"])
+    assert "--study bench --quiet" in study["command"] and "--subset 128" in study["command"]
+    printed = capsys.readouterr().out
+    assert "trials/hour" in printed and "2x1" in printed
+
+
+def test_a_failed_study_run_is_one_error_line(tmp_path, monkeypatch):
+    failed = subprocess.CompletedProcess([], 2, "", "Traceback ...\nerror: something broke\n")
+    monkeypatch.setattr(bench.subprocess, "run", lambda *args, **kwargs: failed)
+    with pytest.raises(RuntimeError, match="exit status 2: error: something broke"):
+        time_study(StudySize(2, 1), 1, torch.device("cpu"), "auto", tmp_path, 128)
+
+
+def test_study_table_names_counts_and_rate():
+    row = {"trials": 10, "epochs": 15, "workers": 2, "subset": None, "wall_seconds": 600.0,
+           "trial_span_seconds": 590.0, "finished": 11, "trials_per_hour": 66.0,
+           "counts": {"completed": 4, "pruned": 7, "rejected (over budget, never trained)": 3,
+                      "failed/interrupted": 0}}
+    header, line = format_study(row).splitlines()
+    assert header.split() == ["trials", "x", "epochs", "workers", "train", "images", "wall", "s", "first",
+                              "start-last", "end", "s", "finished", "completed", "pruned", "rejected",
+                              "failed/interrupted", "trials/hour"]
+    assert line.split() == ["10x15", "2", "all", "600.0", "590.0", "11", "4", "7", "3", "0", "66"]
+
+
+def test_machine_line_names_the_machine():
+    cpu = {"cpu": "AMD EPYC", "cpu_count": 2, "load_average": 1.5, "torch": "2.14.1", "threads": 2,
+           "device": "cpu"}
+    assert machine_line(cpu) == "machine: AMD EPYC, 2 CPUs, load 1.50 at start; torch 2.14.1, 2 threads; device cpu"
+    gpu = {**cpu, "gpu": "NVIDIA H100 80GB HBM3", "cuda": "13.0", "load_average": None, "device": "cuda"}
+    assert machine_line(gpu).startswith("machine: NVIDIA H100 80GB HBM3 (CUDA 13.0), AMD EPYC, 2 CPUs; torch")
 
 
 @pytest.mark.parametrize("argv", [["--batches", "0"], ["--workers", "-1"], ["--nonsense"],
-                                  ["--concurrency", "0"], ["--concurrency", "1,x"]])
+                                  ["--concurrency", "0"], ["--concurrency", "x"], ["--concurrency", "1,x"],
+                                  ["--study", "3"], ["--study", "0x2"], ["--study-workers", "0"],
+                                  ["--study-subset", "0"]])
 def test_bad_flags_are_one_error_line(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -159,6 +291,13 @@ def test_bad_device_is_one_error_line(data_dir, capsys):
     device = "nonsense" if torch.cuda.is_available() else "cuda"
     assert main(["--device", device, "--data-dir", str(data_dir)]) == 2
     one_error_line(capsys.readouterr().err)
+
+
+def test_a_study_subset_the_search_would_refuse_fails_before_timing(data_dir, capsys):
+    assert main(["--quick", "--study", "2x1", "--study-subset", "50001", "--data-dir", str(data_dir)]) == 2
+    captured = capsys.readouterr()
+    assert "50,000" in one_error_line(captured.err)
+    assert "timing" not in captured.out
 
 
 def test_unwritable_json_path_fails_before_timing(data_dir, tmp_path, capsys):
