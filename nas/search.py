@@ -138,11 +138,45 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def make_sampler(seed: int, worker: int) -> optuna.samplers.BaseSampler:
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """Optuna's TPE sampler, its random draws seeded by (seed, trial number).
+
+    Every process that joins a study (a scaled compose worker, a worker on another machine, a rerun
+    that resumes) starts its own sampler. Seeded once per process they would all draw the same
+    candidates in the same order, and the random startup trials would repeat across processes.
+    Trial numbers are unique within a study, so each trial gets its own draws, and the same study
+    history gives the same ones."""
+
+    def __init__(self, seed: int, **tpe_options: Any):
+        self.seed, self.tpe_options = seed, tpe_options
+        self.number: int | None = None  # the trial self.tpe was made for
+        self.tpe: optuna.samplers.TPESampler | None = None
+
+    def for_trial(self, number: int) -> optuna.samplers.TPESampler:
+        if self.tpe is None or number != self.number:
+            seed = (self.seed * 1_000_003 + number) % 2**32
+            self.number, self.tpe = number, optuna.samplers.TPESampler(seed=seed, **self.tpe_options)
+        return self.tpe
+
+    def infer_relative_search_space(self, study, trial):
+        return self.for_trial(trial.number).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.for_trial(trial.number).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.for_trial(trial.number).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self.for_trial(trial.number).before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.for_trial(trial.number).after_trial(study, trial, state, values)
+
+
+def make_sampler(seed: int) -> optuna.samplers.BaseSampler:
     # constant_liar keeps parallel workers from sampling the same point while trials run.
-    return optuna.samplers.TPESampler(
-        seed=seed + worker, multivariate=True, group=True, constant_liar=True, n_startup_trials=10
-    )
+    return TrialSeededSampler(seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=10)
 
 
 def config_from_study(study: optuna.Study) -> StudyConfig:
@@ -257,7 +291,7 @@ def create_or_load(storage: optuna.storages.BaseStorage, options: RunOptions, co
                    enqueue: tuple[str, ...]) -> optuna.Study:
     """Load the study, or create it and enqueue the presets. Creating is atomic in the storage, so
     exactly one of several workers starting together enqueues."""
-    sampler = make_sampler(options.seed, options.worker)
+    sampler = make_sampler(options.seed)
     pruner = make_pruner(config.pruner, options.epochs)
     try:
         study = optuna.create_study(storage=storage, study_name=options.study, sampler=sampler,
@@ -356,7 +390,7 @@ def run_worker(options: RunOptions, config: StudyConfig, split: data.Split | Non
         split = load_split(options, device)
     storage = open_storage(options.storage)
     study = optuna.load_study(storage=storage, study_name=options.study,
-                              sampler=make_sampler(options.seed, options.worker),
+                              sampler=make_sampler(options.seed),
                               pruner=make_pruner(config.pruner, options.epochs))
     remaining = options.trials - len(finished_trials(study))
     if remaining <= 0:
@@ -398,7 +432,7 @@ def _worker_entry(options: RunOptions, config: StudyConfig) -> None:
 def run_workers(options: RunOptions, config: StudyConfig, workers: int, study: optuna.Study) -> int:
     """N processes share the study through its storage; this one only watches and draws the bar."""
     context = multiprocessing.get_context("spawn")
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, available_cpus() // workers)
     procs = [
         context.Process(target=_worker_entry,
                         args=(dataclasses.replace(options, worker=i, threads=threads, quiet=True), config))
@@ -418,8 +452,18 @@ def run_workers(options: RunOptions, config: StudyConfig, workers: int, study: o
     finally:
         bar.update(study)
         bar.close()
-    failed = [p.exitcode for p in procs if p.exitcode != 0]
+    failed = [f"worker {i} was killed by signal {-p.exitcode}" if p.exitcode < 0
+              else f"worker {i} exited with status {p.exitcode}" for i, p in enumerate(procs) if p.exitcode != 0]
+    if failed:
+        print(f"error: {'; '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: a taskset's or cpuset's share, not the whole machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 # --- reporting ----------------------------------------------------------------------------------
@@ -525,7 +569,9 @@ def main(argv: list[str] | None = None) -> int:
                              quiet=args.quiet, precision=args.precision, compile=args.compile,
                              artifact_dir=args.artifact_dir)
         data.prepare(Path(options.data_dir), progress=not args.quiet)
-        split = load_split(options, device)
+        # With several workers each loads its own split; this one only checks --subset, on the CPU,
+        # so that the watching process holds no GPU memory.
+        split = load_split(options, device if args.workers == 1 else torch.device("cpu"))
         storage = open_storage(storage_url)
         enqueue = tuple(dict.fromkeys(config.enqueue + (("model1", "model2") if args.enqueue_all else ())))
         study = create_or_load(storage, options, config, enqueue)
@@ -539,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         if args.workers > 1:
+            del split
             code = run_workers(options, config, args.workers, study)
         else:
             run_worker(options, config, split)

@@ -4,7 +4,9 @@ failed and retried instead of staying RUNNING forever."""
 from __future__ import annotations
 
 import os
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -29,24 +31,62 @@ class SQLiteStorage(RDBStorage):
     """RDBStorage for one SQLite file shared by several worker processes.
 
     A worker claims a queued (WAITING) trial, such as the enqueued Model 3, by reading that it is
-    still waiting and marking it RUNNING. PostgreSQL makes the two one step (SELECT ... FOR
-    UPDATE); SQLite ignores FOR UPDATE, so two workers could both read WAITING and train the same
-    trial (the second then fails with "Cannot tell a COMPLETE trial"). A lock file beside the
-    database serializes the claim."""
+    still waiting and marking it RUNNING; a worker that finds a trial's heartbeat stale reads that
+    it is still running and marks it FAIL, then queues its retry. PostgreSQL makes each read and
+    write one step (SELECT ... FOR UPDATE); SQLite ignores FOR UPDATE, so two workers could both
+    claim the same trial (the second then fails with "Cannot tell a COMPLETE trial") or both fail
+    and retry the same stale one. A lock file beside the database serializes state changes, a
+    few per trial."""
 
     def __init__(self, url: str, lock_path: Path, **kwargs):
         super().__init__(url, **kwargs)
         self.lock_path = lock_path
 
     def set_trial_state_values(self, trial_id, state, values=None) -> bool:
-        if state != optuna.trial.TrialState.RUNNING:
-            return super().set_trial_state_values(trial_id, state, values)
         with FileLock(self.lock_path):
             return super().set_trial_state_values(trial_id, state, values)
 
 
 class StorageError(RuntimeError):
     """A storage URL that cannot be opened."""
+
+
+def env_seconds(name: str, default: int) -> int:
+    """A whole number of seconds from the environment, `default` when unset."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) == 0:
+        raise StorageError(f"{name} must be a whole number of seconds above 0, not {text!r}")
+    return int(text)
+
+
+def heartbeat_settings() -> tuple[int, int]:
+    """(heartbeat interval, grace period) in seconds: the defaults, or NAS_HEARTBEAT_SECONDS and
+    NAS_GRACE_SECONDS."""
+    interval = env_seconds("NAS_HEARTBEAT_SECONDS", HEARTBEAT_SECONDS)
+    grace = env_seconds("NAS_GRACE_SECONDS", GRACE_SECONDS)
+    if grace <= interval:
+        # Otherwise a live trial would be failed between two of its own heartbeats.
+        raise StorageError(f"the grace period ({grace} s, NAS_GRACE_SECONDS) must be longer than the "
+                           f"heartbeat interval ({interval} s, NAS_HEARTBEAT_SECONDS)")
+    return interval, grace
+
+
+def created_once(open_rdb: Callable[[], RDBStorage], attempts: int = 5) -> RDBStorage:
+    """Open an RDB storage that other workers may be opening at the same moment.
+
+    The first to open an empty database creates Optuna's tables; two doing so at once (scaled
+    compose workers starting together) collide, and the loser gets a unique-key violation or
+    "already exists". By the time it tries again, the tables are there."""
+    for attempt in range(1, attempts):
+        try:
+            return open_rdb()
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            if not (isinstance(exc, sqlalchemy.exc.IntegrityError) or "already exists" in str(exc)):
+                raise
+        time.sleep(0.5 * attempt)
+    return open_rdb()
 
 
 def default_url(study_name: str) -> str:
@@ -74,19 +114,18 @@ def open_storage(url: str, must_exist: bool = False) -> optuna.storages.BaseStor
             raise StorageError(f"{url}: no such database file")
         if not file.parent.is_dir():
             raise StorageError(f"{url}: directory {file.parent} does not exist")
+    interval, grace = heartbeat_settings()
     try:
         if journal_path(url) is not None:
+            # Optuna's journal storage has no heartbeat: a killed worker's trial stays RUNNING.
             return JournalStorage(JournalFileBackend(str(journal_path(url))))
-        heartbeat = {
-            "heartbeat_interval": int(os.environ.get("NAS_HEARTBEAT_SECONDS", HEARTBEAT_SECONDS)),
-            "grace_period": int(os.environ.get("NAS_GRACE_SECONDS", GRACE_SECONDS)),
-            "heartbeat_stale_trial_callback": retry,
-        }
+        heartbeat = {"heartbeat_interval": interval, "grace_period": grace, "heartbeat_stale_trial_callback": retry}
         database = sqlite_path(url)
         if database is not None:
-            return SQLiteStorage(url, database.with_name(database.name + ".lock"),
-                                 engine_kwargs={"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}, **heartbeat)
-        return RDBStorage(url, **heartbeat)
+            return created_once(lambda: SQLiteStorage(
+                url, database.with_name(database.name + ".lock"),
+                engine_kwargs={"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}, **heartbeat))
+        return created_once(lambda: RDBStorage(url, **heartbeat))
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StorageError(f"cannot open storage {url}: {reason}") from None

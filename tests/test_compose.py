@@ -4,6 +4,8 @@ itself (workers sharing a PostgreSQL study) is exercised for real in test_worker
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -32,12 +34,24 @@ def compose():
 
 
 def test_services(compose):
-    assert set(compose["services"]) == {"postgres", "dashboard", "worker"}
-    postgres = compose["services"]["postgres"]
+    services = compose["services"]
+    assert set(services) == {"postgres", "dashboard", "mnist", "worker"}
+    postgres = services["postgres"]
     assert "healthcheck" in postgres and "pg_isready" in " ".join(postgres["healthcheck"]["test"])
     assert any(v.endswith(":/var/lib/postgresql/data") for v in postgres["volumes"])
     for name in ("dashboard", "worker"):
-        assert compose["services"][name]["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def test_mnist_is_fetched_once_before_the_workers_start(compose):
+    mnist, worker = compose["services"]["mnist"], compose["services"]["worker"]
+    assert mnist["command"] == ["python", "-m", "nas.data"]
+    assert worker["depends_on"]["mnist"]["condition"] == "service_completed_successfully"
+    # Both see the same data directory, where nas.data looks for it.
+    data_volume = {v.split(":")[0] for v in mnist["volumes"] if v.endswith(":/data")}
+    assert data_volume and data_volume == {v.split(":")[0] for v in worker["volumes"] if v.endswith(":/data")}
+    assert mnist["environment"]["NAS_DATA_DIR"] == worker["environment"]["NAS_DATA_DIR"] == "/data"
+    assert int(worker["environment"]["OMP_NUM_THREADS"]) >= 1
 
 
 def test_nothing_listens_beyond_localhost_by_default(compose):
@@ -67,3 +81,23 @@ def test_dockerfile_installs_the_package_with_postgres_support():
     text = (REPO_ROOT / "Dockerfile").read_text()
     assert re.search(r"^COPY nas ", text, re.M)
     assert re.search(r'pip install "?\.\[postgres\]"?', text)
+    # The default study file the workers read is in the image.
+    assert re.search(r"^COPY studies/\*\.toml ", text, re.M) and (REPO_ROOT / "studies" / "mnist-8k.toml").is_file()
+
+
+def test_the_build_context_leaves_out_data_environments_and_studies():
+    ignored = set((REPO_ROOT / ".dockerignore").read_text().split())
+    assert {".git", ".venv", "data", "studies/*.db", "studies/artifacts"} <= ignored
+
+
+def compose_command() -> list[str] | None:
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    return ["docker-compose"] if shutil.which("docker-compose") else None
+
+
+@pytest.mark.skipif(compose_command() is None, reason="neither `docker compose` nor docker-compose is installed")
+def test_compose_itself_accepts_the_file():
+    """Compose's own parser, where it is installed (it needs no Docker engine for this)."""
+    result = subprocess.run([*compose_command(), "config", "-q"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import multiprocessing
+import time
 
 import optuna
 import pytest
+from optuna.trial import TrialState
 
-from nas.storage import SQLiteStorage, StorageError, open_storage
+from nas.storage import SQLiteStorage, StorageError, heartbeat_settings, open_storage
 
 QUEUED = 40
+STALE = 40
 
 
 def claim_all(url: str, start, results) -> None:
@@ -41,6 +44,63 @@ def test_two_processes_never_claim_the_same_queued_trial(tmp_path):
         p.join()
     everything = claimed[0] + claimed[1]
     assert sorted(everything) == list(range(QUEUED)), "a queued trial was claimed twice or lost"
+
+
+def fail_stale(url: str, start) -> None:
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.load_study(study_name="stale", storage=open_storage(url))
+    start.wait()
+    optuna.storages.fail_stale_trials(study)
+
+
+def test_two_processes_fail_and_retry_a_stale_trial_once(tmp_path, monkeypatch):
+    """Two workers finding the same dead trials: each is failed once and retried once."""
+    monkeypatch.setenv("NAS_HEARTBEAT_SECONDS", "1")
+    monkeypatch.setenv("NAS_GRACE_SECONDS", "2")
+    url = f"sqlite:///{tmp_path / 'stale.db'}"
+    storage = open_storage(url)
+    study = optuna.create_study(study_name="stale", storage=storage)
+    for _ in range(STALE):
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+        storage.record_heartbeat(trial._trial_id)  # then its worker "dies": no more heartbeats
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(3)
+    procs = [context.Process(target=fail_stale, args=(url, start)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    time.sleep(3.5)  # past the grace period (SQLite stamps whole seconds), while the workers start
+    start.wait(timeout=120)
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    trials = optuna.load_study(study_name="stale", storage=url).trials
+    assert [t.state for t in trials[:STALE]] == [TrialState.FAIL] * STALE
+    retried = sorted(t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs)
+    assert retried == list(range(STALE)), "a stale trial was retried twice or not at all"
+
+
+@pytest.mark.parametrize("heartbeat, grace, message", [
+    ("abc", None, "NAS_HEARTBEAT_SECONDS must be a whole number"),
+    (None, "0", "NAS_GRACE_SECONDS must be a whole number"),
+    ("10", "5", "must be longer than the heartbeat interval"),
+])
+def test_bad_heartbeat_settings_are_one_clear_error(heartbeat, grace, message, monkeypatch, tmp_path):
+    for name, value in (("NAS_HEARTBEAT_SECONDS", heartbeat), ("NAS_GRACE_SECONDS", grace)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    with pytest.raises(StorageError, match=message):
+        open_storage(f"sqlite:///{tmp_path / 'h.db'}")
+
+
+def test_heartbeat_defaults_and_overrides(monkeypatch):
+    monkeypatch.delenv("NAS_HEARTBEAT_SECONDS", raising=False)
+    monkeypatch.delenv("NAS_GRACE_SECONDS", raising=False)
+    assert heartbeat_settings() == (10, 30)
+    monkeypatch.setenv("NAS_HEARTBEAT_SECONDS", "1")
+    monkeypatch.setenv("NAS_GRACE_SECONDS", "3")
+    assert heartbeat_settings() == (1, 3)
 
 
 def test_sqlite_urls_get_the_locking_storage(tmp_path):
