@@ -41,7 +41,7 @@ from nas.model import build_model
 from nas.search import finished_trials, trial_counts
 from nas.spec import PRESETS, ArchSpec, TrainConfig, count_params
 from nas.storage import open_storage
-from nas.train import PRECISIONS, resolve_device, resolve_precision, train
+from nas.train import PRECISIONS, choose_setup, cpu_model, resolve_device, resolve_precision, train
 
 MODEL = "model3"
 QUICK_BATCHES = 200
@@ -194,24 +194,14 @@ def time_seed_style(arch: ArchSpec, config: TrainConfig, dataset: Dataset, batch
 
 
 def time_ours(arch: ArchSpec, config: TrainConfig, split: data.Split, images: int, epoch_images: int,
-              precision: str = "auto") -> Timing:
+              precision: str = "auto", channels_last: bool | None = None) -> Timing:
     """One epoch of nas.train.train over the first `images` training images, timed by train itself."""
     # Evaluation runs outside train's timer; one batch of it keeps the wall time down.
     result = train(arch, replace(config, epochs=1), split.train_x[:images], split.train_y[:images],
                    split.eval_x[: config.batch_size], split.eval_y[: config.batch_size], progress=False,
-                   precision=precision)
+                   precision=precision, channels_last=channels_last)
     epoch = result.history[0]
     return Timing(OURS, epoch.seconds, images, epoch_images, epoch.train_loss, epoch.train_acc)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass  # not Linux: platform's answer is vaguer but exists everywhere
-    return platform.processor() or "unknown"
 
 
 def load_average() -> float | None:
@@ -472,7 +462,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=non_negative_int,
                         help="seed-style DataLoader workers (default: the seed's, 2 on CUDA, 0 otherwise)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="our trainer's precision (default auto: bf16 where native, as the search runs)")
+                        help="our trainer's precision (default auto: whichever of fp32 and native bf16 measures "
+                        "faster here, as the search runs)")
     parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
     parser.add_argument("--concurrency", type=concurrency_list,
                         help="also time N Model 3 trainings at once for each N in this list, e.g. 1,2,4,8 "
@@ -500,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     arch, config = preset.arch, preset.train
     try:
         device = resolve_device(args.device)
-        precision = resolve_precision(args.precision, device)
+        resolve_precision(args.precision, device)  # an impossible precision fails before the data
         root = data.resolve_data_dir(args.data_dir)
         # Verifies without downloading: a benchmark should not quietly spend minutes on the network.
         mnist = data.load_mnist(root)
@@ -517,18 +508,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     machine = machine_info(device)
+    # Ours runs as the trainer would: in the precision and memory format it measures fastest here.
+    setup = choose_setup(arch, config.batch_size, device, args.precision)
+    precision = setup.precision
     workers = loader_workers(device) if args.workers is None else args.workers
     batches = math.ceil(images / config.batch_size)
     warmup = min(args.warmup, batches)
     print(f"{MODEL}: {count_params(arch):,} params, batch {config.batch_size}, Adam lr {config.lr}, "
-          f"on {device} with {torch.get_num_threads()} threads; ours in {precision}, seed-style in fp32 "
+          f"on {device} with {torch.get_num_threads()} threads; ours in {setup}, seed-style in fp32 NCHW "
           f"with {workers} DataLoader workers")
     print(f"timing {batches} batches per pipeline, best of {args.repeats}, "
           f"after {warmup} warm-up batches each ...", flush=True)
 
     def measure(pipeline: str, count: int) -> Timing:
         if pipeline == OURS:
-            return time_ours(arch, config, split, min(count * config.batch_size, images), epoch_images, precision)
+            return time_ours(arch, config, split, min(count * config.batch_size, images), epoch_images, precision,
+                             setup.channels_last)
         return time_seed_style(arch, config, dataset, count, device, workers)
 
     # Both warm up before either is timed, so neither pays one-off allocation and kernel set-up.
@@ -542,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": MODEL, "params": count_params(arch), "batch_size": config.batch_size, "lr": config.lr,
         "mode": "quick" if args.quick else "full", "batches": batches, "warmup_batches": warmup,
         "repeats": args.repeats, "seed_style_workers": workers, "precision": precision,
+        "channels_last": setup.channels_last,
     }, runs)
     print(ratio_line(results["ratio"]))
     try:

@@ -34,12 +34,20 @@ from nas.space import suggest
 from nas.spec import ArchSpec, TrainConfig, count_params
 from nas.storage import StorageError, default_url, open_storage
 from nas.summary import summary_table
-from nas.train import EpochResult, epoch_line, evaluate, resolve_device, resolve_precision, train
+from nas.train import EpochResult, Setup, epoch_line, evaluate, resolve_device, resolve_precision, train
 from nas.cli import ArgumentParser
 
 
 class ReplayError(RuntimeError):
     pass
+
+
+def stored_setup(trial: FrozenTrial, device: torch.device) -> Setup:
+    """The precision and memory format the trial trained with. Trials stored before the precision
+    attribute existed trained in fp32 NCHW; before the channels_last one, always channels_last."""
+    attrs = trial.user_attrs
+    precision = resolve_precision(attrs.get("precision", "fp32"), device)
+    return Setup(precision, attrs.get("channels_last", "precision" in attrs))
 
 
 def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
@@ -110,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.seed is not None:
             train_config = replace(train_config, seed=args.seed)
         device = resolve_device(args.device or _stored_device(trial))
-        # Trials stored before the precision attribute existed trained in fp32.
-        precision = resolve_precision(trial.user_attrs.get("precision", "fp32"), device)
+        setup = stored_setup(trial, device)
         root = data.resolve_data_dir(args.data_dir)
         data.prepare(root, progress=not args.quiet)
         mnist = data.load_mnist(root)
@@ -127,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(trial.user_attrs.get("threads", torch.get_num_threads()))
     if is_multi_objective(study):
         print(front_note(study, trial, picked=args.trial is None))
-    print(f"Replaying trial {trial.number} of study {study.study_name!r} on {device}, {precision}, "
+    print(f"Replaying trial {trial.number} of study {study.study_name!r} on {device}, {setup}, "
           f"seed {train_config.seed}" + (" (not the stored seed)" if args.seed is not None else ""))
     print(summary_table(arch))
     test_acc: list[float] = []
@@ -142,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             print()
 
     result = train(arch, train_config, split.train_x, split.train_y, split.eval_x, split.eval_y,
-                   on_epoch=report, progress=not args.quiet, precision=precision,
-                   compile=trial.user_attrs.get("compiled", False))
+                   on_epoch=report, progress=not args.quiet, precision=setup.precision,
+                   channels_last=setup.channels_last, compile=trial.user_attrs.get("compiled", False))
     accuracies = [e.eval_acc for e in result.history]
     replayed = score(accuracies, config.score_epochs)
     if args.full_train:

@@ -24,7 +24,16 @@ from nas import data
 from nas.cli import ArgumentParser, positive_int
 from nas.search import TARGET_ACCURACY, epochs_to_target, score
 from nas.spec import PRESETS, count_params
-from nas.train import PRECISIONS, DivergedError, EpochResult, resolve_device, resolve_precision, train
+from nas.train import (
+    PRECISIONS,
+    DivergedError,
+    EpochResult,
+    Setup,
+    choose_setup,
+    resolve_device,
+    resolve_precision,
+    train,
+)
 
 LAST_EPOCHS = 3  # "accuracy that holds": the mean of the last 3 epochs, as the search scores it
 DEFAULT_OUT = Path("runs/reproduce")
@@ -90,7 +99,7 @@ class Settings:
     epochs: int | None  # None: each preset's own (15)
     subset: int | None
     device: str
-    precision: str
+    precision: str  # the setup each model trained with: precision and memory format
     threads: int
     torch: str
 
@@ -143,14 +152,14 @@ def parse_models(text: str) -> tuple[str, ...]:
 # --- training -----------------------------------------------------------------------------------
 
 
-def run_preset(name: str, seed: int, split: data.Split, epochs: int | None, precision: str,
+def run_preset(name: str, seed: int, split: data.Split, epochs: int | None, setup: Setup,
                progress: bool) -> Run:
     """Train preset `name` with its documented config and `seed`, evaluating on split's eval set."""
     preset = PRESETS[name]
     config = replace(preset.train, seed=seed, epochs=epochs or preset.train.epochs)
     start = time.perf_counter()
     result = train(preset.arch, config, split.train_x, split.train_y, split.eval_x, split.eval_y,
-                   progress=progress, precision=precision)
+                   progress=progress, precision=setup.precision, channels_last=setup.channels_last)
     return Run(name, seed, count_params(preset.arch), tuple(result.history), time.perf_counter() - start)
 
 
@@ -306,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         models = parse_models(args.models)
         device = resolve_device(args.device)
-        precision = resolve_precision(args.precision, device)
+        resolve_precision(args.precision, device)  # an impossible precision fails before the data
         if args.out.exists() and not args.out.is_dir():
             raise ValueError(f"--out {args.out} is a file, not a directory")
         root = data.resolve_data_dir(args.data_dir)
@@ -316,7 +325,11 @@ def main(argv: list[str] | None = None) -> int:
         # RuntimeError: torch's word on a device string it can't parse or a GPU that isn't there.
         print(f"error: {first_line(exc)}", file=sys.stderr)
         return 2
-    settings = Settings(models, tuple(range(args.seeds)), args.epochs, args.subset, str(device), precision,
+    setups = {name: choose_setup(PRESETS[name].arch, PRESETS[name].train.batch_size, device, args.precision)
+              for name in models}
+    labels = {str(s) for s in setups.values()}
+    setup_text = labels.pop() if len(labels) == 1 else "; ".join(f"{model_label(n)} {s}" for n, s in setups.items())
+    settings = Settings(models, tuple(range(args.seeds)), args.epochs, args.subset, str(device), setup_text,
                         torch.get_num_threads(), torch.__version__)
     runs: list[Run] = []
     code = 0
@@ -324,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, (name, seed) in enumerate((m, s) for m in models for s in settings.seeds):
             if not args.quiet:
                 print(f"\n== {model_label(name)}, seed {seed} ({i + 1} of {len(models) * args.seeds}) ==")
-            run = run_preset(name, seed, split, args.epochs, precision, progress=not args.quiet)
+            run = run_preset(name, seed, split, args.epochs, setups[name], progress=not args.quiet)
             runs.append(run)
             acc, epoch = best_epoch(run.test_acc)
             print(f"{model_label(name)} seed {seed}: best test accuracy {acc:.2f}% (epoch {epoch}), "

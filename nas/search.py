@@ -33,7 +33,15 @@ from nas.space import SpaceConfig, params_for, suggest
 from nas.spec import PRESETS, ArchSpec, SpecError, TrainConfig, count_params, receptive_field
 from nas.storage import StorageError, default_url, journal_path, open_storage, sqlite_path
 from nas.summary import summary_table
-from nas.train import PRECISIONS, DivergedError, EpochResult, resolve_device, resolve_precision, train
+from nas.train import (
+    PRECISIONS,
+    DivergedError,
+    EpochResult,
+    choose_setup,
+    resolve_device,
+    resolve_precision,
+    train,
+)
 
 DEFAULT_STUDY_FILE = Path("studies/mnist-8k.toml")
 TARGET_ACCURACY = 99.4  # the seed's bar: "consistent 99.4%"
@@ -58,7 +66,7 @@ class RunOptions:
     quiet: bool = False
     threads: int | None = None
     worker: int = 0
-    precision: str = "auto"  # resolved per device by nas.train.resolve_precision
+    precision: str = "auto"  # resolved per trial by nas.train.choose_setup
     compile: bool = False
     artifact_dir: str | None = None  # None: beside the SQLite/journal file, else studies/artifacts
 
@@ -197,7 +205,7 @@ class Objective:
         self.config, self.options, self.split, self.device = config, options, split, device
         self.artifact_dir = artifact_dir
         self.multi = len(config.objectives) > 1
-        self.precision = resolve_precision(options.precision, device)
+        resolve_precision(options.precision, device)  # fails here, not in the first trial
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         arch, train_config = suggest(trial, self.config.space, self.options.epochs, self.options.seed)
@@ -217,7 +225,9 @@ class Objective:
         trial.set_user_attr("device", str(self.device))
         trial.set_user_attr("threads", torch.get_num_threads())
         trial.set_user_attr("worker", self.options.worker)
-        trial.set_user_attr("precision", self.precision)
+        setup = choose_setup(arch, train_config.batch_size, self.device, self.options.precision)
+        trial.set_user_attr("precision", setup.precision)
+        trial.set_user_attr("channels_last", setup.channels_last)
         trial.set_user_attr("compiled", self.options.compile)
         trial.set_user_attr("subset", self.options.subset)
         accuracies: list[float] = []
@@ -235,7 +245,8 @@ class Objective:
         try:
             result = train(arch, train_config, self.split.train_x, self.split.train_y, self.split.eval_x,
                            self.split.eval_y, on_epoch=on_epoch, progress=not self.options.quiet,
-                           precision=self.precision, compile=self.options.compile)
+                           precision=setup.precision, compile=self.options.compile,
+                           channels_last=setup.channels_last)
         except DivergedError as exc:
             trial.set_user_attr("failed_reason", str(exc))
             raise optuna.TrialPruned(str(exc)) from None

@@ -6,11 +6,16 @@ and keeps its metrics on the device, so nothing waits on the host until an epoch
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import platform
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +50,7 @@ class EpochResult:
 @dataclass
 class TrainResult:
     model: nn.Module
+    setup: Setup
     history: list[EpochResult] = field(default_factory=list)
 
     @property
@@ -109,6 +115,134 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class Setup:
+    """How a model is run: autocast precision and memory format. Both change the numbers a little,
+    so a stored trial records them and a replay repeats them."""
+
+    precision: str  # "fp32" or "bf16"
+    channels_last: bool
+
+    def __str__(self) -> str:
+        return f"{self.precision}, {'channels_last' if self.channels_last else 'NCHW'}"
+
+
+TUNE_WARMUP_STEPS = 3
+TUNE_STEPS = 6
+TUNE_ROUNDS = 2
+TUNE_MARGIN = 0.05  # another setup must beat plain fp32 NCHW (the seed's numerics) by this much
+
+
+def choose_setup(arch: ArchSpec, batch_size: int, device: torch.device, precision: str = "auto") -> Setup:
+    """The setup to train `arch` with. On CUDA: bf16 autocast where supported (or `precision`),
+    channels_last. On CPU the fastest of {fp32, bf16 where native} x {NCHW, channels_last} differs
+    from one CPU to the next (bf16 and channels_last win on some, lose by 30% on others: BatchNorm
+    over 10 channels is slow in NHWC), so it is measured, as cudnn.benchmark measures convolution
+    algorithms: a few optimizer steps of this architecture and batch size per candidate. The answer
+    is kept per process and in a cache file ($NAS_CACHE_DIR, default ~/.cache/nas), so the same
+    command on the same machine keeps making the same choice, and so the same numbers."""
+    if precision != "auto":
+        precision = resolve_precision(precision, device)
+    if device.type != "cpu":
+        return Setup(resolve_precision(precision, device), channels_last=True)
+    precisions = ["fp32", "bf16"] if precision == "auto" and bf16_supported(device) else [resolve_precision(precision, device)]
+    candidates = [Setup(p, cl) for p in precisions for cl in (False, True)]
+    key = _tuning_key(arch, batch_size, device, precision)
+    cached = _TUNED.get(key) or _read_tuning_cache().get(key)
+    if cached is not None:
+        setup = Setup(cached["precision"], cached["channels_last"])
+        if setup in candidates:
+            _TUNED[key] = cached
+            return setup
+    seconds = {c: math.inf for c in candidates}
+    for _ in range(TUNE_ROUNDS):  # interleaved, best of rounds: other load only ever adds time
+        for candidate in candidates:
+            seconds[candidate] = min(seconds[candidate], _time_steps(arch, batch_size, device, candidate))
+    baseline = candidates[0]
+    best = min(candidates, key=seconds.__getitem__)
+    if seconds[best] > (1 - TUNE_MARGIN) * seconds[baseline]:
+        best = baseline
+    entry = {"precision": best.precision, "channels_last": best.channels_last,
+             "ms_per_step": {str(c): round(1000 * s, 2) for c, s in seconds.items()}}
+    _TUNED[key] = entry
+    _write_tuning_cache(key, entry)
+    return best
+
+
+_TUNED: dict[str, dict] = {}
+
+
+def cache_dir() -> Path:
+    if os.environ.get("NAS_CACHE_DIR"):
+        return Path(os.environ["NAS_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nas"
+
+
+def _tuning_key(arch: ArchSpec, batch_size: int, device: torch.device, precision: str) -> str:
+    facts = {"cpu": cpu_model(),
+             "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+             "precision": precision, "batch_size": batch_size, "arch": arch.to_dict()}
+    return hashlib.sha1(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # not Linux: platform's answer is vaguer but exists everywhere
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _read_tuning_cache() -> dict[str, dict]:
+    try:
+        return json.loads((cache_dir() / "cpu-setup.json").read_text())
+    except (OSError, ValueError):
+        return {}  # no cache yet, or one we can't read: measure again
+
+
+def _write_tuning_cache(key: str, entry: dict) -> None:
+    path = cache_dir() / "cpu-setup.json"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cache = _read_tuning_cache()
+        cache[key] = entry
+        # Written whole to a temporary file and renamed: concurrent workers never see half a file.
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home only costs re-measuring next time
+
+
+def _time_steps(arch: ArchSpec, batch_size: int, device: torch.device, setup: Setup) -> float:
+    """Seconds per optimizer step of `arch` on random data in `setup` (global RNG untouched)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(arch).to(device, memory_format=_memory_format(setup))
+    model.train()
+    optimizer = make_optimizer(model, TrainConfig(batch_size=batch_size))
+    x = torch.randn(batch_size, arch.in_channels, arch.input_size, arch.input_size, device=device,
+                    generator=generator)
+    y = torch.randint(0, arch.num_classes, (batch_size,), device=device, generator=generator)
+    start = 0.0
+    for step in range(TUNE_WARMUP_STEPS + TUNE_STEPS):
+        if step == TUNE_WARMUP_STEPS:
+            start = time.perf_counter()
+        with autocast(device, setup.precision):
+            out = model(x)
+        loss = F.cross_entropy(out.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return (time.perf_counter() - start) / TUNE_STEPS
+
+
+def _memory_format(setup: Setup) -> torch.memory_format:
+    return torch.channels_last if setup.channels_last else torch.contiguous_format
+
+
 def autocast(device: torch.device, precision: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
@@ -162,17 +296,21 @@ def train(
     background: float | None = None,
     precision: str = "auto",
     compile: bool = False,
+    channels_last: bool | None = None,
 ) -> TrainResult:
     """Train for config.epochs; `on_epoch` sees every epoch's result and the model (to evaluate
     more), and may raise to stop early (the search's pruner does). `background` is the normalized
     value of a blank pixel. `precision` "bf16" runs forward passes under bf16 autocast (weights and
-    optimizer stay fp32); the same seed, device and precision give the same numbers."""
+    optimizer stay fp32); "auto" and `channels_last` None leave the choice to choose_setup. The same
+    seed, device and setup give the same numbers."""
     device = train_x.device
-    precision = resolve_precision(precision, device)
+    tuned = choose_setup(arch, config.batch_size, device, precision) if precision == "auto" or channels_last is None else None
+    setup = Setup(tuned.precision if tuned else resolve_precision(precision, device),
+                  tuned.channels_last if channels_last is None else channels_last)
+    precision = setup.precision
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    # channels_last lets oneDNN/cuDNN pick their fast NHWC kernels for these few-channel convs.
-    model = build_model(arch).to(device, memory_format=torch.channels_last)
+    model = build_model(arch).to(device, memory_format=_memory_format(setup))
     optimizer = make_optimizer(model, config)
     # Inductor fuses each BatchNorm+ReLU into the convolution's neighbours; the graph is compiled
     # once per architecture, on the first batch (seconds on CPU, counted in epoch 1's time).
@@ -190,7 +328,7 @@ def train(
     )
     if background is None:
         background = float(train_x.min())
-    result = TrainResult(model)
+    result = TrainResult(model, setup)
     for epoch in range(1, config.epochs + 1):
         model.train()
         start = time.perf_counter()
@@ -271,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         arch, config = load_arch(args.model)
         device = resolve_device(args.device)
-        precision = resolve_precision(args.precision, device)
+        resolve_precision(args.precision, device)  # an impossible precision fails before the data
         root = data.resolve_data_dir(args.data_dir)
         data.prepare(root, progress=not args.quiet)
         split = data.make_split(data.load_mnist(root), "test", args.subset, device)
@@ -281,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     config = replace(config or TrainConfig(), seed=args.seed)
     if args.epochs:
         config = replace(config, epochs=args.epochs)
-    print(f"{args.model}: {count_params(arch):,} params, {config.epochs} epochs on {device}, {precision}"
+    setup = choose_setup(arch, config.batch_size, device, args.precision)
+    print(f"{args.model}: {count_params(arch):,} params, {config.epochs} epochs on {device}, {setup}"
           + (", compiled" if args.compile else ""))
 
     def report(result: EpochResult, model: nn.Module) -> None:
@@ -291,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         train(arch, config, split.train_x, split.train_y, split.eval_x, split.eval_y,
-              on_epoch=report, progress=not args.quiet, precision=precision, compile=args.compile)
+              on_epoch=report, progress=not args.quiet, precision=setup.precision, compile=args.compile,
+              channels_last=setup.channels_last)
     except DivergedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -10,6 +10,15 @@ from nas.data import DATA_DIR_ENV, Mnist, load_mnist, prepare, resolve_data_dir
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trainer's setup cache in a temporary directory, never the user's ~/.cache/nas; worker
+    processes that tests start inherit it through the environment."""
+    path = tmp_path_factory.mktemp("nas-cache")
+    os.environ["NAS_CACHE_DIR"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The prepared MNIST directory: $NAS_DATA_DIR, else data/ at the repository root (whatever the CWD)."""

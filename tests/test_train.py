@@ -4,7 +4,18 @@ import pytest
 import torch
 
 from nas.spec import PRESETS, ArchSpec, BlockSpec, TrainConfig
-from nas.train import DivergedError, augment_batch, bf16_supported, lr_factor, resolve_device, resolve_precision, train
+from nas import train as train_module
+from nas.train import (
+    DivergedError,
+    Setup,
+    augment_batch,
+    bf16_supported,
+    choose_setup,
+    lr_factor,
+    resolve_device,
+    resolve_precision,
+    train,
+)
 
 TINY = ArchSpec(blocks=(BlockSpec((4, 8), padding=1), BlockSpec((8,))), tail=(8,))
 
@@ -138,3 +149,61 @@ def test_bf16_training_is_deterministic_and_keeps_fp32_weights():
 def test_unusable_devices_are_a_clear_error(name):
     with pytest.raises(ValueError, match="device"):
         resolve_device(name)
+
+
+def fake_timings(monkeypatch, ms: dict[tuple[str, bool], float]) -> list:
+    """Replace the step timer with fixed per-setup times; returns the list of setups it timed."""
+    calls = []
+
+    def timed(arch, batch_size, device, setup):
+        calls.append(setup)
+        return ms[(setup.precision, setup.channels_last)] / 1000
+
+    monkeypatch.setattr(train_module, "_time_steps", timed)
+    monkeypatch.setattr(train_module, "_TUNED", {})
+    return calls
+
+
+def test_choose_setup_keeps_fp32_nchw_unless_another_is_clearly_faster(monkeypatch, tmp_path):
+    monkeypatch.setenv("NAS_CACHE_DIR", str(tmp_path))
+    cpu = torch.device("cpu")
+    # Within the 5% margin: the seed's numerics win.
+    fake_timings(monkeypatch, {("fp32", False): 20.0, ("fp32", True): 19.5, ("bf16", False): 19.8, ("bf16", True): 19.2})
+    assert choose_setup(TINY, 64, cpu) == Setup("fp32", False)
+    # Clearly faster: taken.
+    fake_timings(monkeypatch, {("fp32", False): 20.0, ("fp32", True): 30.0, ("bf16", False): 25.0, ("bf16", True): 12.0})
+    (tmp_path / "cpu-setup.json").unlink()
+    expected = Setup("bf16", True) if bf16_supported(cpu) else Setup("fp32", False)
+    assert choose_setup(TINY, 64, cpu) == expected
+
+
+def test_choose_setup_is_measured_once_then_read_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("NAS_CACHE_DIR", str(tmp_path))
+    cpu = torch.device("cpu")
+    calls = fake_timings(monkeypatch, {("fp32", False): 20.0, ("fp32", True): 10.0, ("bf16", False): 30.0, ("bf16", True): 30.0})
+    first = choose_setup(TINY, 64, cpu, "fp32")
+    assert first == Setup("fp32", True)
+    assert {(s.precision, s.channels_last) for s in calls} == {("fp32", False), ("fp32", True)}  # fp32 asked: no bf16
+    timed = len(calls)
+    assert choose_setup(TINY, 64, cpu, "fp32") == first and len(calls) == timed  # this process remembers
+    # A new process (empty memory) reads the file: same answer, nothing timed, even if timings changed.
+    calls = fake_timings(monkeypatch, {("fp32", False): 10.0, ("fp32", True): 20.0, ("bf16", False): 30.0, ("bf16", True): 30.0})
+    assert choose_setup(TINY, 64, cpu, "fp32") == first and calls == []
+    # Another batch size is another measurement.
+    assert choose_setup(TINY, 128, cpu, "fp32") == Setup("fp32", False) and calls
+    # A damaged cache file is measured over, not an error.
+    (tmp_path / "cpu-setup.json").write_text("{not json")
+    fake_timings(monkeypatch, {("fp32", False): 10.0, ("fp32", True): 20.0, ("bf16", False): 30.0, ("bf16", True): 30.0})
+    assert choose_setup(TINY, 64, cpu, "fp32") == Setup("fp32", False)
+
+
+def test_train_uses_and_reports_the_setup_it_was_given():
+    x, y = fake_data()
+    config = TrainConfig(epochs=1, batch_size=64, seed=3)
+    result = train(TINY, config, x, y, x, y, progress=False, precision="fp32", channels_last=True)
+    assert result.setup == Setup("fp32", True)
+    assert next(result.model.parameters()).is_contiguous(memory_format=torch.channels_last)
+    nchw = train(TINY, config, x, y, x, y, progress=False, precision="fp32", channels_last=False)
+    assert nchw.setup == Setup("fp32", False)
+    conv = next(m for m in nchw.model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    assert not conv.weight.is_contiguous(memory_format=torch.channels_last)
