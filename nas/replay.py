@@ -150,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
 
     result = train(arch, train_config, split.train_x, split.train_y, split.eval_x, split.eval_y,
                    on_epoch=report, progress=not args.quiet, precision=setup.precision,
-                   channels_last=setup.channels_last, compile=trial.user_attrs.get("compiled", False))
+                   channels_last=setup.channels_last, compile=trial.user_attrs.get("compiled", False),
+                   # Trials stored before the weight average existed were evaluated without it.
+                   ema=trial.user_attrs.get("ema", False))
     accuracies = [e.eval_acc for e in result.history]
     replayed = score(accuracies, config.score_epochs)
     if args.full_train:

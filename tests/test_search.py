@@ -2,6 +2,7 @@ import hashlib
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from nas import replay, search
@@ -9,6 +10,7 @@ from nas.config import ConfigError, parse_study_config
 from nas.search import epochs_to_target, score
 from nas.space import params_for
 from nas.spec import PRESETS
+from nas.train import Setup
 
 STUDY_FILE = "studies/mnist-8k.toml"
 
@@ -60,6 +62,8 @@ def test_trained_trials_are_under_budget_and_rejected_ones_never_trained(searche
             assert t.user_attrs["params"] < 8000
             assert len(t.user_attrs["epoch_acc"]) == 1
             assert t.user_attrs["weights_artifact"]
+            assert t.user_attrs["ema"] is True  # what replay repeats
+            assert t.user_attrs["precision"] in ("fp32", "bf16") and isinstance(t.user_attrs["channels_last"], bool)
 
 
 def test_replay_reproduces_the_stored_value_exactly(searched, data_dir, capsys, tmp_path):
@@ -162,3 +166,13 @@ def test_a_preset_outside_the_space_is_not_enqueued(tmp_path, data_dir, capsys):
     assert "model3 lies outside this study's search space" in capsys.readouterr().err
     study = optuna.load_study(study_name="narrow", storage=url)
     assert all("preset" not in t.user_attrs for t in study.trials)
+
+
+def test_trials_stored_before_the_setup_attributes_replay_as_they_were_trained():
+    cpu = torch.device("cpu")
+    def frozen(attrs):
+        return optuna.trial.create_trial(value=1.0, user_attrs=attrs)
+
+    assert replay.stored_setup(frozen({}), cpu) == Setup("fp32", False)  # before precision: fp32 NCHW
+    assert replay.stored_setup(frozen({"precision": "fp32"}), cpu) == Setup("fp32", True)  # then channels_last
+    assert replay.stored_setup(frozen({"precision": "fp32", "channels_last": False}), cpu) == Setup("fp32", False)

@@ -1,3 +1,4 @@
+import math
 from dataclasses import replace
 
 import pytest
@@ -8,9 +9,11 @@ from nas import train as train_module
 from nas.train import (
     DivergedError,
     Setup,
+    WeightAverage,
     augment_batch,
     bf16_supported,
     choose_setup,
+    evaluate,
     lr_factor,
     resolve_device,
     resolve_precision,
@@ -207,3 +210,47 @@ def test_train_uses_and_reports_the_setup_it_was_given():
     assert nchw.setup == Setup("fp32", False)
     conv = next(m for m in nchw.model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
     assert not conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_weight_average_follows_the_live_weights_with_warm_up():
+    live = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, bias=False), torch.nn.BatchNorm2d(2))
+    average = WeightAverage(live, batch_size=64)
+    assert average.decay == pytest.approx(math.exp(-64 / 6400))
+    start = live[0].weight.detach().clone()
+    with torch.no_grad():
+        live[0].weight.add_(1.0)
+        live[1].num_batches_tracked += 5
+    average.update()  # step 1: decay min(0.99, 2/11)
+    expected = start + (1 - 2 / 11) * 1.0
+    assert torch.allclose(average.model[0].weight, expected)
+    assert average.model[1].num_batches_tracked.item() == 0  # counters are not averaged
+    assert not average.model[0].weight.requires_grad and live[0].weight.requires_grad
+    for _ in range(2000):
+        average.update()
+    assert torch.allclose(average.model[0].weight, live[0].weight)  # converges to constant weights
+
+
+def test_the_weight_average_changes_what_is_evaluated_not_how_it_trains():
+    x, y = fake_data()
+    config = TrainConfig(epochs=2, batch_size=32, seed=1)
+    averaged = train(TINY, config, x, y, x, y, progress=False, precision="fp32", channels_last=False)
+    last = train(TINY, config, x, y, x, y, progress=False, precision="fp32", channels_last=False, ema=False)
+    assert [e.train_loss for e in averaged.history] == [e.train_loss for e in last.history]
+    assert averaged.history[-1].eval_loss != last.history[-1].eval_loss
+    for result in (averaged, last):  # the returned model is the one the last epoch reported on
+        loss, correct = evaluate(result.model, x, y)
+        assert correct == result.history[-1].eval_correct
+        assert loss == pytest.approx(result.history[-1].eval_loss)
+
+
+def test_short_runs_are_not_measured_for(monkeypatch, tmp_path):
+    monkeypatch.setenv("NAS_CACHE_DIR", str(tmp_path))
+    calls = fake_timings(monkeypatch, {("fp32", False): 20.0, ("fp32", True): 10.0, ("bf16", False): 9.0, ("bf16", True): 8.0})
+    assert choose_setup(TINY, 64, torch.device("cpu"), steps=100) == Setup("fp32", False)
+    assert calls == [] and not (tmp_path / "cpu-setup.json").exists()
+    assert choose_setup(TINY, 64, torch.device("cpu"), steps=10_000) != Setup("fp32", False) and calls
+
+
+def test_a_setup_is_timed_for_real():
+    for setup in (Setup("fp32", False), Setup("fp32", True)):
+        assert 0 < train_module._time_steps(TINY, 8, torch.device("cpu"), setup) < 5
