@@ -133,7 +133,7 @@ class Setup:
 TUNE_WARMUP_STEPS = 3
 TUNE_STEPS = 6
 TUNE_ROUNDS = 2
-TUNE_MARGIN = 0.05  # another setup must beat plain fp32 NCHW (the seed's numerics) by this much
+TUNE_MARGIN = 0.10  # another setup must beat plain fp32 NCHW (the seed's numerics) by this much: more than noise
 # Measuring costs about 2 x 4 x 9 optimizer steps; a run shorter than this can't earn that back
 # (the best setup saves up to ~30% of a step), so it runs as fp32 NCHW unmeasured.
 TUNE_MIN_STEPS = 500
