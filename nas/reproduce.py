@@ -11,7 +11,6 @@ statistic for us too, but also what holds: the mean of the last 3 epochs, over s
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ from nas.train import (
     EpochResult,
     Setup,
     choose_setup,
+    planned_steps,
     resolve_device,
     resolve_precision,
     train,
@@ -332,9 +332,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setups = {}
     for name in models:
-        preset = PRESETS[name]
-        steps = (args.epochs or preset.train.epochs) * math.ceil(len(split.train_x) / preset.train.batch_size)
-        setups[name] = choose_setup(preset.arch, preset.train.batch_size, device, args.precision, steps)
+        config = replace(PRESETS[name].train, epochs=args.epochs or PRESETS[name].train.epochs)
+        setups[name] = choose_setup(PRESETS[name].arch, config.batch_size, device, args.precision,
+                                    planned_steps(config, len(split.train_x)))
     labels = {str(s) for s in setups.values()}
     setup_text = labels.pop() if len(labels) == 1 else "; ".join(f"{model_label(n)} {s}" for n, s in setups.items())
     setup_text += ", weight average evaluated" if args.ema else ", last-step weights evaluated"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import multiprocessing
 import os
 import sys
@@ -39,6 +38,7 @@ from nas.train import (
     DivergedError,
     EpochResult,
     choose_setup,
+    planned_steps,
     resolve_device,
     resolve_precision,
     train,
@@ -227,8 +227,8 @@ class Objective:
         trial.set_user_attr("device", str(self.device))
         trial.set_user_attr("threads", torch.get_num_threads())
         trial.set_user_attr("worker", self.options.worker)
-        steps = train_config.epochs * math.ceil(len(self.split.train_x) / train_config.batch_size)
-        setup = choose_setup(arch, train_config.batch_size, self.device, self.options.precision, steps)
+        setup = choose_setup(arch, train_config.batch_size, self.device, self.options.precision,
+                             planned_steps(train_config, len(self.split.train_x)))
         trial.set_user_attr("precision", setup.precision)
         trial.set_user_attr("channels_last", setup.channels_last)
         trial.set_user_attr("compiled", self.options.compile)

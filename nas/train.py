@@ -149,19 +149,20 @@ def choose_setup(arch: ArchSpec, batch_size: int, device: torch.device, precisio
     is kept per process and in a cache file ($NAS_CACHE_DIR, default ~/.cache/nas), so the same
     command on the same machine keeps making the same choice, and so the same numbers. A run of
     fewer than TUNE_MIN_STEPS `steps` is not worth measuring for: it gets the first candidate."""
-    if precision != "auto":
-        precision = resolve_precision(precision, device)
     if device.type != "cpu":
         return Setup(resolve_precision(precision, device), channels_last=True)
-    precisions = ["fp32", "bf16"] if precision == "auto" and bf16_supported(device) else [resolve_precision(precision, device)]
+    if precision == "auto":
+        precisions = ["fp32", "bf16"] if bf16_supported(device) else ["fp32"]
+    else:
+        precisions = [resolve_precision(precision, device)]
     candidates = [Setup(p, cl) for p in precisions for cl in (False, True)]
     if steps is not None and steps < TUNE_MIN_STEPS:
         return candidates[0]
     key = _tuning_key(arch, batch_size, device, precision)
     cached = _TUNED.get(key) or _read_tuning_cache().get(key)
-    if cached is not None:
-        setup = Setup(cached["precision"], cached["channels_last"])
-        if setup in candidates:
+    if isinstance(cached, dict):
+        setup = Setup(cached.get("precision"), cached.get("channels_last"))
+        if setup in candidates:  # anything else in the file is measured over
             _TUNED[key] = cached
             return setup
     seconds = {c: math.inf for c in candidates}
@@ -180,6 +181,11 @@ def choose_setup(arch: ArchSpec, batch_size: int, device: torch.device, precisio
 
 
 _TUNED: dict[str, dict] = {}
+
+
+def planned_steps(config: TrainConfig, images: int) -> int:
+    """Optimizer steps of a whole run on `images` training images (the last batch may be short)."""
+    return config.epochs * math.ceil(images / config.batch_size)
 
 
 def cache_dir() -> Path:
@@ -207,9 +213,10 @@ def cpu_model() -> str:
 
 def _read_tuning_cache() -> dict[str, dict]:
     try:
-        return json.loads((cache_dir() / "cpu-setup.json").read_text())
+        cache = json.loads((cache_dir() / "cpu-setup.json").read_text())
     except (OSError, ValueError):
         return {}  # no cache yet, or one we can't read: measure again
+    return cache if isinstance(cache, dict) else {}
 
 
 def _write_tuning_cache(key: str, entry: dict) -> None:
@@ -350,7 +357,7 @@ def train(
     device = train_x.device
     n = len(train_x)
     steps_per_epoch = math.ceil(n / config.batch_size)
-    tuned = (choose_setup(arch, config.batch_size, device, precision, config.epochs * steps_per_epoch)
+    tuned = (choose_setup(arch, config.batch_size, device, precision, planned_steps(config, n))
              if precision == "auto" or channels_last is None else None)
     setup = Setup(tuned.precision if tuned else resolve_precision(precision, device),
                   tuned.channels_last if channels_last is None else channels_last)
@@ -471,8 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     config = replace(config or TrainConfig(), seed=args.seed)
     if args.epochs:
         config = replace(config, epochs=args.epochs)
-    steps = config.epochs * math.ceil(len(split.train_x) / config.batch_size)
-    setup = choose_setup(arch, config.batch_size, device, args.precision, steps)
+    setup = choose_setup(arch, config.batch_size, device, args.precision, planned_steps(config, len(split.train_x)))
     print(f"{args.model}: {count_params(arch):,} params, {config.epochs} epochs on {device}, {setup}"
           + (", compiled" if args.compile else "") + ("" if args.ema else ", no weight average"))
 

@@ -1,3 +1,4 @@
+import json
 import math
 from dataclasses import replace
 
@@ -195,9 +196,12 @@ def test_choose_setup_is_measured_once_then_read_back(monkeypatch, tmp_path):
     # Another batch size is another measurement.
     assert choose_setup(TINY, 128, cpu, "fp32") == Setup("fp32", False) and calls
     # A damaged cache file is measured over, not an error.
-    (tmp_path / "cpu-setup.json").write_text("{not json")
-    fake_timings(monkeypatch, {("fp32", False): 10.0, ("fp32", True): 20.0, ("bf16", False): 30.0, ("bf16", True): 30.0})
-    assert choose_setup(TINY, 64, cpu, "fp32") == Setup("fp32", False)
+    for damaged in ("{not json", "[1, 2]", json.dumps({key: {"precision": "fp8"} for key in json.loads(
+            (tmp_path / "cpu-setup.json").read_text())})):
+        (tmp_path / "cpu-setup.json").write_text(damaged)
+        calls = fake_timings(monkeypatch, {("fp32", False): 10.0, ("fp32", True): 20.0, ("bf16", False): 30.0,
+                                           ("bf16", True): 30.0})
+        assert choose_setup(TINY, 64, cpu, "fp32") == Setup("fp32", False) and calls
 
 
 def test_train_uses_and_reports_the_setup_it_was_given():
