@@ -176,3 +176,14 @@ def test_trials_stored_before_the_setup_attributes_replay_as_they_were_trained()
     assert replay.stored_setup(frozen({}), cpu) == Setup("fp32", False)  # before precision: fp32 NCHW
     assert replay.stored_setup(frozen({"precision": "fp32"}), cpu) == Setup("fp32", True)  # then channels_last
     assert replay.stored_setup(frozen({"precision": "fp32", "channels_last": False}), cpu) == Setup("fp32", False)
+
+
+def test_workers_auto_is_one_worker_per_cpu_core_on_cpu_and_one_on_a_gpu(capsys):
+    args = search.build_parser().parse_args(["--workers", "auto"])
+    assert args.workers == "auto"
+    assert search.resolve_workers(args.workers, torch.device("cpu")) == search.available_cpus()
+    assert search.resolve_workers("auto", torch.device("cuda")) == 1
+    assert search.resolve_workers(3, torch.device("cpu")) == 3
+    with pytest.raises(SystemExit) as exc:
+        search.build_parser().parse_args(["--workers", "many"])
+    assert exc.value.code == 2 and "--workers" in capsys.readouterr().err
