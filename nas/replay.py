@@ -34,7 +34,8 @@ from nas.space import suggest
 from nas.spec import ArchSpec, TrainConfig, count_params
 from nas.storage import StorageError, default_url, open_storage
 from nas.summary import summary_table
-from nas.train import EpochResult, Setup, epoch_line, evaluate, resolve_device, resolve_precision, train
+from nas.train import (EpochResult, Setup, epoch_line, evaluate, resolve_device, resolve_precision, train,
+                       tune_allocator)
 from nas.cli import ArgumentParser
 
 
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}", file=sys.stderr)
         return 2
 
+    tune_allocator()
     # Same thread count as the search worker, so CPU reductions, and so results, are bit-identical.
     torch.set_num_threads(trial.user_attrs.get("threads", torch.get_num_threads()))
     if is_multi_objective(study):

@@ -34,6 +34,7 @@ from nas.train import (
     resolve_device,
     resolve_precision,
     train,
+    tune_allocator,
 )
 
 LAST_EPOCHS = 3  # "accuracy that holds": the mean of the last 3 epochs, as the search scores it
@@ -330,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         # RuntimeError: torch's word on a device string it can't parse or a GPU that isn't there.
         print(f"error: {first_line(exc)}", file=sys.stderr)
         return 2
+    tune_allocator()
     setups = {}
     for name in models:
         config = replace(PRESETS[name].train, epochs=args.epochs or PRESETS[name].train.epochs)

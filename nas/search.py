@@ -42,6 +42,7 @@ from nas.train import (
     resolve_device,
     resolve_precision,
     train,
+    tune_allocator,
 )
 
 DEFAULT_STUDY_FILE = Path("studies/mnist-8k.toml")
@@ -398,6 +399,7 @@ def artifact_dir_for(storage_url: str) -> Path:
 
 def run_worker(options: RunOptions, config: StudyConfig, split: data.Split | None = None) -> None:
     """One process's share of the search: trials until the study holds options.trials."""
+    tune_allocator()
     if options.threads:
         torch.set_num_threads(options.threads)
     device = resolve_device(options.device)

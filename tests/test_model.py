@@ -29,3 +29,65 @@ def test_dropout_layers_only_when_asked():
     assert not any(isinstance(m, torch.nn.Dropout2d) for m in build_model(spec))
     with_dropout = build_model(ArchSpec(blocks=(BlockSpec((4, 4)),), dropout=0.1))
     assert sum(isinstance(m, torch.nn.Dropout2d) for m in with_dropout) == 2
+
+
+def _batch_norm_pair(channels):
+    from nas.model import BatchNorm2d
+
+    ours, reference = BatchNorm2d(channels), torch.nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        for module in (ours, reference):
+            module.weight.copy_(torch.linspace(0.5, 1.5, channels))
+            module.bias.copy_(torch.linspace(-0.2, 0.3, channels))
+    return ours, reference
+
+
+@pytest.mark.parametrize("shape", [(8, 10, 28, 28), (4, 8, 6, 6), (3, 3, 5, 7)])
+def test_channels_last_batch_norm_matches_pytorch(shape):
+    """The channels-last CPU path gives PyTorch's outputs, gradients and running statistics."""
+    torch.manual_seed(0)
+    ours, reference = _batch_norm_pair(shape[1])
+    x = (torch.randn(shape) * 3 + 1.5).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    results = []
+    for module in (ours, reference):
+        for _ in range(2):  # twice: the running statistics compound
+            xi = x.clone().requires_grad_()
+            out = module(xi)
+            out.backward(grad)
+        results.append((out, xi.grad, module.weight.grad, module.bias.grad))
+    assert type(results[0][0].grad_fn).__name__ == "_ChannelsLastBatchNormBackward"  # the fast path ran
+    assert results[0][0].is_contiguous(memory_format=torch.channels_last)
+    for mine, theirs in zip(*results):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.running_mean, reference.running_mean)
+    torch.testing.assert_close(ours.running_var, reference.running_var)
+    assert ours.num_batches_tracked == reference.num_batches_tracked == 2
+
+
+def test_batch_norm_keeps_pytorch_kernel_where_it_is_fast():
+    """NCHW tensors, eval mode and vector-width channel counts take nn.BatchNorm2d's own path."""
+    for channels, memory_format, training in [(10, torch.contiguous_format, True), (16, torch.channels_last, True),
+                                              (10, torch.channels_last, False)]:
+        ours, _ = _batch_norm_pair(channels)
+        ours.train(training)
+        x = torch.randn(2, channels, 5, 5).contiguous(memory_format=memory_format).requires_grad_()
+        assert type(ours(x).grad_fn).__name__ != "_ChannelsLastBatchNormBackward"
+
+
+def test_models_train_the_same_in_either_memory_format():
+    """A few SGD steps of Model 3 in channels-last (our batch norm) and NCHW (PyTorch's) agree."""
+    torch.manual_seed(0)
+    nchw = build_model(PRESETS["model3"].arch)
+    channels_last = build_model(PRESETS["model3"].arch)
+    channels_last.load_state_dict(nchw.state_dict())
+    channels_last = channels_last.to(memory_format=torch.channels_last)
+    x, y = torch.randn(16, 1, 28, 28), torch.arange(16) % 10
+    for model in (nchw, channels_last):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        for _ in range(3):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    for (name, a), b in zip(nchw.state_dict().items(), channels_last.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
