@@ -177,8 +177,8 @@ def choose_setup(arch: ArchSpec, batch_size: int, device: torch.device, precisio
                  steps: int | None = None) -> Setup:
     """The setup to train `arch` with. On CUDA: bf16 autocast where supported (or `precision`),
     channels_last. On CPU the fastest of {fp32, bf16 where native} x {NCHW, channels_last} differs
-    from one CPU to the next (bf16 and channels_last win on some, lose by 30% on others: BatchNorm
-    over 10 channels is slow in NHWC), so it is measured, as cudnn.benchmark measures convolution
+    from one CPU to the next (bf16 + channels_last won on a 2-core AMD EPYC; on a 2-core Xeon bf16
+    is slower and channels_last wins by ~17%), so it is measured, as cudnn.benchmark measures convolution
     algorithms: a few optimizer steps of this architecture and batch size per candidate. The answer
     is kept per process and in a cache file ($NAS_CACHE_DIR, default ~/.cache/nas), so the same
     command on the same machine keeps making the same choice, and so the same numbers. A run of

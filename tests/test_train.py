@@ -267,22 +267,27 @@ FAULT_PROBE = """
 import resource, torch
 from nas.train import tune_allocator
 print(tune_allocator())
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 def cycle():  # what a training step does: make, use and free megabyte-sized tensors
     a = torch.ones(2 << 20)
     return float((a * 2)[-1])
 for _ in range(5):
     cycle()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+per_cycle = []
 for _ in range(20):
+    before = faults()
     cycle()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+    per_cycle.append(faults() - before)
+print(sum(f > 1000 for f in per_cycle))
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc only")
 def test_tuned_allocator_reuses_freed_memory_without_page_faults():
-    """Each cycle allocates 16 MB (4,096 pages); tuned, they come back from the heap, not the OS."""
+    """Each cycle touches 16 MB (4,096 pages). Tuned, freed blocks are reused: a cycle may touch
+    fresh heap once in a while (the heap moves on), but does not fault its memory back every time."""
     out = subprocess.run([sys.executable, "-c", FAULT_PROBE], capture_output=True, text=True, check=True)
-    tuned, faults = out.stdout.split()
+    tuned, faulting_cycles = out.stdout.split()
     assert tuned == "True"
-    assert float(faults) < 50
+    assert int(faulting_cycles) <= 2
