@@ -6,11 +6,53 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from nas import native
 from nas.spec import ArchSpec, validate
 
 # PyTorch's channels-last BatchNorm kernel on CPU vectorizes across channels; with a channel count
 # that is not a multiple of the vector width it falls back to slow loops.
 CPU_VECTOR_CHANNELS = 16
+# Set on an output of BatchNorm2d(fuse_relu=True) that already went through the ReLU; ReLU passes it on.
+RECTIFIED = "_nas_rectified"
+
+
+class _NativeBatchNorm(torch.autograd.Function):
+    """Training-mode batch norm (then ReLU if `relu`) of a channels-last fp32 CPU tensor in the C
+    kernel of nas/batchnorm.c: two passes over the data each way, where the PyTorch-only path below
+    takes about ten with the ReLU's. Returns the output and the batch mean and biased variance."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, relu):
+        n, c, h, w = x.shape
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+        stats = x.new_empty(3, c)  # mean, biased variance, 1/sqrt(variance + eps)
+        _check(native.library().nas_batchnorm_forward(
+            x.data_ptr(), out.data_ptr(), n * h, w * c, c, weight.data_ptr(), bias.data_ptr(), eps, relu,
+            torch.get_num_threads(), stats[0].data_ptr(), stats[1].data_ptr(), stats[2].data_ptr()))
+        ctx.relu = relu
+        ctx.save_for_backward(x, out if relu else None, weight, stats)
+        mean, var = stats[0], stats[1]
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad, _mean_grad, _var_grad):
+        x, out, weight, stats = ctx.saved_tensors
+        n, c, h, w = x.shape
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_x = torch.empty_like(x, memory_format=torch.channels_last)
+        grad_weight, grad_bias = x.new_empty(2, c)
+        _check(native.library().nas_batchnorm_backward(
+            grad.data_ptr(), out.data_ptr() if ctx.relu else None, x.data_ptr(), grad_x.data_ptr(), n * h, w * c, c,
+            weight.data_ptr(), stats[0].data_ptr(), stats[2].data_ptr(), ctx.relu, torch.get_num_threads(),
+            grad_weight.data_ptr(), grad_bias.data_ptr()))
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+def _check(status: int) -> None:
+    if status:
+        raise MemoryError("out of memory in the BatchNorm kernel")
 
 
 class _ChannelsLastBatchNorm(torch.autograd.Function):
@@ -74,10 +116,21 @@ def _tiled(vectors: torch.Tensor, w: int) -> torch.Tensor:
 
 
 class BatchNorm2d(nn.BatchNorm2d):
-    """nn.BatchNorm2d (same parameters, buffers and numbers) that trains channels-last fp32 CPU
-    tensors with awkward channel counts through _ChannelsLastBatchNorm: for Model 3's 10-channel
-    28x28 layers, forward + backward take 1.0 ms there against 6.5 ms in PyTorch's kernel (2-core
-    Xeon), which is what makes channels-last convolutions (3x faster there) worth having."""
+    """nn.BatchNorm2d (same parameters, buffers and numbers to rounding) that trains channels-last
+    fp32 CPU tensors with awkward channel counts in the C kernel of _NativeBatchNorm, or where that
+    can't be built in _ChannelsLastBatchNorm. PyTorch's channels-last kernel takes 6.5 ms forward +
+    backward for Model 3's 10-channel 28x28 layers (1.0 ms in NCHW, 2-core Xeon); without a faster one
+    channels-last convolutions (3x faster there) would not pay.
+
+    With `fuse_relu` (the module after this one is a ReLU) the kernel applies the ReLU in the same
+    pass and marks its output so that ReLU passes it on; elsewhere the ReLU does its own work."""
+
+    def __init__(self, num_features: int, *args, fuse_relu: bool = False, **kwargs):
+        super().__init__(num_features, *args, **kwargs)
+        self.fuse_relu = fuse_relu
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", fuse_relu=True" if self.fuse_relu else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.track_running_stats and self.affine and self.momentum is not None
@@ -85,7 +138,13 @@ class BatchNorm2d(nn.BatchNorm2d):
                 and x.shape[1] % CPU_VECTOR_CHANNELS and x.is_contiguous(memory_format=torch.channels_last)
                 and not x.is_contiguous()):
             return super().forward(x)
-        out, mean, var = _ChannelsLastBatchNorm.apply(x, self.weight, self.bias, self.eps)
+        # torch.compile can't trace into C; it fuses the PyTorch-only path itself.
+        if native.library() is not None and not torch.compiler.is_compiling():
+            out, mean, var = _NativeBatchNorm.apply(x, self.weight, self.bias, self.eps, self.fuse_relu)
+            if self.fuse_relu:
+                setattr(out, RECTIFIED, True)
+        else:
+            out, mean, var = _ChannelsLastBatchNorm.apply(x, self.weight, self.bias, self.eps)
         count = x.numel() // x.shape[1]
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
@@ -94,11 +153,18 @@ class BatchNorm2d(nn.BatchNorm2d):
         return out
 
 
+class ReLU(nn.ReLU):
+    """nn.ReLU that passes on an input its BatchNorm2d(fuse_relu=True) already rectified."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if getattr(x, RECTIFIED, False) else super().forward(x)
+
+
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, padding: int) -> list[nn.Module]:
     return [
         nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=False),
-        BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
+        BatchNorm2d(out_channels, fuse_relu=True),
+        ReLU(inplace=True),
     ]
 
 

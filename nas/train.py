@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from nas import native
+from nas.cache import cache_dir
 from nas.model import build_model
 from nas.spec import ArchSpec, TrainConfig, count_params
 
@@ -169,8 +171,9 @@ TUNE_MARGIN = 0.10  # another setup must beat plain fp32 NCHW (the seed's numeri
 # (the best setup saves up to ~30% of a step), so it runs as fp32 NCHW unmeasured.
 TUNE_MIN_STEPS = 500
 # Part of the cache key: a cached choice was measured on the code that ran then. Bumped whenever a
-# candidate gets faster or slower by a change here (2: nas.model's channels-last batch norm).
-TUNE_VERSION = 2
+# candidate gets faster or slower by a change here (2: nas.model's channels-last batch norm; 3: its
+# C kernel, nas/batchnorm.c).
+TUNE_VERSION = 3
 
 
 def choose_setup(arch: ArchSpec, batch_size: int, device: torch.device, precision: str = "auto",
@@ -222,16 +225,10 @@ def planned_steps(config: TrainConfig, images: int) -> int:
     return config.epochs * math.ceil(images / config.batch_size)
 
 
-def cache_dir() -> Path:
-    if os.environ.get("NAS_CACHE_DIR"):
-        return Path(os.environ["NAS_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nas"
-
-
 def _tuning_key(arch: ArchSpec, batch_size: int, device: torch.device, precision: str) -> str:
     facts = {"version": TUNE_VERSION, "cpu": cpu_model(),
              "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
-             "allocator_tuned": _allocator_tuned,
+             "allocator_tuned": _allocator_tuned, "native_batchnorm": native.library() is not None,
              "precision": precision, "batch_size": batch_size, "arch": arch.to_dict()}
     return hashlib.sha1(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 

@@ -1,0 +1,175 @@
+/* Training-mode BatchNorm2d, optionally followed by ReLU, of a channels-last float32 CPU tensor.
+
+   The tensor (N, C, H, W) stored channels-last is N*H rows of W*C floats; column j of a row holds
+   channel j % C. Each call makes two passes over the data inside one OpenMP parallel region (the
+   OpenMP runtime PyTorch already loaded): every thread sums its own rows into its own per-column
+   partial sums, one thread folds them to per-channel sums (in double, threads in order, so a given
+   thread count always gives the same numbers), then every thread writes its rows. PyTorch's own
+   kernel makes ~10 passes for the same work once the ReLU's is counted, and is slow for channel
+   counts that are not a multiple of its vector width.
+
+   Built and loaded by nas/native.py; see nas/model.py for the Python side. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+static void row_range(int64_t rows, int thread, int threads, int64_t *first, int64_t *end) {
+    int64_t per = rows / threads, extra = rows % threads;
+    *first = thread * per + (thread < extra ? thread : extra);
+    *end = *first + per + (thread < extra);
+}
+
+/* Per-column sums of a and of a*b over rows [first, end); with mask, a counts only where mask > 0
+   (where the ReLU after the BatchNorm passed its input). */
+static void column_sums(const float *a, const float *b, const float *mask, int64_t first, int64_t end,
+                        int64_t k, float *restrict sum, float *restrict dot) {
+    memset(sum, 0, k * sizeof(float));
+    memset(dot, 0, k * sizeof(float));
+    for (int64_t i = first; i < end; i++) {
+        const float *ar = a + i * k, *br = b + i * k;
+        if (mask) {
+            const float *mr = mask + i * k;
+            for (int64_t j = 0; j < k; j++) {
+                float v = mr[j] <= 0 ? 0.f : ar[j];
+                sum[j] += v;
+                dot[j] += v * br[j];
+            }
+        } else {
+            for (int64_t j = 0; j < k; j++) {
+                sum[j] += ar[j];
+                dot[j] += ar[j] * br[j];
+            }
+        }
+    }
+}
+
+/* The threads' column sums folded to per-channel sums. */
+static void channel_sums(const float *partial, int threads, int64_t k, int64_t c, double *sum, double *dot) {
+    memset(sum, 0, c * sizeof(double));
+    memset(dot, 0, c * sizeof(double));
+    for (int t = 0; t < threads; t++) {
+        const float *s = partial + (int64_t)t * 2 * k, *d = s + k;
+        for (int64_t j = 0; j < k; j++) {
+            sum[j % c] += s[j];
+            dot[j % c] += d[j];
+        }
+    }
+}
+
+/* out = x normalized with the batch statistics, scaled and shifted (then max(., 0) with relu; NaN
+   passes, as in torch.relu). Writes the batch mean, biased variance and 1/sqrt(var + eps) per
+   channel. Returns 0, or 1 if out of memory. */
+int nas_batchnorm_forward(const float *x, float *out, int64_t rows, int64_t k, int64_t c,
+                          const float *weight, const float *bias, double eps, int relu, int threads,
+                          float *mean, float *var, float *rstd) {
+    float *partial = malloc(sizeof(float) * (2 * k * threads + 2 * k));
+    double *sums = malloc(sizeof(double) * 2 * c);
+    if (!partial || !sums) {
+        free(partial);
+        free(sums);
+        return 1;
+    }
+    float *scale = partial + 2 * k * threads, *shift = scale + k;
+    double count = (double)rows * (double)(k / c);
+    #pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num();
+        int64_t first, end;
+        row_range(rows, t, threads, &first, &end);
+        column_sums(x, x, NULL, first, end, k, partial + 2 * k * t, partial + 2 * k * t + k);
+        #pragma omp barrier
+        #pragma omp single
+        {
+            channel_sums(partial, threads, k, c, sums, sums + c);
+            for (int64_t ch = 0; ch < c; ch++) {
+                double m = sums[ch] / count, v = sums[c + ch] / count - m * m;
+                if (v < 0) v = 0;
+                mean[ch] = (float)m;
+                var[ch] = (float)v;
+                rstd[ch] = (float)(1.0 / sqrt(v + eps));
+            }
+            for (int64_t j = 0; j < k; j++) {
+                scale[j] = weight[j % c] * rstd[j % c];
+                shift[j] = bias[j % c] - mean[j % c] * scale[j];
+            }
+        }
+        for (int64_t i = first; i < end; i++) {
+            const float *xr = x + i * k;
+            float *o = out + i * k;
+            if (relu) {
+                for (int64_t j = 0; j < k; j++) {
+                    float v = xr[j] * scale[j] + shift[j];
+                    o[j] = v < 0 ? 0.f : v;
+                }
+            } else {
+                for (int64_t j = 0; j < k; j++) o[j] = xr[j] * scale[j] + shift[j];
+            }
+        }
+    }
+    free(partial);
+    free(sums);
+    return 0;
+}
+
+/* Gradients of nas_batchnorm_forward: grad_x, and per channel grad_weight and grad_bias, from the
+   gradient of its output, its input x, its output out (read only with relu: the ReLU's mask) and the
+   mean and rstd it wrote. Returns 0, or 1 if out of memory. */
+int nas_batchnorm_backward(const float *grad, const float *out, const float *x, float *grad_x, int64_t rows,
+                           int64_t k, int64_t c, const float *weight, const float *mean, const float *rstd,
+                           int relu, int threads, float *grad_weight, float *grad_bias) {
+    float *partial = malloc(sizeof(float) * (2 * k * threads + 3 * k));
+    double *sums = malloc(sizeof(double) * 2 * c);
+    if (!partial || !sums) {
+        free(partial);
+        free(sums);
+        return 1;
+    }
+    float *a = partial + 2 * k * threads, *b = a + k, *offset = b + k;
+    double count = (double)rows * (double)(k / c);
+    const float *mask = relu ? out : NULL;
+    #pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num();
+        int64_t first, end;
+        row_range(rows, t, threads, &first, &end);
+        column_sums(grad, x, mask, first, end, k, partial + 2 * k * t, partial + 2 * k * t + k);
+        #pragma omp barrier
+        #pragma omp single
+        {
+            channel_sums(partial, threads, k, c, sums, sums + c);
+            for (int64_t ch = 0; ch < c; ch++) {
+                /* grad_x = weight*rstd * (g - mean(g) - xhat * mean(g * xhat)), as a*g + b*x + offset */
+                double grad_sum = sums[ch];
+                double grad_dot_xhat = rstd[ch] * (sums[c + ch] - mean[ch] * grad_sum);
+                double ach = (double)weight[ch] * rstd[ch];
+                double bch = -ach * rstd[ch] * grad_dot_xhat / count;
+                double och = -ach * grad_sum / count - bch * mean[ch];
+                grad_weight[ch] = (float)grad_dot_xhat;
+                grad_bias[ch] = (float)grad_sum;
+                for (int64_t j = ch; j < k; j += c) {
+                    a[j] = (float)ach;
+                    b[j] = (float)bch;
+                    offset[j] = (float)och;
+                }
+            }
+        }
+        for (int64_t i = first; i < end; i++) {
+            const float *gr = grad + i * k, *xr = x + i * k;
+            float *d = grad_x + i * k;
+            if (mask) {
+                const float *mr = mask + i * k;
+                for (int64_t j = 0; j < k; j++) {
+                    float g = mr[j] <= 0 ? 0.f : gr[j];
+                    d[j] = g * a[j] + xr[j] * b[j] + offset[j];
+                }
+            } else {
+                for (int64_t j = 0; j < k; j++) d[j] = gr[j] * a[j] + xr[j] * b[j] + offset[j];
+            }
+        }
+    }
+    free(partial);
+    free(sums);
+    return 0;
+}

@@ -1,0 +1,102 @@
+"""Builds and loads nas/batchnorm.c, the CPU kernel behind nas.model.BatchNorm2d's channels-last path.
+
+It is compiled on first use with the system's C compiler ($CC, else Python's, else `cc`) for this
+CPU (-march=native), and kept in the cache directory under a name that hashes the source, the flags,
+the compiler and the CPU, so a home directory shared by different machines holds one build each.
+Without a compiler, on a PyTorch without OpenMP, or with NAS_NATIVE=0, `library()` is None and the
+model uses its PyTorch-only path: same numbers to rounding, slower (README, "Performance")."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import torch
+
+from nas.cache import cache_dir
+
+SOURCE = Path(__file__).with_name("batchnorm.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+DISABLE_ENV = "NAS_NATIVE"
+COMPILE_TIMEOUT = 120  # seconds; a build takes about one on 2 cores
+
+log = logging.getLogger(__name__)
+
+
+def compiler() -> list[str] | None:
+    """The C compiler command, or None if there is none."""
+    command = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+    if not command or shutil.which(command[0]) is None:
+        return None
+    return command
+
+
+def cpu_description() -> str:
+    """What -march=native compiles for: the CPU's model and feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    lines = [line for line in info.splitlines() if line.startswith(("model name", "flags", "Features"))]
+    return "\n".join(dict.fromkeys(lines))
+
+
+def build(command: list[str], target: Path) -> None:
+    """Compiles the kernel to `target`, atomically: concurrent workers may build it at once."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([*command, *FLAGS, str(SOURCE), "-o", temporary], check=True, capture_output=True,
+                       text=True, timeout=COMPILE_TIMEOUT)
+        os.replace(temporary, target)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.nas_batchnorm_forward.argtypes = [pointer, pointer, size, size, size, pointer, pointer, ctypes.c_double,
+                                          flag, flag, pointer, pointer, pointer]
+    lib.nas_batchnorm_backward.argtypes = [pointer, pointer, pointer, pointer, size, size, size, pointer,
+                                           pointer, pointer, flag, flag, pointer, pointer]
+    lib.nas_batchnorm_forward.restype = lib.nas_batchnorm_backward.restype = flag
+    return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, built first if needed; None (after one warning line) where it can't be."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return None
+    if not sys.platform.startswith("linux") or not torch.backends.openmp.is_available():
+        # Elsewhere the kernel would bring an OpenMP runtime of its own next to PyTorch's.
+        return None
+    command = compiler()
+    if command is None:
+        log.warning("nas: no C compiler found (set CC); BatchNorm runs on PyTorch's slower path")
+        return None
+    version = subprocess.run([*command, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), version, cpu_description(),
+                                    platform.machine()]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"batchnorm-{key}.so"
+    try:
+        if not target.exists():
+            build(command, target)
+        return _declare(ctypes.CDLL(str(target)))
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", None) or str(error)
+        log.warning("nas: could not build the BatchNorm kernel (%s); BatchNorm runs on PyTorch's slower path",
+                    detail.strip().splitlines()[-1] if detail.strip() else type(error).__name__)
+        return None
