@@ -117,8 +117,8 @@ def _tiled(vectors: torch.Tensor, w: int) -> torch.Tensor:
 
 class BatchNorm2d(nn.BatchNorm2d):
     """nn.BatchNorm2d (same parameters, buffers and numbers to rounding) that trains channels-last
-    fp32 CPU tensors with awkward channel counts in the C kernel of _NativeBatchNorm, or where that
-    can't be built in _ChannelsLastBatchNorm. PyTorch's channels-last kernel takes 6.5 ms forward +
+    fp32 CPU tensors in the C kernel of _NativeBatchNorm, or where that can't be built and the channel
+    count is awkward, in _ChannelsLastBatchNorm. PyTorch's channels-last kernel takes 6.5 ms forward +
     backward for Model 3's 10-channel 28x28 layers (1.0 ms in NCHW, 2-core Xeon); without a faster one
     channels-last convolutions (3x faster there) would not pay.
 
@@ -135,16 +135,17 @@ class BatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.track_running_stats and self.affine and self.momentum is not None
                 and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
-                and x.shape[1] % CPU_VECTOR_CHANNELS and x.is_contiguous(memory_format=torch.channels_last)
-                and not x.is_contiguous()):
+                and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
             return super().forward(x)
         # torch.compile can't trace into C; it fuses the PyTorch-only path itself.
         if native.library() is not None and not torch.compiler.is_compiling():
             out, mean, var = _NativeBatchNorm.apply(x, self.weight, self.bias, self.eps, self.fuse_relu)
             if self.fuse_relu:
                 setattr(out, RECTIFIED, True)
-        else:
+        elif x.shape[1] % CPU_VECTOR_CHANNELS:
             out, mean, var = _ChannelsLastBatchNorm.apply(x, self.weight, self.bias, self.eps)
+        else:
+            return super().forward(x)
         count = x.numel() // x.shape[1]
         with torch.no_grad():
             self.num_batches_tracked.add_(1)

@@ -62,7 +62,7 @@ def batch_norm_path(request, monkeypatch):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("shape", [(8, 10, 28, 28), (4, 8, 6, 6), (3, 3, 5, 7)])
+@pytest.mark.parametrize("shape", [(8, 10, 28, 28), (4, 8, 6, 6), (3, 3, 5, 7), (5, 16, 6, 6)])
 def test_channels_last_batch_norm_matches_pytorch(shape, threads, batch_norm_path):
     """The channels-last CPU paths give PyTorch's outputs, gradients and running statistics."""
     torch.manual_seed(0)
@@ -81,7 +81,8 @@ def test_channels_last_batch_norm_matches_pytorch(shape, threads, batch_norm_pat
             results.append((out, xi.grad, module.weight.grad, module.bias.grad))
     finally:
         torch.set_num_threads(saved)
-    assert type(results[0][0].grad_fn).__name__ == BACKWARD[batch_norm_path]  # the fast path ran
+    if batch_norm_path == "native" or shape[1] % 16:  # else PyTorch's kernel runs: it is fast there
+        assert type(results[0][0].grad_fn).__name__ == BACKWARD[batch_norm_path]
     assert results[0][0].is_contiguous(memory_format=torch.channels_last)
     for mine, theirs in zip(*results):
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
@@ -125,14 +126,16 @@ def test_fused_relu_passes_nan_on(batch_norm_path):
     assert out[:, 3].isnan().all() and not out[:, 2].isnan().any()
 
 
-def test_batch_norm_keeps_pytorch_kernel_where_it_is_fast():
-    """NCHW tensors, eval mode and vector-width channel counts take nn.BatchNorm2d's own path."""
+def test_batch_norm_keeps_pytorch_kernel_where_it_is_fast(batch_norm_path):
+    """NCHW tensors and eval mode take nn.BatchNorm2d's own path; so do vector-width channel counts
+    when the C kernel is missing."""
     for channels, memory_format, training in [(10, torch.contiguous_format, True), (16, torch.channels_last, True),
                                               (10, torch.channels_last, False)]:
         ours, _ = _batch_norm_pair(channels)
         ours.train(training)
         x = torch.randn(2, channels, 5, 5).contiguous(memory_format=memory_format).requires_grad_()
-        assert type(ours(x).grad_fn).__name__ not in BACKWARD.values()
+        ours_path = batch_norm_path == "native" and training and memory_format == torch.channels_last
+        assert (type(ours(x).grad_fn).__name__ in BACKWARD.values()) == ours_path
 
 
 def test_kernel_is_built_once_and_kept(tmp_path, monkeypatch):
