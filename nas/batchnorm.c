@@ -59,11 +59,14 @@ static void channel_sums(const float *partial, int threads, int64_t k, int64_t c
 }
 
 /* out = x normalized with the batch statistics, scaled and shifted (then max(., 0) with relu; NaN
-   passes, as in torch.relu). Writes the batch mean, biased variance and 1/sqrt(var + eps) per
-   channel. Returns 0, or 1 if out of memory. */
+   passes, as in torch.relu). Writes the batch mean and 1/sqrt(var + eps) per channel (for the
+   backward), and updates the running statistics as nn.BatchNorm2d does: each moves `momentum` of
+   the way to the batch's mean and unbiased variance, and the batch counter goes up by one.
+   Returns 0, or 1 if out of memory. */
 int nas_batchnorm_forward(const float *x, float *out, int64_t rows, int64_t k, int64_t c,
                           const float *weight, const float *bias, double eps, int relu, int threads,
-                          float *mean, float *var, float *rstd) {
+                          float *mean, float *rstd, float *running_mean, float *running_var, double momentum,
+                          int64_t *batches_tracked) {
     float *partial = malloc(sizeof(float) * (2 * k * threads + 2 * k));
     double *sums = malloc(sizeof(double) * 2 * c);
     if (!partial || !sums) {
@@ -87,9 +90,11 @@ int nas_batchnorm_forward(const float *x, float *out, int64_t rows, int64_t k, i
                 double m = sums[ch] / count, v = sums[c + ch] / count - m * m;
                 if (v < 0) v = 0;
                 mean[ch] = (float)m;
-                var[ch] = (float)v;
                 rstd[ch] = (float)(1.0 / sqrt(v + eps));
+                running_mean[ch] += (float)(momentum * (m - running_mean[ch]));
+                running_var[ch] += (float)(momentum * (v * count / (count > 1 ? count - 1 : 1) - running_var[ch]));
             }
+            *batches_tracked += 1;
             for (int64_t j = 0; j < k; j++) {
                 scale[j] = weight[j % c] * rstd[j % c];
                 shift[j] = bias[j % c] - mean[j % c] * scale[j];

@@ -68,7 +68,7 @@ def build(command: list[str], target: Path) -> None:
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.nas_batchnorm_forward.argtypes = [pointer, pointer, size, size, size, pointer, pointer, ctypes.c_double,
-                                          flag, flag, pointer, pointer, pointer]
+                                          flag, flag, pointer, pointer, pointer, pointer, ctypes.c_double, pointer]
     lib.nas_batchnorm_backward.argtypes = [pointer, pointer, pointer, pointer, size, size, size, pointer,
                                            pointer, pointer, flag, flag, pointer, pointer]
     lib.nas_batchnorm_forward.restype = lib.nas_batchnorm_backward.restype = flag
