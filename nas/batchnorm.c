@@ -21,18 +21,17 @@ static void row_range(int64_t rows, int thread, int threads, int64_t *first, int
     *end = *first + per + (thread < extra);
 }
 
-/* Per-column sums of a and of a*b over rows [first, end); with mask, a counts only where mask > 0
-   (where the ReLU after the BatchNorm passed its input). */
-static void column_sums(const float *a, const float *b, const float *mask, int64_t first, int64_t end,
-                        int64_t k, float *restrict sum, float *restrict dot) {
+/* Per-column sums of a and of a*b over rows [first, end); with scale, a counts only where
+   b * scale + shift > 0 (where the ReLU after the BatchNorm passed its input). */
+static void column_sums(const float *a, const float *b, const float *scale, const float *shift, int64_t first,
+                        int64_t end, int64_t k, float *restrict sum, float *restrict dot) {
     memset(sum, 0, k * sizeof(float));
     memset(dot, 0, k * sizeof(float));
     for (int64_t i = first; i < end; i++) {
         const float *ar = a + i * k, *br = b + i * k;
-        if (mask) {
-            const float *mr = mask + i * k;
+        if (scale) {
             for (int64_t j = 0; j < k; j++) {
-                float v = mr[j] <= 0 ? 0.f : ar[j];
+                float v = br[j] * scale[j] + shift[j] <= 0 ? 0.f : ar[j];
                 sum[j] += v;
                 dot[j] += v * br[j];
             }
@@ -55,6 +54,17 @@ static void channel_sums(const float *partial, int threads, int64_t k, int64_t c
             sum[j % c] += s[j];
             dot[j % c] += d[j];
         }
+    }
+}
+
+/* The per-column affine map of the forward: out = x * scale + shift, then the ReLU. The backward
+   recomputes it to find where the ReLU passed, rather than reading the output back (a third of its
+   memory traffic); built with -ffp-contract=off, so both compute the same floats. */
+static void affine_columns(int64_t k, int64_t c, const float *weight, const float *bias, const float *mean,
+                           const float *rstd, float *scale, float *shift) {
+    for (int64_t j = 0; j < k; j++) {
+        scale[j] = weight[j % c] * rstd[j % c];
+        shift[j] = bias[j % c] - mean[j % c] * scale[j];
     }
 }
 
@@ -81,7 +91,7 @@ int nas_batchnorm_forward(const float *x, float *out, int64_t rows, int64_t k, i
         int t = omp_get_thread_num();
         int64_t first, end;
         row_range(rows, t, threads, &first, &end);
-        column_sums(x, x, NULL, first, end, k, partial + 2 * k * t, partial + 2 * k * t + k);
+        column_sums(x, x, NULL, NULL, first, end, k, partial + 2 * k * t, partial + 2 * k * t + k);
         #pragma omp barrier
         #pragma omp single
         {
@@ -95,10 +105,7 @@ int nas_batchnorm_forward(const float *x, float *out, int64_t rows, int64_t k, i
                 running_var[ch] += (float)(momentum * (v * count / (count > 1 ? count - 1 : 1) - running_var[ch]));
             }
             *batches_tracked += 1;
-            for (int64_t j = 0; j < k; j++) {
-                scale[j] = weight[j % c] * rstd[j % c];
-                shift[j] = bias[j % c] - mean[j % c] * scale[j];
-            }
+            affine_columns(k, c, weight, bias, mean, rstd, scale, shift);
         }
         for (int64_t i = first; i < end; i++) {
             const float *xr = x + i * k;
@@ -119,27 +126,28 @@ int nas_batchnorm_forward(const float *x, float *out, int64_t rows, int64_t k, i
 }
 
 /* Gradients of nas_batchnorm_forward: grad_x, and per channel grad_weight and grad_bias, from the
-   gradient of its output, its input x, its output out (read only with relu: the ReLU's mask) and the
-   mean and rstd it wrote. Returns 0, or 1 if out of memory. */
-int nas_batchnorm_backward(const float *grad, const float *out, const float *x, float *grad_x, int64_t rows,
-                           int64_t k, int64_t c, const float *weight, const float *mean, const float *rstd,
-                           int relu, int threads, float *grad_weight, float *grad_bias) {
-    float *partial = malloc(sizeof(float) * (2 * k * threads + 3 * k));
+   gradient of its output, its input x and the mean and rstd it wrote (with relu, the ReLU's mask is
+   recomputed from x). Returns 0, or 1 if out of memory. */
+int nas_batchnorm_backward(const float *grad, const float *x, float *grad_x, int64_t rows, int64_t k, int64_t c,
+                           const float *weight, const float *bias, const float *mean, const float *rstd, int relu,
+                           int threads, float *grad_weight, float *grad_bias) {
+    float *partial = malloc(sizeof(float) * (2 * k * threads + 5 * k));
     double *sums = malloc(sizeof(double) * 2 * c);
     if (!partial || !sums) {
         free(partial);
         free(sums);
         return 1;
     }
-    float *a = partial + 2 * k * threads, *b = a + k, *offset = b + k;
+    float *a = partial + 2 * k * threads, *b = a + k, *offset = b + k, *scale = offset + k, *shift = scale + k;
     double count = (double)rows * (double)(k / c);
-    const float *mask = relu ? out : NULL;
+    affine_columns(k, c, weight, bias, mean, rstd, scale, shift);
+    const float *mask_scale = relu ? scale : NULL;
     #pragma omp parallel num_threads(threads)
     {
         int t = omp_get_thread_num();
         int64_t first, end;
         row_range(rows, t, threads, &first, &end);
-        column_sums(grad, x, mask, first, end, k, partial + 2 * k * t, partial + 2 * k * t + k);
+        column_sums(grad, x, mask_scale, shift, first, end, k, partial + 2 * k * t, partial + 2 * k * t + k);
         #pragma omp barrier
         #pragma omp single
         {
@@ -163,10 +171,9 @@ int nas_batchnorm_backward(const float *grad, const float *out, const float *x, 
         for (int64_t i = first; i < end; i++) {
             const float *gr = grad + i * k, *xr = x + i * k;
             float *d = grad_x + i * k;
-            if (mask) {
-                const float *mr = mask + i * k;
+            if (relu) {
                 for (int64_t j = 0; j < k; j++) {
-                    float g = mr[j] <= 0 ? 0.f : gr[j];
+                    float g = xr[j] * scale[j] + shift[j] <= 0 ? 0.f : gr[j];
                     d[j] = g * a[j] + xr[j] * b[j] + offset[j];
                 }
             } else {

@@ -33,22 +33,22 @@ class _NativeBatchNorm(torch.autograd.Function):
             torch.get_num_threads(), pointer, pointer + c * stats.element_size(), module.running_mean.data_ptr(),
             module.running_var.data_ptr(), module.momentum, module.num_batches_tracked.data_ptr()))
         ctx.relu = relu
-        ctx.save_for_backward(x, out if relu else None, weight, stats)
+        ctx.save_for_backward(x, weight, bias, stats)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, out, weight, stats = ctx.saved_tensors
+        x, weight, bias, stats = ctx.saved_tensors
         n, c, h, w = x.shape
         grad = grad.contiguous(memory_format=torch.channels_last)
         grad_x = torch.empty_like(x, memory_format=torch.channels_last)
         grad_weight, grad_bias = x.new_empty(2, c)
         pointer = stats.data_ptr()
         _check(native.library().nas_batchnorm_backward(
-            grad.data_ptr(), out.data_ptr() if ctx.relu else None, x.data_ptr(), grad_x.data_ptr(), n * h, w * c, c,
-            weight.data_ptr(), pointer, pointer + c * stats.element_size(), ctx.relu, torch.get_num_threads(),
-            grad_weight.data_ptr(), grad_bias.data_ptr()))
+            grad.data_ptr(), x.data_ptr(), grad_x.data_ptr(), n * h, w * c, c, weight.data_ptr(), bias.data_ptr(),
+            pointer, pointer + c * stats.element_size(), ctx.relu, torch.get_num_threads(), grad_weight.data_ptr(),
+            grad_bias.data_ptr()))
         return grad_x, grad_weight, grad_bias, None, None
 
 

@@ -27,7 +27,9 @@ import torch
 from nas.cache import cache_dir
 
 SOURCE = Path(__file__).with_name("batchnorm.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+# -ffp-contract=off: no fused multiply-adds, so the forward's ReLU test and the backward's
+# recomputation of it round alike (nas/batchnorm.c, affine_columns).
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 DISABLE_ENV = "NAS_NATIVE"
 COMPILE_TIMEOUT = 120  # seconds; a build takes about one on 2 cores
 
@@ -69,7 +71,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.nas_batchnorm_forward.argtypes = [pointer, pointer, size, size, size, pointer, pointer, ctypes.c_double,
                                           flag, flag, pointer, pointer, pointer, pointer, ctypes.c_double, pointer]
-    lib.nas_batchnorm_backward.argtypes = [pointer, pointer, pointer, pointer, size, size, size, pointer,
+    lib.nas_batchnorm_backward.argtypes = [pointer, pointer, pointer, size, size, size, pointer, pointer,
                                            pointer, pointer, flag, flag, pointer, pointer]
     lib.nas_batchnorm_forward.restype = lib.nas_batchnorm_backward.restype = flag
     return lib
