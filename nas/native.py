@@ -67,6 +67,15 @@ def build(command: list[str], target: Path) -> None:
         Path(temporary).unlink(missing_ok=True)
 
 
+def _torch_uses_gnu_openmp() -> bool:
+    """Whether PyTorch's OpenMP runtime is GNU's libgomp, which the kernel (built with gcc -fopenmp or
+    clang against libgomp) then shares, threads and all, instead of loading one of its own."""
+    try:
+        return "libgomp" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.nas_batchnorm_forward.argtypes = [pointer, pointer, size, size, size, pointer, pointer, ctypes.c_double,
@@ -85,15 +94,17 @@ def library() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux") or not torch.backends.openmp.is_available():
         # Elsewhere the kernel would bring an OpenMP runtime of its own next to PyTorch's.
         return None
+    if not _torch_uses_gnu_openmp():
+        return None  # e.g. a build on Intel's or LLVM's OpenMP: two runtimes would fight over the cores
     command = compiler()
     if command is None:
         log.warning("nas: no C compiler found (set CC); BatchNorm runs on PyTorch's slower path")
         return None
-    version = subprocess.run([*command, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), version, cpu_description(),
-                                    platform.machine()]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"batchnorm-{key}.so"
     try:
+        version = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), version, cpu_description(),
+                                        platform.machine()]).encode()).hexdigest()[:16]
+        target = cache_dir() / f"batchnorm-{key}.so"
         if not target.exists():
             build(command, target)
         return _declare(ctypes.CDLL(str(target)))
@@ -102,3 +113,10 @@ def library() -> ctypes.CDLL | None:
         log.warning("nas: could not build the BatchNorm kernel (%s); BatchNorm runs on PyTorch's slower path",
                     detail.strip().splitlines()[-1] if detail.strip() else type(error).__name__)
         return None
+
+
+def disable() -> None:
+    """From now on library() is None, here and in the processes this one starts (replay uses it to
+    train a trial the way it was trained)."""
+    os.environ[DISABLE_ENV] = "0"
+    library.cache_clear()

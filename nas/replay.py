@@ -19,7 +19,7 @@ import torch
 from optuna.trial import FixedTrial, FrozenTrial, TrialState
 from torch import nn
 
-from nas import data
+from nas import data, native
 from nas.config import StudyConfig
 from nas.search import (
     best_trial,
@@ -49,6 +49,19 @@ def stored_setup(trial: FrozenTrial, device: torch.device) -> Setup:
     attrs = trial.user_attrs
     precision = resolve_precision(attrs.get("precision", "fp32"), device)
     return Setup(precision, attrs.get("channels_last", "precision" in attrs))
+
+
+def match_batchnorm_kernel(trial: FrozenTrial) -> str | None:
+    """Makes this process run BatchNorm on the code the trial ran on (nas.model: the C kernel, or
+    the PyTorch-only path where that could not be built), whose sums round differently; returns a
+    note where that can't be done. Trials stored before this attribute existed are left alone."""
+    stored = trial.user_attrs.get("batchnorm_kernel")
+    if stored is False and native.library() is not None:
+        native.disable()
+    elif stored and native.library() is None:
+        return ("note: this trial trained with nas's C BatchNorm kernel, which can't be built here; "
+                "the replay rounds differently and won't be bit for bit")
+    return None
 
 
 def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
@@ -132,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     tune_allocator()
+    if device.type == "cpu" and (note := match_batchnorm_kernel(trial)):
+        print(note, file=sys.stderr)
     # Same thread count as the search worker, so CPU reductions, and so results, are bit-identical.
     torch.set_num_threads(trial.user_attrs.get("threads", torch.get_num_threads()))
     if is_multi_objective(study):

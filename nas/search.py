@@ -26,7 +26,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-from nas import data
+from nas import data, native
 from nas.cli import ArgumentParser, positive_int
 from nas.config import ConfigError, StudyConfig, load_study_config
 from nas.space import SpaceConfig, params_for, suggest
@@ -233,6 +233,8 @@ class Objective:
         trial.set_user_attr("precision", setup.precision)
         trial.set_user_attr("channels_last", setup.channels_last)
         trial.set_user_attr("compiled", self.options.compile)
+        if self.device.type == "cpu":  # which BatchNorm code ran (nas.model): replay repeats it
+            trial.set_user_attr("batchnorm_kernel", native.library() is not None)
         trial.set_user_attr("ema", self.options.ema)
         trial.set_user_attr("subset", self.options.subset)
         accuracies: list[float] = []

@@ -5,7 +5,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from nas import replay, search
+from nas import native, replay, search
 from nas.config import ConfigError, parse_study_config
 from nas.search import epochs_to_target, score
 from nas.space import params_for
@@ -64,6 +64,7 @@ def test_trained_trials_are_under_budget_and_rejected_ones_never_trained(searche
             assert t.user_attrs["weights_artifact"]
             assert t.user_attrs["ema"] is True  # what replay repeats
             assert t.user_attrs["precision"] in ("fp32", "bf16") and isinstance(t.user_attrs["channels_last"], bool)
+            assert t.user_attrs["batchnorm_kernel"] is (native.library() is not None)
 
 
 def test_replay_reproduces_the_stored_value_exactly(searched, data_dir, capsys, tmp_path):
@@ -187,3 +188,17 @@ def test_workers_auto_is_one_worker_per_cpu_core_on_cpu_and_one_on_a_gpu(capsys)
     with pytest.raises(SystemExit) as exc:
         search.build_parser().parse_args(["--workers", "many"])
     assert exc.value.code == 2 and "--workers" in capsys.readouterr().err
+
+
+def test_replay_runs_batch_norm_on_the_code_the_trial_ran_on(monkeypatch):
+    monkeypatch.setenv(native.DISABLE_ENV, "1")  # restored after the test; the library's cache is cleared below
+    try:
+        trial = optuna.trial.create_trial(value=1.0, user_attrs={"batchnorm_kernel": False})
+        assert replay.match_batchnorm_kernel(trial) is None
+        assert native.library() is None  # PyTorch-only path, as trained
+        older = optuna.trial.create_trial(value=1.0, user_attrs={})
+        assert replay.match_batchnorm_kernel(older) is None
+        with_kernel = optuna.trial.create_trial(value=1.0, user_attrs={"batchnorm_kernel": True})
+        assert "can't be built here" in replay.match_batchnorm_kernel(with_kernel)
+    finally:
+        native.library.cache_clear()
