@@ -109,9 +109,11 @@ def library() -> ctypes.CDLL | None:
             build(command, target)
         return _declare(ctypes.CDLL(str(target)))
     except (OSError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", None) or str(error)
+        lines = (getattr(error, "stderr", None) or str(error)).strip().splitlines()
+        # The compiler's first error says why; its last line is often just "compilation terminated."
+        reason = next((line for line in lines if "error" in line), lines[-1] if lines else type(error).__name__)
         log.warning("nas: could not build the BatchNorm kernel (%s); BatchNorm runs on PyTorch's slower path",
-                    detail.strip().splitlines()[-1] if detail.strip() else type(error).__name__)
+                    reason.strip())
         return None
 
 
