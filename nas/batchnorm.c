@@ -1,7 +1,7 @@
 /* Training-mode BatchNorm2d, optionally followed by ReLU, of a channels-last float32 CPU tensor.
 
    The tensor (N, C, H, W) stored channels-last is N*H rows of W*C floats; column j of a row holds
-   channel j % C. Each call makes two passes over the data inside one OpenMP parallel region (the
+   channel j % C. A training call makes two passes over the data inside one OpenMP parallel region (the
    OpenMP runtime PyTorch already loaded): every thread sums its own rows into its own per-column
    partial sums, one thread folds them to per-channel sums (in double, threads in order, so a given
    thread count always gives the same numbers), then every thread writes its rows. PyTorch's own
@@ -68,6 +68,23 @@ static void affine_columns(int64_t k, int64_t c, const float *weight, const floa
     }
 }
 
+/* Rows [first, end) of out = x * scale + shift, then max(., 0) with relu (NaN passes, as in torch.relu). */
+static void normalize_rows(const float *x, float *out, int64_t first, int64_t end, int64_t k, const float *scale,
+                           const float *shift, int relu) {
+    for (int64_t i = first; i < end; i++) {
+        const float *xr = x + i * k;
+        float *o = out + i * k;
+        if (relu) {
+            for (int64_t j = 0; j < k; j++) {
+                float v = xr[j] * scale[j] + shift[j];
+                o[j] = v < 0 ? 0.f : v;
+            }
+        } else {
+            for (int64_t j = 0; j < k; j++) o[j] = xr[j] * scale[j] + shift[j];
+        }
+    }
+}
+
 /* out = x normalized with the batch statistics, scaled and shifted (then max(., 0) with relu; NaN
    passes, as in torch.relu). Writes the batch mean and 1/sqrt(var + eps) per channel (for the
    backward), and updates the running statistics as nn.BatchNorm2d does: each moves `momentum` of
@@ -107,21 +124,30 @@ int nas_batchnorm_forward(const float *x, float *out, int64_t rows, int64_t k, i
             *batches_tracked += 1;
             affine_columns(k, c, weight, bias, mean, rstd, scale, shift);
         }
-        for (int64_t i = first; i < end; i++) {
-            const float *xr = x + i * k;
-            float *o = out + i * k;
-            if (relu) {
-                for (int64_t j = 0; j < k; j++) {
-                    float v = xr[j] * scale[j] + shift[j];
-                    o[j] = v < 0 ? 0.f : v;
-                }
-            } else {
-                for (int64_t j = 0; j < k; j++) o[j] = xr[j] * scale[j] + shift[j];
-            }
-        }
+        normalize_rows(x, out, first, end, k, scale, shift, relu);
     }
     free(partial);
     free(sums);
+    return 0;
+}
+
+/* Evaluation-mode BatchNorm (then ReLU with relu): out = x normalized with the running statistics,
+   scaled and shifted, in one pass. Returns 0, or 1 if out of memory. */
+int nas_batchnorm_inference(const float *x, float *out, int64_t rows, int64_t k, int64_t c, const float *weight,
+                            const float *bias, const float *running_mean, const float *running_var, double eps,
+                            int relu, int threads) {
+    float *rstd = malloc(sizeof(float) * (c + 2 * k));
+    if (!rstd) return 1;
+    float *scale = rstd + c, *shift = scale + k;
+    for (int64_t ch = 0; ch < c; ch++) rstd[ch] = (float)(1.0 / sqrt((double)running_var[ch] + eps));
+    affine_columns(k, c, weight, bias, running_mean, rstd, scale, shift);
+    #pragma omp parallel num_threads(threads)
+    {
+        int64_t first, end;
+        row_range(rows, omp_get_thread_num(), threads, &first, &end);
+        normalize_rows(x, out, first, end, k, scale, shift, relu);
+    }
+    free(rstd);
     return 0;
 }
 

@@ -82,7 +82,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
                                           flag, flag, pointer, pointer, pointer, pointer, ctypes.c_double, pointer]
     lib.nas_batchnorm_backward.argtypes = [pointer, pointer, pointer, size, size, size, pointer, pointer,
                                            pointer, pointer, flag, flag, pointer, pointer]
+    lib.nas_batchnorm_inference.argtypes = [pointer, pointer, size, size, size, pointer, pointer, pointer, pointer,
+                                            ctypes.c_double, flag, flag]
     lib.nas_batchnorm_forward.restype = lib.nas_batchnorm_backward.restype = flag
+    lib.nas_batchnorm_inference.restype = flag
     return lib
 
 

@@ -132,6 +132,30 @@ def test_fused_relu_passes_nan_on(batch_norm_path):
     assert out[:, 3].isnan().all() and not out[:, 2].isnan().any()
 
 
+@pytest.mark.parametrize("fuse_relu", [False, True])
+def test_evaluation_matches_pytorch(fuse_relu, batch_norm_path):
+    """Eval mode without autograd (as nas.train evaluates) gives nn.BatchNorm2d's (+ ReLU's) output."""
+    from nas.model import RECTIFIED, ReLU
+
+    torch.manual_seed(0)
+    ours, reference = _batch_norm_pair(10, fuse_relu=fuse_relu)
+    with torch.no_grad():
+        for module in (ours, reference):
+            module.running_mean.copy_(torch.linspace(-1, 1, 10))
+            module.running_var.copy_(torch.linspace(0.5, 2, 10))
+    ours.eval(), reference.eval()
+    x = (torch.randn(4, 10, 7, 7) * 2).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        normalized = ours(x)
+        out = ReLU()(normalized)
+        expected = torch.relu(reference(x))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert getattr(normalized, RECTIFIED, False) == (fuse_relu and batch_norm_path == "native")
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    with_grad = ours(x.clone().requires_grad_())  # eval mode with autograd: PyTorch's own kernel
+    assert with_grad.grad_fn is not None and not getattr(with_grad, RECTIFIED, False)
+
+
 def test_batch_norm_keeps_pytorch_kernel_where_it_is_fast(batch_norm_path):
     """NCHW tensors and eval mode take nn.BatchNorm2d's own path; so do vector-width channel counts
     when the C kernel is missing."""
