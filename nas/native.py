@@ -3,7 +3,7 @@
 It is compiled on first use with the system's C compiler ($CC, else Python's, else `cc`) for this
 CPU (-march=native), and kept in the cache directory under a name that hashes the source, the flags,
 the compiler and the CPU, so a home directory shared by different machines holds one build each.
-Without a compiler, on a PyTorch without OpenMP, or with NAS_NATIVE=0, `library()` is None and the
+Without a compiler, off Linux, on a PyTorch not built on GNU OpenMP, or with NAS_NATIVE=0, `library()` is None and the
 model uses its PyTorch-only path: same numbers to rounding, slower (README, "Performance")."""
 
 from __future__ import annotations
@@ -70,6 +70,8 @@ def build(command: list[str], target: Path) -> None:
 def _torch_uses_gnu_openmp() -> bool:
     """Whether PyTorch's OpenMP runtime is GNU's libgomp, which the kernel (built with gcc -fopenmp or
     clang against libgomp) then shares, threads and all, instead of loading one of its own."""
+    if not sys.platform.startswith("linux") or not torch.backends.openmp.is_available():
+        return False
     try:
         return "libgomp" in Path("/proc/self/maps").read_text()
     except OSError:
@@ -94,11 +96,10 @@ def library() -> ctypes.CDLL | None:
     """The loaded kernel, built first if needed; None (after one warning line) where it can't be."""
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return None
-    if not sys.platform.startswith("linux") or not torch.backends.openmp.is_available():
-        # Elsewhere the kernel would bring an OpenMP runtime of its own next to PyTorch's.
-        return None
     if not _torch_uses_gnu_openmp():
-        return None  # e.g. a build on Intel's or LLVM's OpenMP: two runtimes would fight over the cores
+        # Off Linux, or a PyTorch on Intel's or LLVM's OpenMP (or none): the kernel would bring a
+        # runtime of its own, and two would fight over the cores.
+        return None
     command = compiler()
     if command is None:
         log.warning("nas: no C compiler found (set CC); BatchNorm runs on PyTorch's slower path")
