@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from nas import data
 from nas.cli import ArgumentParser, non_negative_int, positive_int
 from nas.model import build_model
-from nas.search import finished_trials, trial_counts
+from nas.trials import finished_trials, trial_counts
 from nas.spec import PRESETS, ArchSpec, TrainConfig, count_params
 from nas.storage import open_storage
 from nas.train import (PRECISIONS, Setup, choose_setup, cpu_model, resolve_device, resolve_precision, train,

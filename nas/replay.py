@@ -21,7 +21,7 @@ from torch import nn
 
 from nas import data, native
 from nas.config import StudyConfig
-from nas.search import (
+from nas.trials import (
     best_trial,
     checkpoint,
     config_from_study,

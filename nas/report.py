@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial
 
 from nas.cli import ArgumentParser, positive_int
-from nas.search import (
+from nas.trials import (
     is_multi_objective,
     pareto_trials,
     ranked_trials,
@@ -31,8 +31,6 @@ from nas.storage import StorageError, default_url, open_storage
 
 DEFAULT_STUDY = "mnist-8k"
 ACCURACY_LABEL = "validation accuracy (%)"
-
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 class ReportError(RuntimeError):
@@ -213,6 +211,19 @@ def index_markdown(study: optuna.Study, url: str, sections: list[Section], top: 
     return "\n".join(lines)
 
 
+def figure_sections(study: optuna.Study, save) -> list[Section]:
+    sections = [Section("Optimization history", save(history_figure(study), "optimization_history.png"),
+                        "Validation accuracy of every completed trial in the order they ran.")]
+    fig, text = importance_figure(study)
+    sections.append(Section("Parameter importances", save(fig, "param_importances.png") if fig else None, text))
+    fig, text = intermediate_figure(study)
+    sections.append(Section("Intermediate values", save(fig, "intermediate_values.png") if fig else None, text))
+    sections.append(Section("Accuracy against parameters", save(pareto_figure(study), "pareto.png"),
+                            "Every completed trial; the red points are the Pareto front "
+                            "(higher accuracy, fewer parameters)."))
+    return sections
+
+
 def write_report(study: optuna.Study, url: str, out: Path, top: int = 10) -> list[Path]:
     """Every PNG and the index.md, in `out`; returns the paths written."""
     import matplotlib.pyplot as plt
@@ -230,15 +241,10 @@ def write_report(study: optuna.Study, url: str, out: Path, top: int = 10) -> lis
         written.append(path)
         return name
 
-    sections.append(Section("Optimization history", save(history_figure(study), "optimization_history.png"),
-                            "Validation accuracy of every completed trial in the order they ran."))
-    fig, text = importance_figure(study)
-    sections.append(Section("Parameter importances", save(fig, "param_importances.png") if fig else None, text))
-    fig, text = intermediate_figure(study)
-    sections.append(Section("Intermediate values", save(fig, "intermediate_values.png") if fig else None, text))
-    sections.append(Section("Accuracy against parameters", save(pareto_figure(study), "pareto.png"),
-                            "Every completed trial; the red points are the Pareto front "
-                            "(higher accuracy, fewer parameters)."))
+    with warnings.catch_warnings():
+        # Optuna's matplotlib plots are marked experimental; the figures are what the user asked for.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sections += figure_sections(study, save)
     index = out / "index.md"
     index.write_text(index_markdown(study, url, sections, top))
     written.append(index)

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 
 from nas import data
 from nas.cli import ArgumentParser, positive_int
-from nas.search import TARGET_ACCURACY, epochs_to_target, score
+from nas.trials import TARGET_ACCURACY, epochs_to_target, score
 from nas.spec import PRESETS, count_params
 from nas.train import (
     PRECISIONS,

@@ -10,12 +10,10 @@ Over-budget candidates are never trained and never counted; they are reported ap
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import multiprocessing
-import os
 import sys
 import tempfile
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,15 +21,14 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial, TrialState
-from tqdm import tqdm
+from optuna.trial import TrialState
 
 from nas import data, native
 from nas.cli import ArgumentParser, positive_int
 from nas.config import ConfigError, StudyConfig, load_study_config
-from nas.space import SpaceConfig, params_for, suggest
+from nas.space import params_for, suggest
 from nas.spec import PRESETS, ArchSpec, SpecError, TrainConfig, count_params, receptive_field
-from nas.storage import StorageError, default_url, journal_path, open_storage, sqlite_path
+from nas.storage import StorageError, artifact_dir_for, default_url, open_storage
 from nas.summary import summary_table
 from nas.train import (
     PRECISIONS,
@@ -44,13 +41,11 @@ from nas.train import (
     train,
     tune_allocator,
 )
+from nas.trials import (checkpoint, epochs_to_target, finished_trials, is_multi_objective,
+                        results_table, score, trial_counts)
+from nas.workers import ProgressBar, StopAtTarget, resolve_workers, run_workers, workers_arg
 
 DEFAULT_STUDY_FILE = Path("studies/mnist-8k.toml")
-TARGET_ACCURACY = 99.4  # the seed's bar: "consistent 99.4%"
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -74,71 +69,7 @@ class RunOptions:
     artifact_dir: str | None = None  # None: beside the SQLite/journal file, else studies/artifacts
 
 
-# --- pure helpers -------------------------------------------------------------------------------
-
-
-def score(accuracies: list[float], last: int) -> float:
-    """Accuracy that holds: the mean of the last `last` epochs."""
-    tail = accuracies[-last:]
-    return sum(tail) / len(tail)
-
-
-def epochs_to_target(accuracies: list[float], target: float = TARGET_ACCURACY) -> int | None:
-    """First epoch (1-based) from which accuracy stays >= target to the end, or None."""
-    first = None
-    for epoch, acc in enumerate(accuracies, start=1):
-        if acc >= target:
-            first = first or epoch
-        else:
-            first = None
-    return first
-
-
-def is_rejected(trial: FrozenTrial) -> bool:
-    return "rejected" in trial.user_attrs
-
-
-def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Trained trials that count toward --trials."""
-    return [t for t in study.get_trials(deepcopy=False, states=FINISHED) if not is_rejected(t)]
-
-
-def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Completed, in-budget trials, best accuracy (the first objective) first; the smaller one
-    first among equals, so the top trial is always on the accuracy/params Pareto front."""
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not is_rejected(t)]
-    return sorted(done, key=lambda t: (-t.values[0], t.user_attrs.get("params", 0)))
-
-
-def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The most accurate trial; in a two-objective study, the most accurate of the Pareto front."""
-    ranked = ranked_trials(study)
-    return ranked[0] if ranked else None
-
-
-def non_dominated(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the (accuracy, params) points that no other point beats: none is at least as
-    accurate and at most as large while strictly better in one of the two."""
-    return [
-        i for i, (acc, size) in enumerate(points)
-        if not any(a >= acc and p <= size and (a > acc or p < size) for a, p in points)
-    ]
-
-
-def is_multi_objective(study: optuna.Study) -> bool:
-    return len(study.directions) > 1
-
-
-def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The accuracy-up, params-down front of the completed in-budget trials, most accurate first:
-    Optuna's own front for a two-objective study, computed from the params attribute otherwise."""
-    ranked = ranked_trials(study)
-    if is_multi_objective(study):
-        front = {t.number for t in study.best_trials}
-        return [t for t in ranked if t.number in front]
-    sized = [t for t in ranked if "params" in t.user_attrs]
-    keep = non_dominated([(t.values[0], t.user_attrs["params"]) for t in sized])
-    return [sized[i] for i in keep]
+# --- sampler and pruner -------------------------------------------------------------------------
 
 
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
@@ -166,7 +97,11 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
     def for_trial(self, number: int) -> optuna.samplers.TPESampler:
         if self.tpe is None or number != self.number:
             seed = (self.seed * 1_000_003 + number) % 2**32
-            self.number, self.tpe = number, optuna.samplers.TPESampler(seed=seed, **self.tpe_options)
+            with warnings.catch_warnings():
+                # multivariate, group and constant_liar are marked experimental; they are chosen.
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self.tpe = optuna.samplers.TPESampler(seed=seed, **self.tpe_options)
+            self.number = number
         return self.tpe
 
     def infer_relative_search_space(self, study, trial):
@@ -188,15 +123,6 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 def make_sampler(seed: int) -> optuna.samplers.BaseSampler:
     # constant_liar keeps parallel workers from sampling the same point while trials run.
     return TrialSeededSampler(seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=10)
-
-
-def config_from_study(study: optuna.Study) -> StudyConfig:
-    """The study's own copy of its description, stored when it was created."""
-    stored = study.user_attrs["config"]
-    return dataclasses.replace(
-        StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k != "space"}),
-        space=SpaceConfig.from_dict(stored["space"]),
-    )
 
 
 # --- the objective ------------------------------------------------------------------------------
@@ -285,12 +211,6 @@ class Objective:
         trial.set_user_attr("weights_artifact", artifact_id)
 
 
-def checkpoint(arch: ArchSpec, config: TrainConfig, model: torch.nn.Module, extra: dict) -> dict:
-    """A self-describing checkpoint: loadable with weights_only=True and rebuildable without a study."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return {"arch": arch.to_dict(), "train": config.to_dict(), "state_dict": state, **extra}
-
-
 def save_layer_note(trial: optuna.Trial, arch: ArchSpec, config: TrainConfig) -> None:
     """The trial's layer table and config as an optuna-dashboard note."""
     from optuna_dashboard import save_note
@@ -353,50 +273,8 @@ def enqueue_presets(study: optuna.Study, config: StudyConfig, names: tuple[str, 
         study.enqueue_trial(params, user_attrs={"preset": name})
 
 
-class StopAtTarget:
-    """Stops the study once it holds `target` finished trials (every worker checks after each trial)."""
-
-    def __init__(self, target: int):
-        self.target = target
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if len(finished_trials(study)) >= self.target:
-            study.stop()
-
-
-class ProgressBar:
-    """A bar over the study's finished trials that shows the best value so far."""
-
-    def __init__(self, study: optuna.Study, target: int, disable: bool):
-        self.bar = tqdm(total=target, desc="Trials", unit="trial", disable=disable, file=sys.stdout, position=0)
-        self.update(study)
-
-    def update(self, study: optuna.Study, trial: FrozenTrial | None = None) -> None:
-        done = len(finished_trials(study))
-        self.bar.n = min(done, self.bar.total)
-        best = best_trial(study)
-        rejected = sum(1 for t in study.get_trials(deepcopy=False) if is_rejected(t))
-        postfix = {"rejected": rejected}
-        if best is not None:
-            postfix["best"] = f"{best.values[0]:.2f}% (#{best.number})"
-        self.bar.set_postfix(postfix)
-        self.bar.refresh()
-
-    __call__ = update
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 def artifact_dir(options: RunOptions) -> Path:
     return Path(options.artifact_dir) if options.artifact_dir else artifact_dir_for(options.storage)
-
-
-def artifact_dir_for(storage_url: str) -> Path:
-    """Where trial weights are stored: beside a SQLite/journal file, else under studies/."""
-    file = sqlite_path(storage_url) or journal_path(storage_url)
-    base = file.parent if file else Path("studies")
-    return base / "artifacts"
 
 
 def run_worker(options: RunOptions, config: StudyConfig, split: data.Split | None = None) -> None:
@@ -439,95 +317,16 @@ def quiet_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
-def _worker_entry(options: RunOptions, config: StudyConfig) -> None:
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+def _worker_entry(options: RunOptions, config: StudyConfig, worker: int, threads: int) -> None:
+    """One spawned worker process (nas.workers.run_workers)."""
     quiet_optuna()
     try:
-        run_worker(options, config)
+        run_worker(dataclasses.replace(options, worker=worker, threads=threads, quiet=True), config)
     except KeyboardInterrupt:
         sys.exit(130)
 
 
-def run_workers(options: RunOptions, config: StudyConfig, workers: int, study: optuna.Study) -> int:
-    """N processes share the study through its storage; this one only watches and draws the bar."""
-    context = multiprocessing.get_context("spawn")
-    threads = max(1, available_cpus() // workers)
-    procs = [
-        context.Process(target=_worker_entry,
-                        args=(dataclasses.replace(options, worker=i, threads=threads, quiet=True), config))
-        for i in range(workers)
-    ]
-    for p in procs:
-        p.start()
-    bar = ProgressBar(study, options.trials, disable=options.quiet)
-    try:
-        while any(p.is_alive() for p in procs):
-            time.sleep(2)
-            bar.update(study)
-    except KeyboardInterrupt:
-        for p in procs:
-            p.join(timeout=30)
-        raise
-    finally:
-        bar.update(study)
-        bar.close()
-    failed = [f"worker {i} was killed by signal {-p.exitcode}" if p.exitcode < 0
-              else f"worker {i} exited with status {p.exitcode}" for i, p in enumerate(procs) if p.exitcode != 0]
-    if failed:
-        print(f"error: {'; '.join(failed)}", file=sys.stderr)
-    return 1 if failed else 0
-
-
-def workers_arg(text: str) -> int | str:
-    return "auto" if text == "auto" else positive_int(text)
-
-
-def resolve_workers(workers: int | str, device: torch.device) -> int:
-    if workers != "auto":
-        return workers
-    return available_cpus() if device.type == "cpu" else 1
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on: a taskset's or cpuset's share, not the whole machine's."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 # --- reporting ----------------------------------------------------------------------------------
-
-
-def trials_table(trials: list[FrozenTrial]) -> str:
-    """Markdown rows of completed trials, in the order given."""
-    rows = ["| # | val acc (mean last) | params | RF | epochs to 99.4 | optimizer | lr | batch | scheduler | augment |",
-            "|--:|--:|--:|--:|--:|:--|--:|--:|:--|--:|"]
-    for t in trials:
-        cfg = t.user_attrs.get("train", {})
-        rows.append(
-            f"| {t.number} | {t.values[0]:.2f} | {t.user_attrs.get('params', 0):,} | "
-            f"{t.user_attrs.get('receptive_field', '')} | {t.user_attrs.get('epochs_to_99_4') or '-'} | "
-            f"{cfg.get('optimizer', '')} | {cfg.get('lr', 0):.4g} | {cfg.get('batch_size', '')} | "
-            f"{cfg.get('scheduler', '')} | {cfg.get('augment', 0):.2f} |"
-        )
-    return "\n".join(rows)
-
-
-def results_table(study: optuna.Study, top: int = 10) -> str:
-    """The `top` most accurate trials; a two-objective study's whole Pareto front instead."""
-    if is_multi_objective(study):
-        return trials_table(pareto_trials(study))
-    return trials_table(ranked_trials(study)[:top])
-
-
-def trial_counts(study: optuna.Study) -> dict[str, int]:
-    trials = study.get_trials(deepcopy=False)
-    return {
-        "completed": sum(1 for t in trials if t.state == TrialState.COMPLETE),
-        "pruned": sum(1 for t in trials if t.state == TrialState.PRUNED and not is_rejected(t)),
-        "rejected (over budget, never trained)": sum(1 for t in trials if is_rejected(t)),
-        "failed/interrupted": sum(1 for t in trials if t.state == TrialState.FAIL),
-    }
 
 
 def summary_lines(study: optuna.Study, storage_url: str) -> list[str]:
@@ -623,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.workers > 1:
             del split
-            code = run_workers(options, config, args.workers, study)
+            code = run_workers(functools.partial(_worker_entry, options, config), args.workers, study, args.trials,
+                               args.quiet)
         else:
             run_worker(options, config, split)
     except KeyboardInterrupt:

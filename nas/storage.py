@@ -24,8 +24,6 @@ MAX_RETRY = 1
 SQLITE_BUSY_TIMEOUT = 60  # seconds a SQLite writer waits on the lock instead of failing at once
 
 
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
 
 class SQLiteStorage(RDBStorage):
     """RDBStorage for one SQLite file shared by several worker processes.
@@ -105,9 +103,15 @@ def journal_path(url: str) -> Path | None:
     return Path(url[len(prefix) :]) if url.startswith(prefix) else None
 
 
+def artifact_dir_for(storage_url: str) -> Path:
+    """Where trial weights are stored: beside a SQLite/journal file, else under studies/."""
+    file = sqlite_path(storage_url) or journal_path(storage_url)
+    base = file.parent if file else Path("studies")
+    return base / "artifacts"
+
+
 def open_storage(url: str, must_exist: bool = False) -> optuna.storages.BaseStorage:
     """Open `url`; with `must_exist`, refuse to create a new database file (replay, reports)."""
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
     file = sqlite_path(url) or journal_path(url)
     if file is not None:
         if must_exist and not file.is_file():
@@ -116,16 +120,25 @@ def open_storage(url: str, must_exist: bool = False) -> optuna.storages.BaseStor
             raise StorageError(f"{url}: directory {file.parent} does not exist")
     interval, grace = heartbeat_settings()
     try:
-        if journal_path(url) is not None:
-            # Optuna's journal storage has no heartbeat: a killed worker's trial stays RUNNING.
-            return JournalStorage(JournalFileBackend(str(journal_path(url))))
-        heartbeat = {"heartbeat_interval": interval, "grace_period": grace, "heartbeat_stale_trial_callback": retry}
-        database = sqlite_path(url)
-        if database is not None:
-            return created_once(lambda: SQLiteStorage(
-                url, database.with_name(database.name + ".lock"),
-                engine_kwargs={"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}, **heartbeat))
-        return created_once(lambda: RDBStorage(url, **heartbeat))
+        with warnings.catch_warnings():
+            # Optuna marks heartbeats and their retry callback experimental; they are what makes
+            # a killed worker's trial come back, so a user has nothing to act on in the warning.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return _open(url, interval, grace)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StorageError(f"cannot open storage {url}: {reason}") from None
+
+
+def _open(url: str, interval: int, grace: int) -> optuna.storages.BaseStorage:
+    if journal_path(url) is not None:
+        # Optuna's journal storage has no heartbeat: a killed worker's trial stays RUNNING.
+        return JournalStorage(JournalFileBackend(str(journal_path(url))))
+    heartbeat = {"heartbeat_interval": interval, "grace_period": grace,
+                 "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)}
+    database = sqlite_path(url)
+    if database is not None:
+        return created_once(lambda: SQLiteStorage(
+            url, database.with_name(database.name + ".lock"),
+            engine_kwargs={"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}, **heartbeat))
+    return created_once(lambda: RDBStorage(url, **heartbeat))

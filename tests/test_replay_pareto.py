@@ -4,8 +4,8 @@ the report draws it."""
 import optuna
 import pytest
 
-from nas import replay, report, search
-from nas.search import pareto_trials, ranked_trials
+from nas import replay, report, search, trials
+from nas.trials import pareto_trials, ranked_trials
 
 STUDY_FILE = """
 name = "pareto"
@@ -45,7 +45,7 @@ def test_search_creates_a_two_objective_study_with_a_front(pareto_study):
     for a in front:
         for b in completed:
             assert not (b.values[0] >= a.values[0] and b.values[1] <= a.values[1] and b.values != a.values)
-    assert search.best_trial(study).number == front[0].number
+    assert trials.best_trial(study).number == front[0].number
 
 
 def test_search_summary_shows_the_front(pareto_study):

@@ -7,16 +7,12 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
 from nas import report
-from nas.search import non_dominated, pareto_trials, ranked_trials
+from nas.trials import pareto_trials, ranked_trials
+from tests.test_trials import dominates
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DISTRIBUTIONS = {"lr": FloatDistribution(1e-3, 1e-1, log=True), "width": IntDistribution(4, 32)}
 FIGURES = ("optimization_history.png", "param_importances.png", "intermediate_values.png", "pareto.png")
-
-
-def dominates(a, b):
-    """(accuracy, params) a is at least as good as b on both and better on one."""
-    return a[0] >= b[0] and a[1] <= b[1] and a != b
 
 
 def point(trial):
@@ -108,17 +104,6 @@ def test_two_objective_front_is_optunas_and_non_dominated(tmp_path):
     index = (out / "index.md").read_text()
     assert "two-objective study does not prune" in index and not (out / "intermediate_values.png").exists()
     assert table_numbers(index, "Pareto front") == [t.number for t in front]
-
-
-def test_non_dominated_on_random_points_with_ties():
-    rng = random.Random(1)
-    points = [(rng.choice([98.0, 98.5, 99.0, 99.2, 99.4]), rng.choice([2000, 4000, 6000, 7900])) for _ in range(60)]
-    keep = set(non_dominated(points))
-    assert keep
-    for i in keep:
-        assert not any(dominates(q, points[i]) for q in points)
-    for j in set(range(len(points))) - keep:
-        assert any(dominates(points[i], points[j]) for i in keep)
 
 
 def test_importances_are_skipped_with_a_note_below_two_trials(tmp_path):

@@ -5,9 +5,8 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from nas import native, replay, search
+from nas import native, replay, search, trials
 from nas.config import ConfigError, parse_study_config
-from nas.search import epochs_to_target, score
 from nas.space import params_for
 from nas.spec import PRESETS
 from nas.train import Setup
@@ -48,7 +47,7 @@ def test_model3_runs_first_and_only_once(searched):
 
 
 def test_trials_is_the_total_and_reruns_top_up(searched):
-    assert len(search.finished_trials(load(searched[0]))) == 3
+    assert len(trials.finished_trials(load(searched[0]))) == 3
 
 
 def test_trained_trials_are_under_budget_and_rejected_ones_never_trained(searched):
@@ -74,7 +73,7 @@ def test_replay_reproduces_the_stored_value_exactly(searched, data_dir, capsys, 
     printed = capsys.readouterr().out
     assert "difference +0.0000 (identical)" in printed
     model, saved = replay.load_checkpoint(out)
-    assert saved["trial"] == search.best_trial(load(url)).number
+    assert saved["trial"] == trials.best_trial(load(url)).number
     assert sum(p.numel() for p in model.parameters()) == saved["params"]
 
 
@@ -84,7 +83,7 @@ def test_replay_with_another_seed_trains_differently(searched, data_dir, capsys,
     assert replay.main(["--storage", url, "--data-dir", str(data_dir), "--quiet", "--seed", "7"]) == 0
     printed = capsys.readouterr().out
     assert "seed 7 (not the stored seed)" in printed and "(identical)" not in printed
-    best = search.best_trial(load(url)).number
+    best = trials.best_trial(load(url)).number
     assert replay.load_checkpoint(tmp_path / "runs" / f"mnist-8k-trial{best}-seed7.pt")[1]["train"]["seed"] == 7
 
 
@@ -105,7 +104,7 @@ def test_interrupted_trial_is_failed_and_rerun_resumes(tmp_path, data_dir, monke
     assert [t.state for t in study.trials if "rejected" not in t.user_attrs][-1] == TrialState.FAIL
     monkeypatch.setattr(search, "train", real_train)
     assert run_search(url, data_dir, 3) == 0
-    assert len(search.finished_trials(load(url))) == 3
+    assert len(trials.finished_trials(load(url))) == 3
 
 
 @pytest.mark.parametrize("bad", ["0", "-3", "abc"])
@@ -152,12 +151,6 @@ def test_replay_errors_leave_the_database_untouched(searched, tmp_path, data_dir
     assert not missing.exists()
 
 
-def test_score_and_epochs_to_target():
-    assert score([90.0, 99.0, 99.5, 99.6], 3) == pytest.approx(99.3666, abs=1e-3)
-    assert epochs_to_target([99.5, 99.3, 99.4, 99.45]) == 3
-    assert epochs_to_target([99.5, 99.3]) is None
-
-
 def test_a_preset_outside_the_space_is_not_enqueued(tmp_path, data_dir, capsys):
     study_file = tmp_path / "narrow.toml"
     study_file.write_text('name = "narrow"\nbudget = 8000\nepochs = 1\n[space]\nwidth = [4, 12]\n')
@@ -177,17 +170,6 @@ def test_trials_stored_before_the_setup_attributes_replay_as_they_were_trained()
     assert replay.stored_setup(frozen({}), cpu) == Setup("fp32", False)  # before precision: fp32 NCHW
     assert replay.stored_setup(frozen({"precision": "fp32"}), cpu) == Setup("fp32", True)  # then channels_last
     assert replay.stored_setup(frozen({"precision": "fp32", "channels_last": False}), cpu) == Setup("fp32", False)
-
-
-def test_workers_auto_is_one_worker_per_cpu_core_on_cpu_and_one_on_a_gpu(capsys):
-    args = search.build_parser().parse_args(["--workers", "auto"])
-    assert args.workers == "auto"
-    assert search.resolve_workers(args.workers, torch.device("cpu")) == search.available_cpus()
-    assert search.resolve_workers("auto", torch.device("cuda")) == 1
-    assert search.resolve_workers(3, torch.device("cpu")) == 3
-    with pytest.raises(SystemExit) as exc:
-        search.build_parser().parse_args(["--workers", "many"])
-    assert exc.value.code == 2 and "--workers" in capsys.readouterr().err
 
 
 def test_replay_runs_batch_norm_on_the_code_the_trial_ran_on(monkeypatch):

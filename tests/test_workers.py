@@ -13,7 +13,13 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from nas.search import available_cpus, finished_trials, make_sampler
+import pytest
+import torch
+
+from nas import search, workers
+from nas.search import make_sampler
+from nas.trials import finished_trials
+from nas.workers import available_cpus
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STUDY = "mnist-8k"
@@ -128,3 +134,14 @@ def test_a_killed_worker_trial_is_failed_by_heartbeat_and_retried(postgres, data
 
 def _study_exists(storage: optuna.storages.BaseStorage) -> bool:
     return any(s.study_name == STUDY for s in storage.get_all_studies())
+
+
+def test_workers_auto_is_one_worker_per_cpu_core_on_cpu_and_one_on_a_gpu(capsys):
+    args = search.build_parser().parse_args(["--workers", "auto"])
+    assert args.workers == "auto"
+    assert workers.resolve_workers(args.workers, torch.device("cpu")) == workers.available_cpus()
+    assert workers.resolve_workers("auto", torch.device("cuda")) == 1
+    assert workers.resolve_workers(3, torch.device("cpu")) == 3
+    with pytest.raises(SystemExit) as exc:
+        search.build_parser().parse_args(["--workers", "many"])
+    assert exc.value.code == 2 and "--workers" in capsys.readouterr().err
