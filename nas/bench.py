@@ -44,7 +44,8 @@ from nas.model import build_model
 from nas.trials import finished_trials, trial_counts
 from nas.spec import PRESETS, ArchSpec, TrainConfig, count_params
 from nas.storage import open_storage
-from nas.train import (PRECISIONS, Setup, choose_setup, cpu_model, resolve_device, resolve_precision, train,
+from nas.run import BATCHNORM_PATHS, RunRecord
+from nas.train import (PRECISIONS, cpu_model, resolve_device, resolve_precision, resolve_run, train,
                        tune_allocator)
 
 MODEL = "model3"
@@ -198,12 +199,12 @@ def time_seed_style(arch: ArchSpec, config: TrainConfig, dataset: Dataset, batch
 
 
 def time_ours(arch: ArchSpec, config: TrainConfig, split: data.Split, images: int, epoch_images: int,
-              precision: str = "auto", channels_last: bool | None = None) -> Timing:
+              run: RunRecord) -> Timing:
     """One epoch of nas.train.train over the first `images` training images, timed by train itself."""
     # Evaluation runs outside train's timer; one batch of it keeps the wall time down.
-    result = train(arch, replace(config, epochs=1), split.train_x[:images], split.train_y[:images],
-                   split.eval_x[: config.batch_size], split.eval_y[: config.batch_size], progress=False,
-                   precision=precision, channels_last=channels_last)
+    part = data.Split(split.train_x[:images], split.train_y[:images], split.eval_x[: config.batch_size],
+                      split.eval_y[: config.batch_size], split.eval_name)
+    result = train(arch, replace(config, epochs=1), part, run, progress=False)
     epoch = result.history[0]
     return Timing(OURS, epoch.seconds, images, epoch_images, epoch.train_loss, epoch.train_acc)
 
@@ -217,13 +218,12 @@ def _start_ours(threads: int) -> None:
 _SPLIT: dict[tuple, data.Split] = {}  # our process's training data, loaded once
 
 
-def _time_ours_in_process(data_dir: str, device: str, images: int, epoch_images: int, setup: Setup) -> Timing:
-    key = (data_dir, device)
+def _time_ours_in_process(data_dir: str, images: int, epoch_images: int, run: RunRecord) -> Timing:
+    key = (data_dir, run.device)
     if key not in _SPLIT:
-        _SPLIT[key] = data.make_split(data.load_mnist(Path(data_dir)), "test", None, torch.device(device))
+        _SPLIT[key] = data.make_split(data.load_mnist(Path(data_dir)), "test", None, torch.device(run.device))
     preset = PRESETS[MODEL]
-    return time_ours(preset.arch, preset.train, _SPLIT[key], images, epoch_images, setup.precision,
-                     setup.channels_last)
+    return time_ours(preset.arch, preset.train, _SPLIT[key], images, epoch_images, run)
 
 
 def ours_process(threads: int) -> ProcessPoolExecutor:
@@ -312,11 +312,12 @@ def _concurrent_training(device: str, threads: int, images: int, warmup: int, pr
     _start_ours(threads)
     preset = PRESETS[MODEL]
     split = data.make_split(data.load_mnist(Path(data_dir)), "test", images, torch.device(device))
+    run = resolve_run(preset.arch, preset.train, torch.device(device), images, precision)
     # A few untimed batches first, so one-off kernel set-up isn't counted.
-    time_ours(preset.arch, preset.train, split, warmup * preset.train.batch_size, images, precision)
+    time_ours(preset.arch, preset.train, split, warmup * preset.train.batch_size, images, run)
     ready.put(None)
     start.wait()
-    results.put(time_ours(preset.arch, preset.train, split, images, images, precision).seconds)
+    results.put(time_ours(preset.arch, preset.train, split, images, images, run).seconds)
 
 
 def gather(messages: Any, procs: list, what: str) -> list:
@@ -492,6 +493,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="our trainer's precision (default auto: whichever of fp32 and native bf16 measures "
                         "faster here, as the search runs)")
+    parser.add_argument("--batchnorm", default="pytorch", choices=BATCHNORM_PATHS,
+                        help="our trainer's BatchNorm: PyTorch's (default) or nas's C kernel (native)")
     parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
     parser.add_argument("--concurrency", type=concurrency_list,
                         help="also time N Model 3 trainings at once for each N in this list, e.g. 1,2,4,8 "
@@ -540,18 +543,18 @@ def main(argv: list[str] | None = None) -> int:
     warmup = min(args.warmup, batches)
     with ours_process(torch.get_num_threads()) as ours:
         # Ours runs as the trainer would: in the precision and memory format it measures fastest there.
-        setup = ours.submit(choose_setup, arch, config.batch_size, device, args.precision).result()
-        precision = setup.precision
+        run = ours.submit(resolve_run, arch, config, device, images, args.precision, args.batchnorm).result()
+        precision = run.precision
         print(f"{MODEL}: {count_params(arch):,} params, batch {config.batch_size}, Adam lr {config.lr}, "
-              f"on {device} with {torch.get_num_threads()} threads; ours in {setup} (own process, allocator "
+              f"on {device} with {torch.get_num_threads()} threads; ours in {run.describe()} (own process, allocator "
               f"tuned), seed-style in fp32 NCHW with {workers} DataLoader workers")
         print(f"timing {batches} batches per pipeline, best of {args.repeats}, "
               f"after {warmup} warm-up batches each ...", flush=True)
 
         def measure(pipeline: str, count: int) -> Timing:
             if pipeline == OURS:
-                return ours.submit(_time_ours_in_process, str(root), str(device),
-                                   min(count * config.batch_size, images), epoch_images, setup).result()
+                return ours.submit(_time_ours_in_process, str(root), min(count * config.batch_size, images),
+                                   epoch_images, run).result()
             return time_seed_style(arch, config, dataset, count, device, workers)
 
         # Both warm up before either is timed, so neither pays one-off allocation and kernel set-up.
@@ -565,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": MODEL, "params": count_params(arch), "batch_size": config.batch_size, "lr": config.lr,
         "mode": "quick" if args.quick else "full", "batches": batches, "warmup_batches": warmup,
         "repeats": args.repeats, "seed_style_workers": workers, "precision": precision,
-        "channels_last": setup.channels_last,
+        "channels_last": run.channels_last, "batchnorm": run.batchnorm,
     }, runs)
     print(ratio_line(results["ratio"]))
     try:

@@ -128,9 +128,10 @@ class BatchNorm2d(nn.BatchNorm2d):
     With `fuse_relu` (the module after this one is a ReLU) the kernel applies the ReLU in the same
     pass and marks its output so that ReLU passes it on; elsewhere the ReLU does its own work."""
 
-    def __init__(self, num_features: int, *args, fuse_relu: bool = False, **kwargs):
+    def __init__(self, num_features: int, *args, fuse_relu: bool = False, kernel: bool = False, **kwargs):
         super().__init__(num_features, *args, **kwargs)
         self.fuse_relu = fuse_relu
+        self.kernel = kernel
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", fuse_relu=True" if self.fuse_relu else "")
@@ -140,7 +141,7 @@ class BatchNorm2d(nn.BatchNorm2d):
                 and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
             return super().forward(x)
         # torch.compile can't trace into C; it fuses the PyTorch-only path itself.
-        kernel = native.library() is not None and not torch.compiler.is_compiling()
+        kernel = self.kernel and not torch.compiler.is_compiling()
         if not self.training:
             if not (kernel and not torch.is_grad_enabled()):  # the evaluation kernel has no backward
                 return super().forward(x)
@@ -185,28 +186,33 @@ class ReLU(nn.ReLU):
         return x if getattr(x, RECTIFIED, False) else super().forward(x)
 
 
-def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, padding: int) -> list[nn.Module]:
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, padding: int, kernel: bool) -> list[nn.Module]:
     return [
         nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=False),
-        BatchNorm2d(out_channels, fuse_relu=True),
+        BatchNorm2d(out_channels, fuse_relu=True, kernel=kernel),
         ReLU(inplace=True),
     ]
 
 
-def build_model(spec: ArchSpec) -> nn.Sequential:
+def build_model(spec: ArchSpec, batchnorm: str = "pytorch") -> nn.Sequential:
+    """The model of `spec`; batchnorm "native" runs BatchNorm+ReLU in nas's C kernel (raises
+    RuntimeError where it can't be built), "pytorch" never does."""
     validate(spec)
+    kernel = batchnorm == "native"
+    if kernel and native.library() is None:
+        raise RuntimeError("nas's C BatchNorm kernel can't be built here (see the warning above)")
     layers: list[nn.Module] = []
     prev_channels = spec.in_channels
     for index, block in enumerate(spec.blocks):
         if index > 0:
             layers.append(nn.MaxPool2d(2))
         for width in block.widths:
-            layers += conv_bn_relu(prev_channels, width, 3, block.padding)
+            layers += conv_bn_relu(prev_channels, width, 3, block.padding, kernel)
             if spec.dropout > 0:
                 layers.append(nn.Dropout2d(spec.dropout))
             prev_channels = width
     for width in spec.tail:
-        layers += conv_bn_relu(prev_channels, width, 1, 0)
+        layers += conv_bn_relu(prev_channels, width, 1, 0, kernel)
         prev_channels = width
     layers += [
         nn.AdaptiveAvgPool2d(1),

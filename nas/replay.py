@@ -16,57 +16,36 @@ from pathlib import Path
 
 import optuna
 import torch
-from optuna.trial import FixedTrial, FrozenTrial, TrialState
+from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from nas import data, native
-from nas.config import StudyConfig
+from nas import data
+from nas.cli import ArgumentParser
+from nas.run import BATCHNORM_PATHS
 from nas.trials import (
+    ReplayError,
     best_trial,
+    rebuild,
+    stored_run,
     checkpoint,
+    confirmed_best,
     config_from_study,
     epochs_to_target,
     is_multi_objective,
     pareto_trials,
     score,
 )
-from nas.space import suggest
-from nas.spec import ArchSpec, TrainConfig, count_params
+from nas.spec import ArchSpec, count_params
 from nas.storage import StorageError, default_url, open_storage
 from nas.summary import summary_table
-from nas.train import (EpochResult, Setup, epoch_line, evaluate, resolve_device, resolve_precision, train,
-                       tune_allocator)
-from nas.cli import ArgumentParser
-
-
-class ReplayError(RuntimeError):
-    pass
-
-
-def stored_setup(trial: FrozenTrial, device: torch.device) -> Setup:
-    """The precision and memory format the trial trained with. Trials stored before the precision
-    attribute existed trained in fp32 NCHW; before the channels_last one, always channels_last."""
-    attrs = trial.user_attrs
-    precision = resolve_precision(attrs.get("precision", "fp32"), device)
-    return Setup(precision, attrs.get("channels_last", "precision" in attrs))
-
-
-def match_batchnorm_kernel(trial: FrozenTrial) -> str | None:
-    """Makes this process run BatchNorm on the code the trial ran on (nas.model: the C kernel, or
-    the PyTorch-only path where that could not be built), whose sums round differently; returns a
-    note where that can't be done. Trials stored before this attribute existed are left alone."""
-    stored = trial.user_attrs.get("batchnorm_kernel")
-    if stored is False and native.library() is not None:
-        native.disable()
-    elif stored and native.library() is None:
-        return ("note: this trial trained with nas's C BatchNorm kernel, which can't be built here; "
-                "the replay rounds differently and won't be bit for bit")
-    return None
+from nas.train import EpochResult, epoch_line, evaluate, train, tune_allocator
 
 
 def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
-    """Trial `number`, or the most accurate completed one (in a two-objective study, the most
-    accurate of the Pareto front)."""
+    """Trial `number`; else the confirmed best (nas.confirm) where there is one; else the most
+    accurate completed trial (in a two-objective study, the most accurate of the Pareto front)."""
+    if number is None and confirmed_best(study) is not None:
+        number = confirmed_best(study)
     if number is None:
         best = best_trial(study)
         if best is None:
@@ -94,15 +73,6 @@ def front_note(study: optuna.Study, trial: FrozenTrial, picked: bool) -> str:
     return f"note: trial {trial.number} is not on the Pareto front ({size}); front trials: {numbers}"
 
 
-def rebuild(trial: FrozenTrial, config: StudyConfig) -> tuple[ArchSpec, TrainConfig]:
-    """The same space function the search ran, fed the stored params."""
-    stored = trial.user_attrs["train"]
-    arch, train_config = suggest(FixedTrial(trial.params, trial.number), config.space, stored["epochs"], stored["seed"])
-    if arch != ArchSpec.from_dict(trial.user_attrs["arch"]):
-        raise ReplayError(f"trial {trial.number}: the search space no longer rebuilds the stored architecture")
-    return arch, train_config
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m nas.replay", description=__doc__.split("\n\n")[0])
     parser.add_argument("--trial", type=int, help="trial number (default: the best completed trial; "
@@ -115,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                         "how much a result owes to its seed (the stored value is then not expected back)")
     parser.add_argument("--out", type=Path, help="where to save the model (default runs/<study>-trial<N>.pt)")
     parser.add_argument("--device", default=None, help="default: the device the trial ran on, if present")
+    parser.add_argument("--batchnorm", choices=BATCHNORM_PATHS,
+                        help="run BatchNorm on this path instead of the stored one (then not bit for bit)")
     parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -131,13 +103,16 @@ def main(argv: list[str] | None = None) -> int:
         arch, train_config = rebuild(trial, config)
         if args.seed is not None:
             train_config = replace(train_config, seed=args.seed)
-        device = resolve_device(args.device or _stored_device(trial))
-        setup = stored_setup(trial, device)
+        run = stored_run(trial, args.device, args.batchnorm)
+        if args.seed is not None:
+            run = replace(run, seed=args.seed)
+        if args.full_train:
+            run = replace(run, subset=None)
+        device = torch.device(run.device)
         root = data.resolve_data_dir(args.data_dir)
         data.prepare(root, progress=not args.quiet)
         mnist = data.load_mnist(root)
-        subset = None if args.full_train else trial.user_attrs.get("subset")
-        split = data.make_split(mnist, "test" if args.full_train else "valid", subset, device)
+        split = data.make_split(mnist, "test" if args.full_train else "valid", run.subset, device)
         test = data.make_split(mnist, "test", None, device)
     except (ReplayError, StorageError, data.DataError, ValueError, RuntimeError) as exc:
         # RuntimeError: torch's word on a device string it can't parse or a GPU that isn't there.
@@ -145,13 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     tune_allocator()
-    if device.type == "cpu" and (note := match_batchnorm_kernel(trial)):
-        print(note, file=sys.stderr)
-    # Same thread count as the search worker, so CPU reductions, and so results, are bit-identical.
-    torch.set_num_threads(trial.user_attrs.get("threads", torch.get_num_threads()))
+    if run.threads:  # the search worker's thread count: CPU reductions, and so results, depend on it
+        torch.set_num_threads(run.threads)
     if is_multi_objective(study):
         print(front_note(study, trial, picked=args.trial is None))
-    print(f"Replaying trial {trial.number} of study {study.study_name!r} on {device}, {setup}, "
+    print(f"Replaying trial {trial.number} of study {study.study_name!r}: {run.describe()}, "
           f"seed {train_config.seed}" + (" (not the stored seed)" if args.seed is not None else ""))
     print(summary_table(arch))
     test_acc: list[float] = []
@@ -165,11 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print()
 
-    result = train(arch, train_config, split.train_x, split.train_y, split.eval_x, split.eval_y,
-                   on_epoch=report, progress=not args.quiet, precision=setup.precision,
-                   channels_last=setup.channels_last, compile=trial.user_attrs.get("compiled", False),
-                   # Trials stored before the weight average existed were evaluated without it.
-                   ema=trial.user_attrs.get("ema", False))
+    result = train(arch, train_config, split, run, on_epoch=report, progress=not args.quiet)
     accuracies = [e.eval_acc for e in result.history]
     replayed = score(accuracies, config.score_epochs)
     if args.full_train:
@@ -185,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     suffix = ("-full" if args.full_train else "") + ("" if args.seed is None else f"-seed{args.seed}")
     out = args.out or Path("runs") / f"{study.study_name}-trial{trial.number}{suffix}.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint(arch, train_config, result.model,
+    torch.save(checkpoint(arch, train_config, run, result.model,
                           {"study": study.study_name, "trial": trial.number, "params": count_params(arch),
                            "eval_acc": accuracies, "test_acc": test_acc}), out)
     print(f"Saved model (state_dict + spec + training config) to {out}")
@@ -200,11 +169,6 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
     model = build_model(ArchSpec.from_dict(saved["arch"]))
     model.load_state_dict(saved["state_dict"])
     return model, saved
-
-
-def _stored_device(trial: FrozenTrial) -> str:
-    stored = trial.user_attrs.get("device", "cpu")
-    return stored if stored == "cpu" or torch.cuda.is_available() else "cpu"
 
 
 if __name__ == "__main__":

@@ -24,18 +24,8 @@ from nas import data
 from nas.cli import ArgumentParser, positive_int
 from nas.trials import TARGET_ACCURACY, epochs_to_target, score
 from nas.spec import PRESETS, count_params
-from nas.train import (
-    PRECISIONS,
-    DivergedError,
-    EpochResult,
-    Setup,
-    choose_setup,
-    planned_steps,
-    resolve_device,
-    resolve_precision,
-    train,
-    tune_allocator,
-)
+from nas.run import BATCHNORM_PATHS, RunRecord
+from nas.train import PRECISIONS, DivergedError, EpochResult, resolve_device, resolve_precision, resolve_run, train, tune_allocator
 
 LAST_EPOCHS = 3  # "accuracy that holds": the mean of the last 3 epochs, as the search scores it
 DEFAULT_OUT = Path("runs/reproduce")
@@ -154,15 +144,12 @@ def parse_models(text: str) -> tuple[str, ...]:
 # --- training -----------------------------------------------------------------------------------
 
 
-def run_preset(name: str, seed: int, split: data.Split, epochs: int | None, setup: Setup, ema: bool,
-               progress: bool) -> Run:
+def run_preset(name: str, seed: int, split: data.Split, epochs: int | None, run: RunRecord, progress: bool) -> Run:
     """Train preset `name` with its documented config and `seed`, evaluating on split's eval set."""
     preset = PRESETS[name]
     config = replace(preset.train, seed=seed, epochs=epochs or preset.train.epochs)
     start = time.perf_counter()
-    result = train(preset.arch, config, split.train_x, split.train_y, split.eval_x, split.eval_y,
-                   progress=progress, precision=setup.precision, channels_last=setup.channels_last,
-                   ema=ema)
+    result = train(preset.arch, config, split, replace(run, seed=seed), progress=progress)
     return Run(name, seed, count_params(preset.arch), tuple(result.history), time.perf_counter() - start)
 
 
@@ -306,6 +293,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="auto: on CUDA bf16 where supported; on CPU whichever of fp32 and native bf16 "
                         "measures faster")
+    parser.add_argument("--batchnorm", default="pytorch", choices=BATCHNORM_PATHS,
+                        help="native: BatchNorm+ReLU in nas's C kernel on CPU (opt-in; needs a C compiler)")
     parser.add_argument("--no-ema", dest="ema", action="store_false",
                         help="evaluate the weights after the last step, as the seed did, not their moving average")
     parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
@@ -335,10 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     setups = {}
     for name in models:
         config = replace(PRESETS[name].train, epochs=args.epochs or PRESETS[name].train.epochs)
-        setups[name] = choose_setup(PRESETS[name].arch, config.batch_size, device, args.precision,
-                                    planned_steps(config, len(split.train_x)))
-    labels = {str(s) for s in setups.values()}
-    setup_text = labels.pop() if len(labels) == 1 else "; ".join(f"{model_label(n)} {s}" for n, s in setups.items())
+        setups[name] = resolve_run(PRESETS[name].arch, config, device, len(split.train_x), args.precision,
+                                   args.batchnorm, args.ema, subset=args.subset)
+    labels = {s.describe() for s in setups.values()}
+    setup_text = labels.pop() if len(labels) == 1 else "; ".join(f"{model_label(n)} {s.describe()}"
+                                                                 for n, s in setups.items())
     setup_text += ", weight average evaluated" if args.ema else ", last-step weights evaluated"
     settings = Settings(models, tuple(range(args.seeds)), args.epochs, args.subset, str(device), setup_text,
                         torch.get_num_threads(), torch.__version__)
@@ -348,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, (name, seed) in enumerate((m, s) for m in models for s in settings.seeds):
             if not args.quiet:
                 print(f"\n== {model_label(name)}, seed {seed} ({i + 1} of {len(models) * args.seeds}) ==")
-            run = run_preset(name, seed, split, args.epochs, setups[name], args.ema, progress=not args.quiet)
+            run = run_preset(name, seed, split, args.epochs, setups[name], progress=not args.quiet)
             runs.append(run)
             acc, epoch = best_epoch(run.test_acc)
             print(f"{model_label(name)} seed {seed}: best test accuracy {acc:.2f}% (epoch {epoch}), "

@@ -23,24 +23,16 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from nas import data, native
+from nas import data
 from nas.cli import ArgumentParser, positive_int
 from nas.config import ConfigError, StudyConfig, load_study_config
 from nas.space import params_for, suggest
 from nas.spec import PRESETS, ArchSpec, SpecError, TrainConfig, count_params, receptive_field
 from nas.storage import StorageError, artifact_dir_for, default_url, open_storage
 from nas.summary import summary_table
-from nas.train import (
-    PRECISIONS,
-    DivergedError,
-    EpochResult,
-    choose_setup,
-    planned_steps,
-    resolve_device,
-    resolve_precision,
-    train,
-    tune_allocator,
-)
+from nas.export import ExportError, load_export, trial_from_dict
+from nas.run import BATCHNORM_PATHS, RUN_ATTR, RunRecord
+from nas.train import PRECISIONS, DivergedError, EpochResult, resolve_device, resolve_precision, resolve_run, train, tune_allocator
 from nas.trials import (checkpoint, epochs_to_target, finished_trials, is_multi_objective,
                         results_table, score, trial_counts)
 from nas.workers import ProgressBar, StopAtTarget, resolve_workers, run_workers, workers_arg
@@ -66,6 +58,7 @@ class RunOptions:
     precision: str = "auto"  # resolved per trial by nas.train.choose_setup
     compile: bool = False
     ema: bool = True  # evaluate and keep the moving average of the weights (nas.train.WeightAverage)
+    batchnorm: str = "pytorch"  # or "native": nas's C BatchNorm kernel (nas.cpu), opt-in
     artifact_dir: str | None = None  # None: beside the SQLite/journal file, else studies/artifacts
 
 
@@ -150,19 +143,10 @@ class Objective:
         trial.set_user_attr("receptive_field", receptive_field(arch))
         trial.set_user_attr("arch", arch.to_dict())
         trial.set_user_attr("train", train_config.to_dict())
-        trial.set_user_attr("seed", train_config.seed)
-        trial.set_user_attr("device", str(self.device))
-        trial.set_user_attr("threads", torch.get_num_threads())
         trial.set_user_attr("worker", self.options.worker)
-        setup = choose_setup(arch, train_config.batch_size, self.device, self.options.precision,
-                             planned_steps(train_config, len(self.split.train_x)))
-        trial.set_user_attr("precision", setup.precision)
-        trial.set_user_attr("channels_last", setup.channels_last)
-        trial.set_user_attr("compiled", self.options.compile)
-        if self.device.type == "cpu":  # which BatchNorm code ran (nas.model): replay repeats it
-            trial.set_user_attr("batchnorm_kernel", native.library() is not None)
-        trial.set_user_attr("ema", self.options.ema)
-        trial.set_user_attr("subset", self.options.subset)
+        run = resolve_run(arch, train_config, self.device, len(self.split.train_x), self.options.precision,
+                          self.options.batchnorm, self.options.ema, self.options.compile, self.options.subset)
+        trial.set_user_attr(RUN_ATTR, run.to_dict())
         accuracies: list[float] = []
 
         def on_epoch(result: EpochResult, model: torch.nn.Module) -> None:
@@ -176,10 +160,7 @@ class Objective:
                 raise optuna.TrialPruned(f"pruned after epoch {result.epoch}")
 
         try:
-            result = train(arch, train_config, self.split.train_x, self.split.train_y, self.split.eval_x,
-                           self.split.eval_y, on_epoch=on_epoch, progress=not self.options.quiet,
-                           precision=setup.precision, compile=self.options.compile,
-                           channels_last=setup.channels_last, ema=self.options.ema)
+            result = train(arch, train_config, self.split, run, on_epoch=on_epoch, progress=not self.options.quiet)
         except DivergedError as exc:
             trial.set_user_attr("failed_reason", str(exc))
             raise optuna.TrialPruned(str(exc)) from None
@@ -187,7 +168,7 @@ class Objective:
         trial.set_user_attr("best_epoch", max(range(len(accuracies)), key=accuracies.__getitem__) + 1)
         trial.set_user_attr("epochs_to_99_4", epochs_to_target(accuracies))
         trial.set_user_attr("train_seconds", round(result.seconds, 2))
-        self.save_weights(trial, arch, train_config, result.model)
+        self.save_weights(trial, arch, train_config, run, result.model)
         save_layer_note(trial, arch, train_config)
         return (value, float(params)) if self.multi else value
 
@@ -197,7 +178,8 @@ class Objective:
         trial.set_constraint("params_over_budget", over)
         raise optuna.TrialPruned(reason)
 
-    def save_weights(self, trial: optuna.Trial, arch: ArchSpec, config: TrainConfig, model: torch.nn.Module) -> None:
+    def save_weights(self, trial: optuna.Trial, arch: ArchSpec, config: TrainConfig, run: RunRecord,
+                     model: torch.nn.Module) -> None:
         if self.artifact_dir is None:
             return
         from optuna.artifacts import FileSystemArtifactStore, upload_artifact
@@ -206,7 +188,7 @@ class Objective:
         store = FileSystemArtifactStore(str(self.artifact_dir))
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"trial-{trial.number}.pt"
-            torch.save(checkpoint(arch, config, model, {"trial": trial.number}), path)
+            torch.save(checkpoint(arch, config, run, model, {"trial": trial.number}), path)
             artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)
         trial.set_user_attr("weights_artifact", artifact_id)
 
@@ -226,9 +208,10 @@ def save_layer_note(trial: optuna.Trial, arch: ArchSpec, config: TrainConfig) ->
 
 
 def create_or_load(storage: optuna.storages.BaseStorage, options: RunOptions, config: StudyConfig,
-                   enqueue: tuple[str, ...]) -> optuna.Study:
+                   enqueue: tuple[str, ...], warm: dict | None = None) -> optuna.Study:
     """Load the study, or create it and enqueue the presets. Creating is atomic in the storage, so
-    exactly one of several workers starting together enqueues."""
+    exactly one of several workers starting together enqueues. With `warm` (a nas.export export),
+    its trials that fit this study join the history first, once."""
     sampler = make_sampler(options.seed)
     pruner = make_pruner(config.pruner, options.epochs)
     try:
@@ -244,8 +227,42 @@ def create_or_load(storage: optuna.storages.BaseStorage, options: RunOptions, co
                 f"study {options.study!r} exists with objectives for {[d.name.lower() for d in study.directions]}; "
                 f"the study file asks for {config.directions}: use another --study name"
             )
+    if warm is not None and created:
+        added, skipped = warm_start(study, warm, config)
+        print(f"Warm start from study {warm['study']!r}: {added} trials added to the history, "
+              f"{skipped} skipped (outside this study's budget or space)", file=sys.stderr)
     enqueue_presets(study, config, enqueue, fresh=created)
     return study
+
+
+def warm_start(study: optuna.Study, export: dict, config: StudyConfig) -> tuple[int, int]:
+    """Adds the exported trials that this study's space rebuilds to the same architecture within
+    its budget, with this space's distributions, so the sampler starts from them. They are marked
+    `warm_start` and do not count toward --trials. Returns (added, skipped)."""
+    scratch = optuna.create_study(directions=config.directions)  # in memory: records this space's distributions
+    added = []
+    for exported in export["trials"]:
+        stored = trial_from_dict(exported)
+        scratch.enqueue_trial(stored.params)
+        trial = scratch.ask()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # a value outside this space's ranges
+            try:
+                arch, _ = suggest(trial, config.space, config.epochs, 0)
+                fits = count_params(arch) < config.budget
+            except (UserWarning, ValueError, SpecError):
+                fits = False
+        fits = (fits and set(trial.params) == set(stored.params) and "arch" in stored.user_attrs
+                and arch == ArchSpec.from_dict(stored.user_attrs["arch"]) and len(stored.values or ()) in (0, len(config.directions)))
+        scratch.tell(trial, state=TrialState.FAIL)
+        if not fits:
+            continue
+        added.append(optuna.trial.create_trial(
+            state=stored.state, values=stored.values, params=trial.params, distributions=trial.distributions,
+            intermediate_values=stored.intermediate_values,
+            user_attrs={**stored.user_attrs, "warm_start": export["study"]}))
+    study.add_trials(added)
+    return len(added), len(export["trials"]) - len(added)
 
 
 def enqueue_presets(study: optuna.Study, config: StudyConfig, names: tuple[str, ...], fresh: bool) -> None:
@@ -343,6 +360,8 @@ def summary_lines(study: optuna.Study, storage_url: str) -> list[str]:
         lines.append(f"Replay a trial of the front:  {replay} --trial N   (no --trial: its most accurate)")
     else:
         lines.append(f"Replay the best trial:  {replay}")
+        confirm = f"python -m nas.confirm --storage {storage_url} --study {study.study_name}"
+        lines.append(f"Confirm the top 3 against Model 3 over 3 seeds:  {confirm}")
     return lines
 
 
@@ -369,10 +388,15 @@ def build_parser() -> ArgumentParser:
                         help="auto: on CUDA bf16 where supported; on CPU whichever of fp32 and native bf16 "
                         "measures faster for each architecture")
     parser.add_argument("--compile", action="store_true", help="torch.compile each trial's model")
+    parser.add_argument("--batchnorm", default="pytorch", choices=BATCHNORM_PATHS,
+                        help="native: BatchNorm+ReLU in nas's C kernel on CPU (opt-in; needs a C compiler)")
     parser.add_argument("--no-ema", dest="ema", action="store_false",
                         help="evaluate and keep the weights after the last step, not their moving average")
     parser.add_argument("--artifact-dir", help="where trial weights go, shared by all workers "
                         "(default: artifacts/ beside a SQLite or journal file, else studies/artifacts)")
+    parser.add_argument("--warm-start", type=Path, metavar="EXPORT.json",
+                        help="start a new study from a nas.export file: its trials that fit this study's budget "
+                        "and space join the history (they do not count toward --trials)")
     parser.add_argument("--enqueue-all", action="store_true", help="also run the seed's Models 1 and 2 first")
     parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -402,15 +426,16 @@ def main(argv: list[str] | None = None) -> int:
                              subset=args.subset, seed=args.seed, device=args.device,
                              data_dir=str(data.resolve_data_dir(args.data_dir)), timeout=args.timeout,
                              quiet=args.quiet, precision=args.precision, compile=args.compile,
-                             ema=args.ema, artifact_dir=args.artifact_dir)
+                             ema=args.ema, batchnorm=args.batchnorm, artifact_dir=args.artifact_dir)
         data.prepare(Path(options.data_dir), progress=not args.quiet)
         # With several workers each loads its own split; this one only checks --subset, on the CPU,
         # so that the watching process holds no GPU memory.
         split = load_split(options, device if args.workers == 1 else torch.device("cpu"))
         storage = open_storage(storage_url)
         enqueue = tuple(dict.fromkeys(config.enqueue + (("model1", "model2") if args.enqueue_all else ())))
-        study = create_or_load(storage, options, config, enqueue)
-    except (ConfigError, StorageError, data.DataError, ValueError) as exc:
+        warm = load_export(args.warm_start) if args.warm_start else None
+        study = create_or_load(storage, options, config, enqueue, warm)
+    except (ConfigError, StorageError, data.DataError, ExportError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     done = len(finished_trials(study))

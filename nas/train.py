@@ -28,7 +28,9 @@ from tqdm import tqdm
 
 from nas import native
 from nas.cache import cache_dir
+from nas.data import Split
 from nas.model import build_model
+from nas.run import BATCHNORM_PATHS, RunRecord
 from nas.spec import ArchSpec, TrainConfig, count_params
 
 MAX_ROTATION_DEG = 15.0  # at augment=1
@@ -57,7 +59,7 @@ class EpochResult:
 @dataclass
 class TrainResult:
     model: nn.Module
-    setup: Setup
+    run: RunRecord
     history: list[EpochResult] = field(default_factory=list)
 
     @property
@@ -365,46 +367,51 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tu
     return loss_sum.item() / len(images), int(correct.item())
 
 
+def resolve_run(arch: ArchSpec, config: TrainConfig, device: torch.device, images: int, precision: str = "auto",
+                batchnorm: str = "pytorch", weight_average: bool = True, compiled: bool = False,
+                subset: int | None = None) -> RunRecord:
+    """The run record for training `arch` with `config` on `images` images here: precision and
+    memory format as choose_setup picks them (measured on CPU), the rest as asked."""
+    setup = choose_setup(arch, config.batch_size, device, precision, planned_steps(config, images))
+    return RunRecord(device=str(device), threads=torch.get_num_threads() if device.type == "cpu" else None,
+                     precision=setup.precision, memory_format="channels_last" if setup.channels_last else "nchw",
+                     batchnorm=batchnorm, weight_average=weight_average, compiled=compiled, subset=subset,
+                     seed=config.seed)
+
+
 def train(
     arch: ArchSpec,
     config: TrainConfig,
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    eval_x: torch.Tensor,
-    eval_y: torch.Tensor,
+    split: Split,
+    run: RunRecord,
     on_epoch: Callable[[EpochResult, nn.Module], None] | None = None,
     progress: bool = True,
     background: float | None = None,
-    precision: str = "auto",
-    compile: bool = False,
-    channels_last: bool | None = None,
-    ema: bool = True,
 ) -> TrainResult:
-    """Train for config.epochs; `on_epoch` sees every epoch's result and the model (to evaluate
-    more), and may raise to stop early (the search's pruner does). `background` is the normalized
-    value of a blank pixel. `precision` "bf16" runs forward passes under bf16 autocast (weights and
-    optimizer stay fp32); "auto" and `channels_last` None leave the choice to choose_setup. The same
-    seed, device and setup give the same numbers. With `ema` the evaluated and returned model is the
-    moving average of the weights (WeightAverage), else the weights after the last step."""
+    """Train for config.epochs on split.train_x, evaluating on split.eval_x after every epoch, the
+    way `run` says (precision, memory format, BatchNorm path, weight average, compile); the
+    caller has already put the data on the device and set the thread count. `on_epoch` sees every
+    epoch's result and the evaluated model, and may raise to stop early (the search's pruner does).
+    `background` is the normalized value of a blank pixel (default: the data's minimum). The same
+    arguments on the same machine give the same numbers. With run.weight_average the evaluated and
+    returned model is the moving average of the weights (WeightAverage), else the last step's."""
+    train_x, train_y, eval_x, eval_y = split.train_x, split.train_y, split.eval_x, split.eval_y
     device = train_x.device
     n = len(train_x)
     steps_per_epoch = math.ceil(n / config.batch_size)
-    tuned = (choose_setup(arch, config.batch_size, device, precision, planned_steps(config, n))
-             if precision == "auto" or channels_last is None else None)
-    setup = Setup(tuned.precision if tuned else resolve_precision(precision, device),
-                  tuned.channels_last if channels_last is None else channels_last)
-    precision = setup.precision
+    precision = resolve_precision(run.precision, device)
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    model = build_model(arch).to(device, memory_format=_memory_format(setup))
+    memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
+    model = build_model(arch, batchnorm=run.batchnorm).to(device, memory_format=memory_format)
     optimizer = make_optimizer(model, config)
-    average = WeightAverage(model, config.batch_size) if ema else None
+    average = WeightAverage(model, config.batch_size) if run.weight_average else None
     eval_model = average.model if average else model
     # Inductor fuses each BatchNorm+ReLU into the convolution's neighbours; the graph is compiled
     # once per architecture, on the first batch (seconds on CPU, counted in epoch 1's time).
     # On CUDA, "reduce-overhead" also captures CUDA graphs: a tiny net is launch-bound there.
     mode = "reduce-overhead" if device.type == "cuda" else "default"
-    forward = torch.compile(model, dynamic=False, mode=mode) if compile else model
+    forward = torch.compile(model, dynamic=False, mode=mode) if run.compiled else model
     if device.type == "cuda":
         # Shapes are fixed for a whole trial: cuDNN times its algorithms once and keeps the fastest
         # (at the price of bit-exact reruns on GPU; CPU runs stay bit-exact).
@@ -414,7 +421,7 @@ def train(
     )
     if background is None:
         background = float(train_x.min())
-    result = TrainResult(eval_model, setup)
+    result = TrainResult(eval_model, run)
     for epoch in range(1, config.epochs + 1):
         model.train()
         start = time.perf_counter()
@@ -492,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="auto: on CUDA bf16 where supported; on CPU whichever of fp32 and native bf16 "
                         "measures faster")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (costs seconds up front)")
+    parser.add_argument("--batchnorm", default="pytorch", choices=BATCHNORM_PATHS,
+                        help="native: BatchNorm+ReLU in nas's C kernel on CPU (opt-in; built with the C compiler)")
     parser.add_argument("--no-ema", dest="ema", action="store_false",
                         help="evaluate and keep the weights after the last step, not their moving average")
     parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
@@ -511,9 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     config = replace(config or TrainConfig(), seed=args.seed)
     if args.epochs:
         config = replace(config, epochs=args.epochs)
-    setup = choose_setup(arch, config.batch_size, device, args.precision, planned_steps(config, len(split.train_x)))
-    print(f"{args.model}: {count_params(arch):,} params, {config.epochs} epochs on {device}, {setup}"
-          + (", compiled" if args.compile else "") + ("" if args.ema else ", no weight average"))
+    run = resolve_run(arch, config, device, len(split.train_x), args.precision, args.batchnorm, args.ema,
+                      args.compile, args.subset)
+    print(f"{args.model}: {count_params(arch):,} params, {config.epochs} epochs, {run.describe()}")
 
     def report(result: EpochResult, model: nn.Module) -> None:
         print(epoch_line(result, split.eval_name), flush=True)
@@ -521,9 +530,7 @@ def main(argv: list[str] | None = None) -> int:
             print()
 
     try:
-        train(arch, config, split.train_x, split.train_y, split.eval_x, split.eval_y,
-              on_epoch=report, progress=not args.quiet, precision=setup.precision, compile=args.compile,
-              channels_last=setup.channels_last, ema=args.ema)
+        train(arch, config, split, run, on_epoch=report, progress=not args.quiet)
     except DivergedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -5,14 +5,18 @@ bench, confirm, export) takes them from here."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FixedTrial, FrozenTrial, TrialState
 
+from nas import native
 from nas.config import StudyConfig
-from nas.space import SpaceConfig
+from nas.run import RunRecord, record_of
+from nas.space import SpaceConfig, suggest
 from nas.spec import ArchSpec, TrainConfig
+from nas.train import resolve_device, resolve_precision
 
 TARGET_ACCURACY = 99.4  # the seed's bar: "consistent 99.4%"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -40,8 +44,9 @@ def is_rejected(trial: FrozenTrial) -> bool:
 
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Trained trials that count toward --trials."""
-    return [t for t in study.get_trials(deepcopy=False, states=FINISHED) if not is_rejected(t)]
+    """Trials this study trained, which count toward --trials (not those a warm start brought in)."""
+    return [t for t in study.get_trials(deepcopy=False, states=FINISHED)
+            if not is_rejected(t) and "warm_start" not in t.user_attrs]
 
 
 def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -123,7 +128,59 @@ def trial_counts(study: optuna.Study) -> dict[str, int]:
     }
 
 
-def checkpoint(arch: ArchSpec, config: TrainConfig, model: torch.nn.Module, extra: dict) -> dict:
-    """A self-describing checkpoint: loadable with weights_only=True and rebuildable without a study."""
+class ReplayError(RuntimeError):
+    """A stored trial that can't be trained again here, as it was."""
+
+
+def rebuild(trial: FrozenTrial, config: StudyConfig) -> tuple[ArchSpec, TrainConfig]:
+    """The same space function the search ran, fed the stored params."""
+    stored = trial.user_attrs["train"]
+    arch, train_config = suggest(FixedTrial(trial.params, trial.number), config.space, stored["epochs"], stored["seed"])
+    if arch != ArchSpec.from_dict(trial.user_attrs["arch"]):
+        raise ReplayError(f"trial {trial.number}: the search space no longer rebuilds the stored architecture")
+    return arch, train_config
+
+
+def stored_run(trial: FrozenTrial, device: str | None, batchnorm: str | None) -> RunRecord:
+    """The trial's run record, on `device` (default: the stored one, where it exists here) and,
+    if asked, another BatchNorm path. Raises ReplayError where the stored path can't run here."""
+    run = record_of(trial.user_attrs)
+    if device is None:
+        device = run.device if run.device == "cpu" or torch.cuda.is_available() else "cpu"
+    run = replace(run, device=str(resolve_device(device)), batchnorm=batchnorm or run.batchnorm)
+    if run.batchnorm == "native" and not native.available():
+        raise ReplayError(f"trial {trial.number} trained with nas's C BatchNorm kernel, which can't be built "
+                          "here; --batchnorm pytorch replays it on PyTorch's BatchNorm, not bit for bit")
+    resolve_precision(run.precision, torch.device(run.device))
+    return run
+
+
+BASELINE = "model3"  # the hand design every confirmation compares against
+
+
+def confirm_key(prefix: str, label: str, seed: int) -> str:
+    """The study user attribute holding one confirm run ("confirm" on validation, "confirm-test")."""
+    return f"{prefix}:{label}:seed{seed}"
+
+
+def confirm_runs(study: optuna.Study, prefix: str = "confirm") -> dict[str, list[dict]]:
+    """The stored confirm runs by candidate label ("trial<N>" or "model3")."""
+    runs: dict[str, list[dict]] = {}
+    for key, value in sorted(study.user_attrs.items()):
+        if key.startswith(prefix + ":") and isinstance(value, dict):
+            runs.setdefault(value["candidate"], []).append(value)
+    return runs
+
+
+def confirmed_best(study: optuna.Study) -> int | None:
+    """The trial number with the best mean validation score over its confirm runs, if any."""
+    means = {runs[0]["trial"]: sum(r["score"] for r in runs) / len(runs)
+             for label, runs in confirm_runs(study).items() if label != BASELINE and runs[0]["trial"] is not None}
+    return max(means, key=means.__getitem__) if means else None
+
+
+def checkpoint(arch: ArchSpec, config: TrainConfig, run: RunRecord, model: torch.nn.Module, extra: dict) -> dict:
+    """A self-describing checkpoint: loadable with weights_only=True and rebuildable, and retrainable
+    the same way, without a study."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return {"arch": arch.to_dict(), "train": config.to_dict(), "state_dict": state, **extra}
+    return {"arch": arch.to_dict(), "train": config.to_dict(), "run": run.to_dict(), "state_dict": state, **extra}

@@ -5,11 +5,11 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from nas import native, replay, search, trials
+from nas import replay, search, trials
 from nas.config import ConfigError, parse_study_config
 from nas.space import params_for
 from nas.spec import PRESETS
-from nas.train import Setup
+from nas.run import RunRecord
 
 STUDY_FILE = "studies/mnist-8k.toml"
 
@@ -61,9 +61,9 @@ def test_trained_trials_are_under_budget_and_rejected_ones_never_trained(searche
             assert t.user_attrs["params"] < 8000
             assert len(t.user_attrs["epoch_acc"]) == 1
             assert t.user_attrs["weights_artifact"]
-            assert t.user_attrs["ema"] is True  # what replay repeats
-            assert t.user_attrs["precision"] in ("fp32", "bf16") and isinstance(t.user_attrs["channels_last"], bool)
-            assert t.user_attrs["batchnorm_kernel"] is (native.library() is not None)
+            run = RunRecord.from_dict(t.user_attrs["run"])  # what replay repeats
+            assert (run.weight_average, run.batchnorm, run.subset, run.seed) == (True, "pytorch", 256, 0)
+            assert run.threads == torch.get_num_threads() and run.device == "cpu"
 
 
 def test_replay_reproduces_the_stored_value_exactly(searched, data_dir, capsys, tmp_path):
@@ -160,27 +160,3 @@ def test_a_preset_outside_the_space_is_not_enqueued(tmp_path, data_dir, capsys):
     assert "model3 lies outside this study's search space" in capsys.readouterr().err
     study = optuna.load_study(study_name="narrow", storage=url)
     assert all("preset" not in t.user_attrs for t in study.trials)
-
-
-def test_trials_stored_before_the_setup_attributes_replay_as_they_were_trained():
-    cpu = torch.device("cpu")
-    def frozen(attrs):
-        return optuna.trial.create_trial(value=1.0, user_attrs=attrs)
-
-    assert replay.stored_setup(frozen({}), cpu) == Setup("fp32", False)  # before precision: fp32 NCHW
-    assert replay.stored_setup(frozen({"precision": "fp32"}), cpu) == Setup("fp32", True)  # then channels_last
-    assert replay.stored_setup(frozen({"precision": "fp32", "channels_last": False}), cpu) == Setup("fp32", False)
-
-
-def test_replay_runs_batch_norm_on_the_code_the_trial_ran_on(monkeypatch):
-    monkeypatch.setenv(native.DISABLE_ENV, "1")  # restored after the test; the library's cache is cleared below
-    try:
-        trial = optuna.trial.create_trial(value=1.0, user_attrs={"batchnorm_kernel": False})
-        assert replay.match_batchnorm_kernel(trial) is None
-        assert native.library() is None  # PyTorch-only path, as trained
-        older = optuna.trial.create_trial(value=1.0, user_attrs={})
-        assert replay.match_batchnorm_kernel(older) is None
-        with_kernel = optuna.trial.create_trial(value=1.0, user_attrs={"batchnorm_kernel": True})
-        assert "can't be built here" in replay.match_batchnorm_kernel(with_kernel)
-    finally:
-        native.library.cache_clear()

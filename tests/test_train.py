@@ -8,6 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+from nas.data import Split
+from nas.run import RunRecord
 from nas.spec import PRESETS, ArchSpec, BlockSpec, TrainConfig
 from nas import train as train_module
 from nas.train import (
@@ -25,6 +27,11 @@ from nas.train import (
 )
 
 TINY = ArchSpec(blocks=(BlockSpec((4, 8), padding=1), BlockSpec((8,))), tail=(8,))
+
+
+def fit(config: TrainConfig, x: torch.Tensor, y: torch.Tensor, on_epoch=None, **run):
+    """TINY trained on (x, y) and evaluated on the same, the way RunRecord(**run) says."""
+    return train(TINY, config, Split(x, y, x, y, "valid"), RunRecord(**run), on_epoch=on_epoch, progress=False)
 
 
 def torch_schedule(config: TrainConfig, steps_per_epoch: int, scheduler_factory) -> list[float]:
@@ -86,11 +93,11 @@ def fake_data(n=256, seed=0):
 def test_training_is_deterministic_given_a_seed():
     x, y = fake_data()
     config = TrainConfig(epochs=2, batch_size=32, lr=0.01, augment=0.5, label_smoothing=0.05, seed=3)
-    runs = [[e.eval_acc for e in train(TINY, config, x, y, x, y, progress=False).history] for _ in range(2)]
+    runs = [[e.eval_acc for e in fit(config, x, y).history] for _ in range(2)]
     assert runs[0] == runs[1]
-    other = train(TINY, replace(config, seed=4), x, y, x, y, progress=False).history
+    other = fit(replace(config, seed=4), x, y).history
     losses = [e.train_loss for e in other]
-    assert losses != [e.train_loss for e in train(TINY, config, x, y, x, y, progress=False).history]
+    assert losses != [e.train_loss for e in fit(config, x, y).history]
 
 
 def test_callback_sees_every_epoch_and_can_stop_training():
@@ -103,7 +110,7 @@ def test_callback_sees_every_epoch_and_can_stop_training():
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(TINY, TrainConfig(epochs=5, batch_size=64), x, y, x, y, on_epoch=stop_after_two, progress=False)
+        fit(TrainConfig(epochs=5, batch_size=64), x, y, on_epoch=stop_after_two)
     assert seen == [1, 2]
 
 
@@ -111,14 +118,14 @@ def test_divergence_is_reported():
     x, y = fake_data()
     x[0] = float("nan")
     with pytest.raises(DivergedError, match="loss became nan"):
-        train(TINY, TrainConfig(epochs=1, batch_size=256), x, y, x, y, progress=False)
+        fit(TrainConfig(epochs=1, batch_size=256), x, y)
 
 
 @pytest.mark.parametrize("optimizer,scheduler", [("sgd", "step"), ("adam", "onecycle"), ("adam", "none")])
 def test_optimizers_and_schedulers_run(optimizer, scheduler):
     x, y = fake_data()
     config = TrainConfig(epochs=2, batch_size=64, optimizer=optimizer, scheduler=scheduler, step_size=1, lr=0.01)
-    history = train(TINY, config, x, y, x, y, progress=False).history
+    history = fit(config, x, y).history
     assert len(history) == 2 and all(0 <= e.eval_acc <= 100 for e in history)
 
 
@@ -127,8 +134,8 @@ def test_short_training_on_real_mnist_learns(mnist):
 
     split = make_split(mnist, "valid", subset=4000)
     config = replace(PRESETS["model3"].train, epochs=2)
-    history = train(PRESETS["model3"].arch, config, split.train_x, split.train_y, split.eval_x[:2000],
-                    split.eval_y[:2000], progress=False).history
+    split = replace(split, eval_x=split.eval_x[:2000], eval_y=split.eval_y[:2000])
+    history = train(PRESETS["model3"].arch, config, split, RunRecord(), progress=False).history
     assert history[-1].eval_acc > 60.0  # chance is 10%
 
 
@@ -144,9 +151,9 @@ def test_precision_resolution():
 def test_bf16_training_is_deterministic_and_keeps_fp32_weights():
     x, y = fake_data()
     config = TrainConfig(epochs=2, batch_size=64, seed=3)
-    first = train(TINY, config, x, y, x, y, progress=False, precision="bf16")
-    second = train(TINY, config, x, y, x, y, progress=False, precision="bf16")
-    fp32 = train(TINY, config, x, y, x, y, progress=False, precision="fp32")
+    first = fit(config, x, y, precision="bf16")
+    second = fit(config, x, y, precision="bf16")
+    fp32 = fit(config, x, y)
     assert [e.eval_acc for e in first.history] == [e.eval_acc for e in second.history]
     assert [e.train_loss for e in first.history] != [e.train_loss for e in fp32.history]
     assert all(p.dtype == torch.float32 for p in first.model.parameters())
@@ -210,11 +217,11 @@ def test_choose_setup_is_measured_once_then_read_back(monkeypatch, tmp_path):
 def test_train_uses_and_reports_the_setup_it_was_given():
     x, y = fake_data()
     config = TrainConfig(epochs=1, batch_size=64, seed=3)
-    result = train(TINY, config, x, y, x, y, progress=False, precision="fp32", channels_last=True)
-    assert result.setup == Setup("fp32", True)
+    result = fit(config, x, y, memory_format="channels_last")
+    assert result.run.channels_last
     assert next(result.model.parameters()).is_contiguous(memory_format=torch.channels_last)
-    nchw = train(TINY, config, x, y, x, y, progress=False, precision="fp32", channels_last=False)
-    assert nchw.setup == Setup("fp32", False)
+    nchw = fit(config, x, y)
+    assert not nchw.run.channels_last
     conv = next(m for m in nchw.model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
     assert not conv.weight.is_contiguous(memory_format=torch.channels_last)
 
@@ -240,8 +247,8 @@ def test_weight_average_follows_the_live_weights_with_warm_up():
 def test_the_weight_average_changes_what_is_evaluated_not_how_it_trains():
     x, y = fake_data()
     config = TrainConfig(epochs=2, batch_size=32, seed=1)
-    averaged = train(TINY, config, x, y, x, y, progress=False, precision="fp32", channels_last=False)
-    last = train(TINY, config, x, y, x, y, progress=False, precision="fp32", channels_last=False, ema=False)
+    averaged = fit(config, x, y)
+    last = fit(config, x, y, weight_average=False)
     assert [e.train_loss for e in averaged.history] == [e.train_loss for e in last.history]
     assert averaged.history[-1].eval_loss != last.history[-1].eval_loss
     for result in (averaged, last):  # the returned model is the one the last epoch reported on

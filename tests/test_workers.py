@@ -80,7 +80,7 @@ def test_two_workers_on_one_machine_share_a_sqlite_study(tmp_path, data_dir):
     # asserted: that both got one; on a loaded machine the first can finish three tiny trials
     # before the second has imported torch.)
     assert {t.user_attrs.get("worker") for t in trained(study)} <= {0, 1}
-    assert {t.user_attrs.get("threads") for t in trained(study)} == {max(1, available_cpus() // 2)}
+    assert {t.user_attrs["run"]["threads"] for t in trained(study)} == {max(1, available_cpus() // 2)}
 
 
 def test_two_independent_workers_share_a_postgresql_study(postgres, data_dir):

@@ -1,0 +1,215 @@
+"""Finalists confirmed over seeds: the study's top trials and Model 3, each re-trained with fresh
+seeds, so that the winner is picked on more than one run's luck.
+
+    python -m nas.confirm                 # top 3 and Model 3, 3 seeds each, on validation
+    python -m nas.confirm --test          # the same on all 60,000 training images, scored on test
+
+Each run trains a trial again through the search's own code path (its stored params through the
+space function, its stored run record) with seed 1, 2, ..., on the search's split and fidelity: the
+trial's epochs and training subset, scored on the validation split as the search scored it. A
+finished run is stored in the study as a user attribute (`confirm:<candidate>:seed<N>`, or
+`confirm-test:...`), so a killed confirm resumes without redoing it; the leaderboard is also
+saved as the study's optuna-dashboard note.
+
+Whether a candidate beats Model 3 is a paired comparison over seeds: run k of both uses seed k
+(the same data order and augmentation draws), the difference of their scores is taken per seed,
+and the candidate beats Model 3 when the two-sided 95% Student-t interval of the mean difference
+lies above zero.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+from dataclasses import dataclass, replace
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from nas import data
+from nas.cli import ArgumentParser, positive_int
+from nas.config import StudyConfig
+from nas.spec import PRESETS, ArchSpec, TrainConfig, count_params
+from nas.storage import StorageError, default_url, open_storage
+from nas.train import DivergedError, resolve_run, train, tune_allocator
+from nas.run import RunRecord
+from nas.trials import (BASELINE, ReplayError, config_from_study, confirm_key, ranked_trials, rebuild, score,
+                        stored_run)
+
+# Student's t, two-sided 95% (0.975 quantile), by degrees of freedom.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+         10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 19: 2.093, 29: 2.045}
+
+
+class ConfirmError(RuntimeError):
+    """A study that cannot be confirmed as asked."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    label: str  # "trial<N>" or "model3"
+    arch: ArchSpec
+    train: TrainConfig
+    run: RunRecord
+    trial: FrozenTrial | None  # None: Model 3 trained from its preset (the study never ran it)
+
+
+def t_quantile(df: int) -> float:
+    known = [d for d in T_975 if d <= df]
+    return T_975[max(known)] if df < 30 else 1.960
+
+
+def paired_difference(ours: list[float], theirs: list[float]) -> tuple[float, float] | None:
+    """Mean of the per-seed differences and the half-width of its 95% interval; None below 2 pairs."""
+    diffs = [a - b for a, b in zip(ours, theirs)]
+    if len(diffs) < 2:
+        return None
+    return statistics.mean(diffs), t_quantile(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+
+
+def pick_candidates(study: optuna.Study, config: StudyConfig, top: int, device: str | None) -> list[Candidate]:
+    """The `top` best trials of the study, then Model 3: its trial where the study ran it, else its
+    preset with the study's epochs and the fidelity of the best trial."""
+    ranked = [t for t in ranked_trials(study) if t.user_attrs.get("preset") != BASELINE]
+    if not ranked:
+        raise ConfirmError(f"study {study.study_name!r} has no completed trial to confirm")
+    chosen = []
+    for trial in ranked[:top]:
+        arch, train_config = rebuild(trial, config)
+        chosen.append(Candidate(f"trial{trial.number}", arch, train_config, stored_run(trial, device, None), trial))
+    baseline = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.user_attrs.get("preset") == BASELINE]
+    if baseline:
+        arch, train_config = rebuild(baseline[0], config)
+        chosen.append(Candidate(BASELINE, arch, train_config, stored_run(baseline[0], device, None), baseline[0]))
+    else:
+        preset = PRESETS[BASELINE]
+        best = chosen[0]
+        chosen.append(Candidate(BASELINE, preset.arch, replace(preset.train, epochs=best.train.epochs),
+                                replace(best.run, batchnorm="pytorch"), None))
+    return chosen
+
+
+def leaderboard(candidates: list[Candidate], results: dict[str, list[dict]]) -> list[str]:
+    """Markdown rows: each candidate's mean ± std over seeds and its paired difference to Model 3."""
+    base = {r["seed"]: r["score"] for r in results.get(BASELINE, [])}
+    rows = ["| candidate | params | seeds | score mean ± std | vs Model 3 (paired, 95%) | beats Model 3 |",
+            "|:--|--:|--:|--:|--:|:--|"]
+    order = sorted(candidates, key=lambda c: -statistics.mean([r["score"] for r in results[c.label]] or [0]))
+    for c in order:
+        runs = results[c.label]
+        scores = [r["score"] for r in runs]
+        spread = f" ± {statistics.stdev(scores):.3f}" if len(scores) > 1 else ""
+        mean = f"{statistics.mean(scores):.3f}{spread}" if scores else "-"
+        versus, beats = "-", "-"
+        if c.label != BASELINE:
+            paired = [(r["score"], base[r["seed"]]) for r in runs if r["seed"] in base]
+            diff = paired_difference([a for a, _ in paired], [b for _, b in paired])
+            if diff is not None:
+                versus = f"{diff[0]:+.3f} ± {diff[1]:.3f}"
+                beats = "yes" if diff[0] - diff[1] > 0 else "no"
+        rows.append(f"| {c.label} | {count_params(c.arch):,} | {len(runs)} | {mean} | {versus} | {beats} |")
+    return rows
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m nas.confirm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", default="mnist-8k", help="study name (default mnist-8k)")
+    parser.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>.db)")
+    parser.add_argument("--top", type=positive_int, default=3, help="how many of the best trials (default 3)")
+    parser.add_argument("--seeds", type=positive_int, default=3, help="runs per candidate, seeds 1..S (default 3)")
+    parser.add_argument("--epochs", type=positive_int, help="epochs per run (default: each trial's own)")
+    parser.add_argument("--subset", type=positive_int, help="train on the first N images (default: as the "
+                        "search did)")
+    parser.add_argument("--test", action="store_true", help="train on all 60,000 training images and score "
+                        "on the test set (the final figure; the search never sees the test set)")
+    parser.add_argument("--device", help="default: the device each trial ran on, where it exists here")
+    parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage_url = args.storage or default_url(args.study)
+    prefix = "confirm-test" if args.test else "confirm"
+    try:
+        storage = open_storage(storage_url, must_exist=True)
+        try:
+            study = optuna.load_study(study_name=args.study, storage=storage)
+        except KeyError:
+            raise ConfirmError(f"no study named {args.study!r} in {storage_url}") from None
+        config = config_from_study(study)
+        candidates = pick_candidates(study, config, args.top, args.device)
+        root = data.resolve_data_dir(args.data_dir)
+        data.prepare(root, progress=not args.quiet)
+        mnist = data.load_mnist(root)
+    except (ConfirmError, ReplayError, StorageError, data.DataError, ValueError, RuntimeError) as exc:
+        print(f"error: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}", file=sys.stderr)
+        return 2
+    tune_allocator()
+    seeds = range(1, args.seeds + 1)
+    print(f"Confirming {', '.join(c.label for c in candidates)} of study {args.study!r} over seeds "
+          f"{seeds[0]}-{seeds[-1]}, " + ("on all training images, scored on test" if args.test else
+                                         "on the search's split, scored on validation"))
+    results: dict[str, list[dict]] = {c.label: [] for c in candidates}
+    splits: dict[tuple, data.Split] = {}
+    try:
+        for candidate in candidates:
+            for seed in seeds:
+                key = confirm_key(prefix, candidate.label, seed)
+                stored = study.user_attrs.get(key)
+                run = replace(candidate.run, seed=seed,
+                              subset=None if args.test else (args.subset or candidate.run.subset))
+                config_seed = replace(candidate.train, seed=seed, epochs=args.epochs or candidate.train.epochs)
+                if stored is None or stored["epochs"] != config_seed.epochs or stored["subset"] != run.subset:
+                    stored = confirm_one(candidate, config_seed, run, mnist, args, splits, config.score_epochs)
+                    study.set_user_attr(key, stored)
+                results[candidate.label].append(stored)
+                print(f"{candidate.label} seed {seed}: {stored['score']:.3f}% "
+                      f"({'test' if args.test else 'validation'}, mean of last {config.score_epochs} epochs)",
+                      flush=True)
+    except DivergedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished runs are stored; rerun the same command to resume", file=sys.stderr)
+        return 130
+    rows = leaderboard(candidates, results)
+    what = "test accuracy, all training images" if args.test else "validation score"
+    title = f"Confirmed over seeds {seeds[0]}-{seeds[-1]} ({what}; paired Student-t over seeds against Model 3)"
+    print("\n" + title + "\n\n" + "\n".join(rows))
+    _save_note(study, title, rows)
+    return 0
+
+
+def confirm_one(candidate: Candidate, config: TrainConfig, run: RunRecord, mnist: data.Mnist, args,
+                splits: dict, score_epochs: int) -> dict:
+    device = torch.device(run.device)
+    which = ("test", None) if args.test else ("valid", run.subset)
+    if (which, run.device) not in splits:
+        splits[(which, run.device)] = data.make_split(mnist, which[0], which[1], device)
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    if candidate.trial is None:  # Model 3 from its preset: set up for this machine
+        run = replace(resolve_run(candidate.arch, config, device, len(splits[(which, run.device)].train_x),
+                                  run.precision, run.batchnorm, run.weight_average, run.compiled, run.subset),
+                      seed=config.seed)
+    result = train(candidate.arch, config, splits[(which, run.device)], run, progress=not args.quiet)
+    accuracies = [e.eval_acc for e in result.history]
+    return {"candidate": candidate.label, "trial": candidate.trial.number if candidate.trial else None,
+            "seed": config.seed, "epochs": config.epochs, "subset": run.subset, "split": which[0],
+            "eval_acc": accuracies, "score": score(accuracies, score_epochs), "run": run.to_dict()}
+
+
+def _save_note(study: optuna.Study, title: str, rows: list[str]) -> None:
+    from optuna_dashboard import save_note
+
+    save_note(study, f"## {title}\n\n" + "\n".join(rows) + "\n\nRuns: the study's `confirm:*` user attributes.\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
