@@ -9,7 +9,7 @@ import sys
 
 import torchinfo
 
-from nas.model import build_model
+from nas.model import BatchNormAct2d, build_model
 from nas.spec import ArchSpec, SpecError, count_params, layer_table, load_arch
 from nas.cli import ArgumentParser
 
@@ -26,11 +26,13 @@ def summary_table(arch: ArchSpec) -> str:
     lines = [RULE, f"{'Layer (type)':>20}  {'Output Shape':>25} {'Param #':>15}", DOUBLE_RULE]
     index = 0
     for layer in stats.summary_list:
-        if layer.children or layer.class_name == "Flatten":
+        fused = isinstance(layer.module, BatchNormAct2d)  # the seed's BatchNorm2d row; its ReLU follows
+        if (layer.children and not fused) or layer.class_name == "Flatten":
             continue  # containers, and the flatten that only drops two unit dimensions
         index += 1
         shape = str([-1, *layer.output_size[1:]])
-        lines.append(f"{f'{layer.class_name}-{index}':>20}  {shape:>25} {layer.num_params:>15,}")
+        name = "BatchNorm2d" if fused else layer.class_name
+        lines.append(f"{f'{name}-{index}':>20}  {shape:>25} {layer.num_params:>15,}")
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lines += [

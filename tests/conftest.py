@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from nas.cpu import native
 from nas.data import DATA_DIR_ENV, Mnist, load_mnist, prepare, resolve_data_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -17,6 +18,27 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("nas-cache")
     os.environ["NAS_CACHE_DIR"] = str(path)
     return path
+
+
+@pytest.fixture
+def fresh_kernel():
+    """nas.cpu.native as in a new process: the kernel (or why it can't be had) not yet looked up;
+    forgotten again after the test, so what the test changed (CC, the cache directory) stays in it."""
+    native._load.cache_clear()
+    yield
+    native._load.cache_clear()
+
+
+@pytest.fixture
+def kernel():
+    """The native BatchNorm kernel. Skips a test of it where it can't be built; fails instead under
+    NAS_REQUIRE_NATIVE (CI), where it must be."""
+    try:
+        return native.library()
+    except native.KernelUnavailable as unavailable:
+        if os.environ.get("NAS_REQUIRE_NATIVE"):
+            pytest.fail(str(unavailable))
+        pytest.skip(str(unavailable))
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from nas.model import build_model
+from nas.model import BatchNormAct2d, build_model
 from nas.spec import (
     PRESETS,
     ArchSpec,
@@ -51,9 +51,9 @@ def test_analytic_shapes_equal_pytorch_shapes(name):
     x = torch.zeros(1, 1, 28, 28)
     for layer in model:
         x = layer(x)
-        if isinstance(layer, (torch.nn.ReLU, torch.nn.MaxPool2d)):
+        if isinstance(layer, (BatchNormAct2d, torch.nn.MaxPool2d)):
             shapes.append(tuple(x.shape[1:]))
-    # ReLU after each conv of the features, then pools: match analytic conv/pool rows
+    # BatchNorm+ReLU after each conv of the features, then pools: match analytic conv/pool rows
     analytic = [r.out_shape for r in layer_table(arch) if r.name in ("conv3x3", "conv1x1", "maxpool")]
     assert shapes == analytic
 

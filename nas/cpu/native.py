@@ -1,17 +1,16 @@
-"""Builds and loads nas/batchnorm.c, the CPU kernel behind nas.model.BatchNorm2d's channels-last path.
+"""Builds and loads batchnorm.c, the CPU kernel behind nas.model.BatchNormAct2d(batchnorm="native").
 
 It is compiled on first use with the system's C compiler ($CC, else Python's, else `cc`) for this
 CPU (-march=native), and kept in the cache directory under a name that hashes the source, the flags,
 the compiler and the CPU, so a home directory shared by different machines holds one build each.
-Without a compiler, off Linux, on a PyTorch not built on GNU OpenMP, or with NAS_NATIVE=0, `library()` is None and the
-model uses its PyTorch-only path: same numbers to rounding, slower (README, "Performance")."""
+Without a compiler, off Linux, or on a PyTorch not built on GNU OpenMP, `library()` raises
+KernelUnavailable: the kernel is opt-in, and a model that asked for it never silently runs without it."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
 import hashlib
-import logging
 import os
 import platform
 import shlex
@@ -28,12 +27,9 @@ from nas.cache import cache_dir
 
 SOURCE = Path(__file__).with_name("batchnorm.c")
 # -ffp-contract=off: no fused multiply-adds, so the forward's ReLU test and the backward's
-# recomputation of it round alike (nas/batchnorm.c, affine_columns).
+# recomputation of it round alike (batchnorm.c, affine_columns).
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
-DISABLE_ENV = "NAS_NATIVE"
 COMPILE_TIMEOUT = 120  # seconds; a build takes about one on 2 cores
-
-log = logging.getLogger(__name__)
 
 
 def compiler() -> list[str] | None:
@@ -91,19 +87,22 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+class KernelUnavailable(RuntimeError):
+    """The C BatchNorm kernel can't be had here; the message says why in one line."""
+
+
 @functools.cache
-def library() -> ctypes.CDLL | None:
-    """The loaded kernel, built first if needed; None (after one warning line) where it can't be."""
-    if os.environ.get(DISABLE_ENV, "1") == "0":
-        return None
+def _load() -> ctypes.CDLL | KernelUnavailable:
+    """The loaded kernel, built first if needed, or why it can't be (kept too: a failed build is
+    not retried in this process)."""
     if not _torch_uses_gnu_openmp():
         # Off Linux, or a PyTorch on Intel's or LLVM's OpenMP (or none): the kernel would bring a
         # runtime of its own, and two would fight over the cores.
-        return None
+        return KernelUnavailable("the native BatchNorm kernel needs Linux and a PyTorch that uses GNU OpenMP "
+                                 "(libgomp); this one does not")
     command = compiler()
     if command is None:
-        log.warning("nas: no C compiler found (set CC); BatchNorm runs on PyTorch's slower path")
-        return None
+        return KernelUnavailable("the native BatchNorm kernel needs a C compiler, and none was found (set CC)")
     try:
         version = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=30).stdout
         key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), version, cpu_description(),
@@ -116,13 +115,16 @@ def library() -> ctypes.CDLL | None:
         lines = (getattr(error, "stderr", None) or str(error)).strip().splitlines()
         # The compiler's first error says why; its last line is often just "compilation terminated."
         reason = next((line for line in lines if "error" in line), lines[-1] if lines else type(error).__name__)
-        log.warning("nas: could not build the BatchNorm kernel (%s); BatchNorm runs on PyTorch's slower path",
-                    reason.strip())
-        return None
+        return KernelUnavailable(f"could not build the native BatchNorm kernel: {reason.strip()}")
 
 
-def disable() -> None:
-    """From now on library() is None, here and in the processes this one starts (replay uses it to
-    train a trial the way it was trained)."""
-    os.environ[DISABLE_ENV] = "0"
-    library.cache_clear()
+def library() -> ctypes.CDLL:
+    """The loaded kernel; raises KernelUnavailable where it can't be built or loaded."""
+    loaded = _load()
+    if isinstance(loaded, KernelUnavailable):
+        raise loaded
+    return loaded
+
+
+def available() -> bool:
+    return not isinstance(_load(), KernelUnavailable)

@@ -8,7 +8,7 @@
    kernel makes ~10 passes for the same work once the ReLU's is counted, and is slow for channel
    counts that are not a multiple of its vector width.
 
-   Built and loaded by nas/native.py; see nas/model.py for the Python side. */
+   Built and loaded by nas/cpu/native.py; see nas/cpu/batchnorm.py for the Python side. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
