@@ -7,27 +7,19 @@ and keeps its metrics on the device, so nothing waits on the host until an epoch
 from __future__ import annotations
 
 import copy
-import ctypes
-import ctypes.util
-import hashlib
-import json
 import math
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from itertools import chain
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from nas import native
-from nas.cache import cache_dir
+from nas.cpu import PRECISIONS, choose_setup, cpu_model, resolve_precision, tune_allocator  # noqa: F401 (callers)
 from nas.data import Split
 from nas.model import build_model
 from nas.run import BATCHNORM_PATHS, RunRecord
@@ -103,195 +95,9 @@ def lr_factor(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
     raise ValueError(f"unknown scheduler {config.scheduler!r}")
 
 
-# glibc's mallopt parameters (malloc.h).
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-MMAP_THRESHOLD = 32 << 20  # glibc's ceiling; blocks below it come from the heap
-KEEP_FREED = 256 << 20  # freed heap memory kept for reuse before any is given back to the OS
-
-
-def tune_allocator() -> bool:
-    """Makes glibc's malloc keep freed memory for reuse. A training step allocates and frees the
-    same few megabyte-sized activations every time; by default glibc serves blocks of that size with
-    fresh mmaps or hands them back to the OS when freed, so every step pays thousands of page faults
-    to get them back (Model 3, batch 64, fp32 NCHW on a 2-core Xeon: ~3,000 faults per step; the
-    step takes 17.4 ms with this against 20.7 ms without). PyTorch's CPU tuning guide suggests jemalloc or tcmalloc via LD_PRELOAD for the same
-    reason; this needs neither. Costs up to KEEP_FREED of idle memory per process. Process-wide and
-    one-way, so only entry points call it; a no-op returning False where malloc is not glibc's."""
-    global _allocator_tuned
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, AttributeError, TypeError):
-        return False  # not glibc (macOS, Windows, musl without mallopt)
-    _allocator_tuned = all(
-        mallopt(param, value) == 1
-        for param, value in ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, KEEP_FREED),
-                             (M_TOP_PAD, KEEP_FREED // 4)))
-    return _allocator_tuned
-
-
-_allocator_tuned = False  # choose_setup's timings depend on it, so its cache key does
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 convolutions run natively here (CPUs with AVX-512 BF16 or AMX; Ampere+ GPUs)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """"auto" is bf16 autocast where the hardware runs it natively, else fp32."""
-    if name not in PRECISIONS:
-        raise ValueError(f"unknown precision {name!r}; choose from {', '.join(PRECISIONS)}")
-    if name == "auto":
-        return "bf16" if bf16_supported(device) else "fp32"
-    if name == "bf16" and not bf16_supported(device):
-        raise ValueError(f"bf16 asked for, but {device} has no native bf16 support")
-    return name
-
-
-@dataclass(frozen=True)
-class Setup:
-    """How a model is run: autocast precision and memory format. Both change the numbers a little,
-    so a stored trial records them and a replay repeats them."""
-
-    precision: str  # "fp32" or "bf16"
-    channels_last: bool
-
-    def __str__(self) -> str:
-        return f"{self.precision}, {'channels_last' if self.channels_last else 'NCHW'}"
-
-
-TUNE_WARMUP_STEPS = 3
-TUNE_STEPS = 6
-TUNE_ROUNDS = 2
-TUNE_MARGIN = 0.10  # another setup must beat plain fp32 NCHW (the seed's numerics) by this much: more than noise
-# Measuring costs about 2 x 4 x 9 optimizer steps; a run shorter than this can't earn that back
-# (the best setup saves up to ~30% of a step), so it runs as fp32 NCHW unmeasured.
-TUNE_MIN_STEPS = 500
-# Part of the cache key: a cached choice was measured on the code that ran then. Bumped whenever a
-# candidate gets faster or slower by a change here (2: nas.model's channels-last batch norm; 3: its
-# C kernel, nas/batchnorm.c).
-TUNE_VERSION = 3
-
-
-def choose_setup(arch: ArchSpec, batch_size: int, device: torch.device, precision: str = "auto",
-                 steps: int | None = None) -> Setup:
-    """The setup to train `arch` with. On CUDA: bf16 autocast where supported (or `precision`),
-    channels_last. On CPU the fastest of {fp32, bf16 where native} x {NCHW, channels_last} differs
-    from one CPU to the next (bf16 + channels_last won on a 2-core AMD EPYC; on a 2-core Xeon bf16
-    is slower and channels_last wins by ~17%), so it is measured, as cudnn.benchmark measures convolution
-    algorithms: a few optimizer steps of this architecture and batch size per candidate. The answer
-    is kept per process and in a cache file ($NAS_CACHE_DIR, default ~/.cache/nas), so the same
-    command on the same machine keeps making the same choice, and so the same numbers. A run of
-    fewer than TUNE_MIN_STEPS `steps` is not worth measuring for: it gets the first candidate."""
-    if device.type != "cpu":
-        return Setup(resolve_precision(precision, device), channels_last=True)
-    if precision == "auto":
-        precisions = ["fp32", "bf16"] if bf16_supported(device) else ["fp32"]
-    else:
-        precisions = [resolve_precision(precision, device)]
-    candidates = [Setup(p, cl) for p in precisions for cl in (False, True)]
-    if steps is not None and steps < TUNE_MIN_STEPS:
-        return candidates[0]
-    key = _tuning_key(arch, batch_size, device, precision)
-    cached = _TUNED.get(key) or _read_tuning_cache().get(key)
-    if isinstance(cached, dict):
-        setup = Setup(cached.get("precision"), cached.get("channels_last"))
-        if setup in candidates:  # anything else in the file is measured over
-            _TUNED[key] = cached
-            return setup
-    seconds = {c: math.inf for c in candidates}
-    for _ in range(TUNE_ROUNDS):  # interleaved, best of rounds: other load only ever adds time
-        for candidate in candidates:
-            seconds[candidate] = min(seconds[candidate], _time_steps(arch, batch_size, device, candidate))
-    baseline = candidates[0]
-    best = min(candidates, key=seconds.__getitem__)
-    if seconds[best] > (1 - TUNE_MARGIN) * seconds[baseline]:
-        best = baseline
-    entry = {"precision": best.precision, "channels_last": best.channels_last,
-             "ms_per_step": {str(c): round(1000 * s, 2) for c, s in seconds.items()}}
-    _TUNED[key] = entry
-    _write_tuning_cache(key, entry)
-    return best
-
-
-_TUNED: dict[str, dict] = {}
-
-
 def planned_steps(config: TrainConfig, images: int) -> int:
     """Optimizer steps of a whole run on `images` training images (the last batch may be short)."""
     return config.epochs * math.ceil(images / config.batch_size)
-
-
-def _tuning_key(arch: ArchSpec, batch_size: int, device: torch.device, precision: str) -> str:
-    facts = {"version": TUNE_VERSION, "cpu": cpu_model(),
-             "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
-             "allocator_tuned": _allocator_tuned, "native_batchnorm": native.library() is not None,
-             "precision": precision, "batch_size": batch_size, "arch": arch.to_dict()}
-    return hashlib.sha1(json.dumps(facts, sort_keys=True).encode()).hexdigest()
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass  # not Linux: platform's answer is vaguer but exists everywhere
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def _read_tuning_cache() -> dict[str, dict]:
-    try:
-        cache = json.loads((cache_dir() / "cpu-setup.json").read_text())
-    except (OSError, ValueError):
-        return {}  # no cache yet, or one we can't read: measure again
-    return cache if isinstance(cache, dict) else {}
-
-
-def _write_tuning_cache(key: str, entry: dict) -> None:
-    path = cache_dir() / "cpu-setup.json"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        cache = _read_tuning_cache()
-        cache[key] = entry
-        # Written whole to a temporary file and renamed: concurrent workers never see half a file.
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only home only costs re-measuring next time
-
-
-def _time_steps(arch: ArchSpec, batch_size: int, device: torch.device, setup: Setup) -> float:
-    """Seconds per optimizer step of `arch` on random data in `setup` (global RNG untouched)."""
-    generator = torch.Generator(device=device).manual_seed(0)
-    with torch.random.fork_rng(devices=[]):
-        model = build_model(arch).to(device, memory_format=_memory_format(setup))
-    model.train()
-    optimizer = make_optimizer(model, TrainConfig(batch_size=batch_size))
-    x = torch.randn(batch_size, arch.in_channels, arch.input_size, arch.input_size, device=device,
-                    generator=generator)
-    y = torch.randint(0, arch.num_classes, (batch_size,), device=device, generator=generator)
-    start = 0.0
-    for step in range(TUNE_WARMUP_STEPS + TUNE_STEPS):
-        if step == TUNE_WARMUP_STEPS:
-            start = time.perf_counter()
-        with autocast(device, setup.precision):
-            out = model(x)
-        loss = F.cross_entropy(out.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return (time.perf_counter() - start) / TUNE_STEPS
-
-
-def _memory_format(setup: Setup) -> torch.memory_format:
-    return torch.channels_last if setup.channels_last else torch.contiguous_format
 
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:
@@ -372,7 +178,7 @@ def resolve_run(arch: ArchSpec, config: TrainConfig, device: torch.device, image
                 subset: int | None = None) -> RunRecord:
     """The run record for training `arch` with `config` on `images` images here: precision and
     memory format as choose_setup picks them (measured on CPU), the rest as asked."""
-    setup = choose_setup(arch, config.batch_size, device, precision, planned_steps(config, images))
+    setup = choose_setup(arch, config.batch_size, device, precision, planned_steps(config, images), batchnorm)
     return RunRecord(device=str(device), threads=torch.get_num_threads() if device.type == "cpu" else None,
                      precision=setup.precision, memory_format="channels_last" if setup.channels_last else "nchw",
                      batchnorm=batchnorm, weight_average=weight_average, compiled=compiled, subset=subset,

@@ -1,28 +1,21 @@
-import json
 import math
-import platform
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
 import torch
 
+from nas.cpu import bf16_supported
 from nas.data import Split
+from nas.model import BatchNormAct2d
 from nas.run import RunRecord
 from nas.spec import PRESETS, ArchSpec, BlockSpec, TrainConfig
-from nas import train as train_module
 from nas.train import (
     DivergedError,
-    Setup,
     WeightAverage,
     augment_batch,
-    bf16_supported,
-    choose_setup,
     evaluate,
     lr_factor,
     resolve_device,
-    resolve_precision,
     train,
 )
 
@@ -139,14 +132,6 @@ def test_short_training_on_real_mnist_learns(mnist):
     assert history[-1].eval_acc > 60.0  # chance is 10%
 
 
-def test_precision_resolution():
-    cpu = torch.device("cpu")
-    assert resolve_precision("fp32", cpu) == "fp32"
-    assert resolve_precision("auto", cpu) == ("bf16" if bf16_supported(cpu) else "fp32")
-    with pytest.raises(ValueError, match="unknown precision"):
-        resolve_precision("fp8", cpu)
-
-
 @pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no native bf16")
 def test_bf16_training_is_deterministic_and_keeps_fp32_weights():
     x, y = fake_data()
@@ -165,55 +150,6 @@ def test_unusable_devices_are_a_clear_error(name):
         resolve_device(name)
 
 
-def fake_timings(monkeypatch, ms: dict[tuple[str, bool], float]) -> list:
-    """Replace the step timer with fixed per-setup times; returns the list of setups it timed."""
-    calls = []
-
-    def timed(arch, batch_size, device, setup):
-        calls.append(setup)
-        return ms[(setup.precision, setup.channels_last)] / 1000
-
-    monkeypatch.setattr(train_module, "_time_steps", timed)
-    monkeypatch.setattr(train_module, "_TUNED", {})
-    return calls
-
-
-def test_choose_setup_keeps_fp32_nchw_unless_another_is_clearly_faster(monkeypatch, tmp_path):
-    monkeypatch.setenv("NAS_CACHE_DIR", str(tmp_path))
-    cpu = torch.device("cpu")
-    # Within the 10% margin: the seed's numerics win.
-    fake_timings(monkeypatch, {("fp32", False): 20.0, ("fp32", True): 19.5, ("bf16", False): 19.8, ("bf16", True): 19.2})
-    assert choose_setup(TINY, 64, cpu) == Setup("fp32", False)
-    # Clearly faster: taken.
-    fake_timings(monkeypatch, {("fp32", False): 20.0, ("fp32", True): 30.0, ("bf16", False): 25.0, ("bf16", True): 12.0})
-    (tmp_path / "cpu-setup.json").unlink()
-    expected = Setup("bf16", True) if bf16_supported(cpu) else Setup("fp32", False)
-    assert choose_setup(TINY, 64, cpu) == expected
-
-
-def test_choose_setup_is_measured_once_then_read_back(monkeypatch, tmp_path):
-    monkeypatch.setenv("NAS_CACHE_DIR", str(tmp_path))
-    cpu = torch.device("cpu")
-    calls = fake_timings(monkeypatch, {("fp32", False): 20.0, ("fp32", True): 10.0, ("bf16", False): 30.0, ("bf16", True): 30.0})
-    first = choose_setup(TINY, 64, cpu, "fp32")
-    assert first == Setup("fp32", True)
-    assert {(s.precision, s.channels_last) for s in calls} == {("fp32", False), ("fp32", True)}  # fp32 asked: no bf16
-    timed = len(calls)
-    assert choose_setup(TINY, 64, cpu, "fp32") == first and len(calls) == timed  # this process remembers
-    # A new process (empty memory) reads the file: same answer, nothing timed, even if timings changed.
-    calls = fake_timings(monkeypatch, {("fp32", False): 10.0, ("fp32", True): 20.0, ("bf16", False): 30.0, ("bf16", True): 30.0})
-    assert choose_setup(TINY, 64, cpu, "fp32") == first and calls == []
-    # Another batch size is another measurement.
-    assert choose_setup(TINY, 128, cpu, "fp32") == Setup("fp32", False) and calls
-    # A damaged cache file is measured over, not an error.
-    for damaged in ("{not json", "[1, 2]", json.dumps({key: {"precision": "fp8"} for key in json.loads(
-            (tmp_path / "cpu-setup.json").read_text())})):
-        (tmp_path / "cpu-setup.json").write_text(damaged)
-        calls = fake_timings(monkeypatch, {("fp32", False): 10.0, ("fp32", True): 20.0, ("bf16", False): 30.0,
-                                           ("bf16", True): 30.0})
-        assert choose_setup(TINY, 64, cpu, "fp32") == Setup("fp32", False) and calls
-
-
 def test_train_uses_and_reports_the_setup_it_was_given():
     x, y = fake_data()
     config = TrainConfig(epochs=1, batch_size=64, seed=3)
@@ -224,6 +160,18 @@ def test_train_uses_and_reports_the_setup_it_was_given():
     assert not nchw.run.channels_last
     conv = next(m for m in nchw.model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
     assert not conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_train_runs_the_batchnorm_path_of_its_run_record(kernel):
+    """The kernel is opt-in: a run record that asks for it gets it, and trains to the same numbers as
+    PyTorch's BatchNorm to rounding (not bit for bit)."""
+    x, y = fake_data()
+    config = TrainConfig(epochs=1, batch_size=64, seed=3)
+    native = fit(config, x, y, memory_format="channels_last", batchnorm="native")
+    pytorch = fit(config, x, y, memory_format="channels_last")
+    assert {m.batchnorm for m in native.model.modules() if isinstance(m, BatchNormAct2d)} == {"native"}
+    assert {m.batchnorm for m in pytorch.model.modules() if isinstance(m, BatchNormAct2d)} == {"pytorch"}
+    assert native.history[0].train_loss == pytest.approx(pytorch.history[0].train_loss, rel=1e-3)
 
 
 def test_weight_average_follows_the_live_weights_with_warm_up():
@@ -255,46 +203,3 @@ def test_the_weight_average_changes_what_is_evaluated_not_how_it_trains():
         loss, correct = evaluate(result.model, x, y)
         assert correct == result.history[-1].eval_correct
         assert loss == pytest.approx(result.history[-1].eval_loss)
-
-
-def test_short_runs_are_not_measured_for(monkeypatch, tmp_path):
-    monkeypatch.setenv("NAS_CACHE_DIR", str(tmp_path))
-    calls = fake_timings(monkeypatch, {("fp32", False): 20.0, ("fp32", True): 10.0, ("bf16", False): 9.0, ("bf16", True): 8.0})
-    assert choose_setup(TINY, 64, torch.device("cpu"), steps=100) == Setup("fp32", False)
-    assert calls == [] and not (tmp_path / "cpu-setup.json").exists()
-    assert choose_setup(TINY, 64, torch.device("cpu"), steps=10_000) != Setup("fp32", False) and calls
-
-
-def test_a_setup_is_timed_for_real():
-    for setup in (Setup("fp32", False), Setup("fp32", True)):
-        assert 0 < train_module._time_steps(TINY, 8, torch.device("cpu"), setup) < 5
-
-
-FAULT_PROBE = """
-import resource, torch
-from nas.train import tune_allocator
-print(tune_allocator())
-def faults():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-def cycle():  # what a training step does: make, use and free megabyte-sized tensors
-    a = torch.ones(2 << 20)
-    return float((a * 2)[-1])
-for _ in range(5):
-    cycle()
-per_cycle = []
-for _ in range(20):
-    before = faults()
-    cycle()
-    per_cycle.append(faults() - before)
-print(sum(f > 1000 for f in per_cycle))
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc only")
-def test_tuned_allocator_reuses_freed_memory_without_page_faults():
-    """Each cycle touches 16 MB (4,096 pages). Tuned, freed blocks are reused: a cycle may touch
-    fresh heap once in a while (the heap moves on), but does not fault its memory back every time."""
-    out = subprocess.run([sys.executable, "-c", FAULT_PROBE], capture_output=True, text=True, check=True)
-    tuned, faulting_cycles = out.stdout.split()
-    assert tuned == "True"
-    assert int(faulting_cycles) <= 2
