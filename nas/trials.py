@@ -11,7 +11,7 @@ import optuna
 import torch
 from optuna.trial import FixedTrial, FrozenTrial, TrialState
 
-from nas import native
+from nas.cpu import native
 from nas.config import StudyConfig
 from nas.run import RunRecord, record_of
 from nas.space import SpaceConfig, suggest
