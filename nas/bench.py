@@ -2,7 +2,7 @@
 
 Ours is nas.train.train itself: the whole training set as one normalized tensor on the device,
 batches cut with randperm, metrics kept on the device. It runs in a process of its own, set up as
-`python -m nas.train` and the search workers set themselves up (nas.train.tune_allocator). Seed-style
+`python -m nas.train` and the search workers set themselves up (nas.cpu.tune_allocator). Seed-style
 is what the seed notebook ran, in this plain process: torchvision's MNIST dataset with per-sample
 ToTensor + Normalize, a shuffling DataLoader, and a loop that reads the loss and the correct count
 back to the host every batch for its progress bar. Both train the same model from the same
@@ -45,8 +45,8 @@ from nas.trials import finished_trials, trial_counts
 from nas.spec import PRESETS, ArchSpec, TrainConfig, count_params
 from nas.storage import open_storage
 from nas.run import BATCHNORM_PATHS, RunRecord
-from nas.train import (PRECISIONS, cpu_model, resolve_device, resolve_precision, resolve_run, train,
-                       tune_allocator)
+from nas.cpu import PRECISIONS, cpu_model, resolve_precision, tune_allocator
+from nas.train import resolve_device, resolve_run, train
 
 MODEL = "model3"
 QUICK_BATCHES = 200

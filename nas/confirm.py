@@ -33,7 +33,8 @@ from nas.cli import ArgumentParser, positive_int
 from nas.config import StudyConfig
 from nas.spec import PRESETS, ArchSpec, TrainConfig, count_params
 from nas.storage import StorageError, default_url, open_storage
-from nas.train import DivergedError, resolve_run, train, tune_allocator
+from nas.cpu import tune_allocator
+from nas.train import DivergedError, resolve_run, train
 from nas.run import RunRecord
 from nas.trials import (BASELINE, ReplayError, config_from_study, confirm_key, ranked_trials, rebuild, score,
                         stored_run)

@@ -38,7 +38,8 @@ from nas.trials import (
 from nas.spec import ArchSpec, count_params
 from nas.storage import StorageError, default_url, open_storage
 from nas.summary import summary_table
-from nas.train import EpochResult, epoch_line, evaluate, train, tune_allocator
+from nas.cpu import tune_allocator
+from nas.train import EpochResult, epoch_line, evaluate, train
 
 
 def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:

@@ -126,47 +126,48 @@ def intermediate_figure(study: optuna.Study) -> tuple[Figure | None, str]:
 
 
 def pareto_figure(study: optuna.Study) -> Figure:
-    """Validation accuracy against params for every completed trial, the front joined by a step line.
+    """Validation error against params for every completed trial, the front joined by a step line.
 
-    The y axis is zoomed onto the front: trials far below it (diverged or hopeless settings) would
-    otherwise squash it into a line; they are drawn on the bottom edge.
-    """
+    Error (100 - accuracy) on a log axis: 0.6% and 0.8% are far apart where the good trials sit,
+    and a hopeless trial at 15% still fits on the same axis without squashing them."""
     done = [t for t in ranked_trials(study) if "params" in t.user_attrs]
     front = pareto_trials(study)
     front_numbers = {t.number for t in front}
     fig = Figure(figsize=(7.5, 5), layout="constrained")
     ax = fig.subplots()
-    accs = [accuracy(t) for t in front]
-    span = max(accs) - min(accs)
-    bottom = min(accs) - max(0.1, 0.25 * span)
-    top = max(accs) + max(0.05, 0.05 * span)
+
+    def error(trial: FrozenTrial) -> float:
+        return max(100.0 - accuracy(trial), 1e-3)  # a perfect score still has a place on a log axis
+
     rest = [t for t in done if t.number not in front_numbers]
-    shown = [t for t in rest if accuracy(t) >= bottom]
-    below = [t for t in rest if accuracy(t) < bottom]
     if rest:
-        ax.scatter([t.user_attrs["params"] for t in shown], [accuracy(t) for t in shown], color="tab:gray",
+        ax.scatter([t.user_attrs["params"] for t in rest], [error(t) for t in rest], color="tab:gray",
                    alpha=0.6, label=f"other completed trials ({len(rest)})")
-    if below:
-        ax.scatter([t.user_attrs["params"] for t in below], [bottom] * len(below), marker="v",
-                   color="tab:gray", alpha=0.6, clip_on=False, label=f"below the axis ({len(below)})")
     by_size = sorted(front, key=lambda t: t.user_attrs["params"])
-    ax.step([t.user_attrs["params"] for t in by_size], [accuracy(t) for t in by_size], where="post",
+    ax.step([t.user_attrs["params"] for t in by_size], [error(t) for t in by_size], where="post",
             color="tab:red", alpha=0.5)
-    ax.scatter([t.user_attrs["params"] for t in front], accs, color="tab:red", zorder=3,
+    ax.scatter([t.user_attrs["params"] for t in front], [error(t) for t in front], color="tab:red", zorder=3,
                label=f"Pareto front ({len(front)})")
     for t in front:
         name = t.user_attrs.get("preset")
-        ax.annotate(f"#{t.number}" + (f" {name}" if name else ""), (t.user_attrs["params"], accuracy(t)),
-                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.annotate(f"#{t.number}" + (f" {name}" if name else "") + f" {accuracy(t):.2f}%",
+                    (t.user_attrs["params"], error(t)), textcoords="offset points", xytext=(4, 4), fontsize=8)
     budget = budget_of(study)
     if budget:
         ax.axvline(budget, color="black", linestyle=":", label=f"budget ({budget:,})")
-    ax.set_ylim(bottom, top)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib_percent())
     ax.set_xlabel("parameters")
-    ax.set_ylabel(ACCURACY_LABEL)
-    ax.set_title(f"Accuracy against size in {study.study_name!r}")
-    ax.legend(loc="lower right")
+    ax.set_ylabel("validation error (%, log scale; lower is better)")
+    ax.set_title(f"Error against size in {study.study_name!r}")
+    ax.legend(loc="upper right")
     return fig
+
+
+def matplotlib_percent():
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda value, _: f"{value:g}%")
 
 
 # --- the page -----------------------------------------------------------------------------------

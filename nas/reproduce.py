@@ -25,7 +25,8 @@ from nas.cli import ArgumentParser, positive_int
 from nas.trials import TARGET_ACCURACY, epochs_to_target, score
 from nas.spec import PRESETS, count_params
 from nas.run import BATCHNORM_PATHS, RunRecord
-from nas.train import PRECISIONS, DivergedError, EpochResult, resolve_device, resolve_precision, resolve_run, train, tune_allocator
+from nas.cpu import PRECISIONS, resolve_precision, tune_allocator
+from nas.train import DivergedError, EpochResult, resolve_device, resolve_run, train
 
 LAST_EPOCHS = 3  # "accuracy that holds": the mean of the last 3 epochs, as the search scores it
 DEFAULT_OUT = Path("runs/reproduce")

@@ -14,6 +14,7 @@ import functools
 import json
 import sys
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,17 +23,19 @@ from typing import Any
 import optuna
 import torch
 from optuna.trial import TrialState
+from tqdm import tqdm
 
 from nas import data
 from nas.cli import ArgumentParser, positive_int
 from nas.config import ConfigError, StudyConfig, load_study_config
 from nas.space import params_for, suggest
-from nas.spec import PRESETS, ArchSpec, SpecError, TrainConfig, count_params, receptive_field
+from nas.spec import PRESETS, ArchSpec, SpecError, TrainConfig, count_params, layer_string, receptive_field
 from nas.storage import StorageError, artifact_dir_for, default_url, open_storage
 from nas.summary import summary_table
 from nas.export import ExportError, load_export, trial_from_dict
 from nas.run import BATCHNORM_PATHS, RUN_ATTR, RunRecord
-from nas.train import PRECISIONS, DivergedError, EpochResult, resolve_device, resolve_precision, resolve_run, train, tune_allocator
+from nas.cpu import PRECISIONS, resolve_precision, tune_allocator
+from nas.train import DivergedError, EpochResult, epoch_line, resolve_device, resolve_run, train
 from nas.trials import (checkpoint, epochs_to_target, finished_trials, is_multi_objective,
                         results_table, score, trial_counts)
 from nas.workers import ProgressBar, StopAtTarget, resolve_workers, run_workers, workers_arg
@@ -55,7 +58,7 @@ class RunOptions:
     quiet: bool = False
     threads: int | None = None
     worker: int = 0
-    precision: str = "auto"  # resolved per trial by nas.train.choose_setup
+    precision: str = "auto"  # resolved per trial by nas.cpu.choose_setup
     compile: bool = False
     ema: bool = True  # evaluate and keep the moving average of the weights (nas.train.WeightAverage)
     batchnorm: str = "pytorch"  # or "native": nas's C BatchNorm kernel (nas.cpu), opt-in
@@ -139,7 +142,7 @@ class Objective:
         if params >= self.config.budget:
             return self.reject(trial, f"over budget: {params:,} >= {self.config.budget:,}",
                                over=float(params - self.config.budget + 1))
-        trial.set_constraint("params_over_budget", float(params - self.config.budget + 1))
+        set_constraint(trial, float(params - self.config.budget + 1))
         trial.set_user_attr("receptive_field", receptive_field(arch))
         trial.set_user_attr("arch", arch.to_dict())
         trial.set_user_attr("train", train_config.to_dict())
@@ -147,24 +150,34 @@ class Objective:
         run = resolve_run(arch, train_config, self.device, len(self.split.train_x), self.options.precision,
                           self.options.batchnorm, self.options.ema, self.options.compile, self.options.subset)
         trial.set_user_attr(RUN_ATTR, run.to_dict())
+        self.say(f"Trial {trial.number}: {params:,} params, {layer_string(arch)}; {train_config.optimizer} "
+                 f"lr {train_config.lr:.3g}, batch {train_config.batch_size}, {train_config.scheduler}, "
+                 f"augment {train_config.augment:.2f}")
         accuracies: list[float] = []
 
         def on_epoch(result: EpochResult, model: torch.nn.Module) -> None:
             accuracies.append(result.eval_acc)
             trial.set_user_attr("epoch_acc", accuracies)
+            if not self.options.quiet:
+                tqdm.write(f"Epoch {result.epoch}: {epoch_line(result, 'valid')}", file=sys.stdout)
             if self.multi:
                 return
             trial.report(result.eval_acc, result.epoch)
             if trial.should_prune():
                 trial.set_user_attr("pruned_at", result.epoch)
+                self.say(f"Trial {trial.number}: pruned after epoch {result.epoch} at {result.eval_acc:.2f}%")
                 raise optuna.TrialPruned(f"pruned after epoch {result.epoch}")
 
         try:
             result = train(arch, train_config, self.split, run, on_epoch=on_epoch, progress=not self.options.quiet)
         except DivergedError as exc:
             trial.set_user_attr("failed_reason", str(exc))
+            self.say(f"Trial {trial.number}: stopped, {exc}")
             raise optuna.TrialPruned(str(exc)) from None
         value = score(accuracies, self.config.score_epochs)
+        last = min(self.config.score_epochs, len(accuracies))
+        self.say(f"Trial {trial.number}: {value:.2f}% validation (mean of the last {last} "
+                 f"epoch{'s' if last > 1 else ''}), {result.seconds:.0f} s")
         trial.set_user_attr("best_epoch", max(range(len(accuracies)), key=accuracies.__getitem__) + 1)
         trial.set_user_attr("epochs_to_99_4", epochs_to_target(accuracies))
         trial.set_user_attr("train_seconds", round(result.seconds, 2))
@@ -175,8 +188,13 @@ class Objective:
     def reject(self, trial: optuna.Trial, reason: str, over: float) -> Any:
         """Never train it, but tell the sampler how far out it was (Optuna's constraints)."""
         trial.set_user_attr("rejected", reason)
-        trial.set_constraint("params_over_budget", over)
+        set_constraint(trial, over)
+        self.say(f"Trial {trial.number}: rejected, {reason} (never trained)")
         raise optuna.TrialPruned(reason)
+
+    def say(self, line: str) -> None:
+        """One line per trial event, above any progress bars (kept under --quiet)."""
+        tqdm.write(line if self.options.worker == 0 else f"[worker {self.options.worker}] {line}", file=sys.stdout)
 
     def save_weights(self, trial: optuna.Trial, arch: ArchSpec, config: TrainConfig, run: RunRecord,
                      model: torch.nn.Module) -> None:
@@ -191,6 +209,15 @@ class Objective:
             torch.save(checkpoint(arch, config, run, model, {"trial": trial.number}), path)
             artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)
         trial.set_user_attr("weights_artifact", artifact_id)
+
+
+def set_constraint(trial: optuna.Trial, over: float) -> None:
+    """How far over budget the candidate is (<= 0: within), for the sampler. A retried trial
+    inherits the value from the trial it retries; Optuna then warns that it keeps the old one,
+    which is the same."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The constraint value is ignored")
+        trial.set_constraint("params_over_budget", over)
 
 
 def save_layer_note(trial: optuna.Trial, arch: ArchSpec, config: TrainConfig) -> None:
@@ -336,6 +363,9 @@ def quiet_optuna() -> None:
 
 def _worker_entry(options: RunOptions, config: StudyConfig, worker: int, threads: int) -> None:
     """One spawned worker process (nas.workers.run_workers)."""
+    # tqdm's default lock is a multiprocessing semaphore that no one releases at exit, and the
+    # resource tracker then warns of a leak; bars in one process need only a thread lock.
+    tqdm.set_lock(threading.RLock())
     quiet_optuna()
     try:
         run_worker(dataclasses.replace(options, worker=worker, threads=threads, quiet=True), config)

@@ -155,6 +155,14 @@ def receptive_field(spec: ArchSpec) -> int:
     return spatial[-1].receptive_field
 
 
+def layer_string(spec: ArchSpec) -> str:
+    """The architecture in one short line: conv widths per block (`p1`: padded), `M` for each
+    max-pool, `1x1:` the tail, e.g. Model 3 is `10-10-10p1 M 16-16-8-8 1x1:8-16`."""
+    blocks = ["-".join(map(str, b.widths)) + ("p" + str(b.padding) if b.padding else "") for b in spec.blocks]
+    text = " M ".join(blocks) + (" 1x1:" + "-".join(map(str, spec.tail)) if spec.tail else "")
+    return text + (f" drop{spec.dropout:.2f}" if spec.dropout else "")
+
+
 def validate_fields(spec: ArchSpec) -> None:
     if not spec.blocks:
         raise SpecError("an architecture needs at least one block")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from nas.cpu import PRECISIONS, choose_setup, cpu_model, resolve_precision, tune_allocator  # noqa: F401 (callers)
+from nas.cpu import PRECISIONS, choose_setup, resolve_precision, tune_allocator
 from nas.data import Split
 from nas.model import build_model
 from nas.run import BATCHNORM_PATHS, RunRecord

@@ -16,7 +16,8 @@ from nas.config import StudyConfig
 from nas.run import RunRecord, record_of
 from nas.space import SpaceConfig, suggest
 from nas.spec import ArchSpec, TrainConfig
-from nas.train import resolve_device, resolve_precision
+from nas.cpu import resolve_precision
+from nas.train import resolve_device
 
 TARGET_ACCURACY = 99.4  # the seed's bar: "consistent 99.4%"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)

@@ -11,7 +11,7 @@ import pytest
 
 from nas import export, replay
 from nas.run import RunRecord, record_of
-from nas.train import cpu_model
+from nas.cpu import cpu_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "study-v0.json"
 # The fixture was written by commit bef66af (`python -m nas.search --trials 3 --epochs 2 --subset 2000`)

@@ -1,0 +1,68 @@
+"""nas.confirm on a tiny real study: runs stored in the study, resumed without retraining, a
+leaderboard against Model 3; and nas.search --warm-start from an export."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from nas import confirm, export, search, trials
+
+TINY = ["--epochs", "1", "--subset", "256", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def study_url(tmp_path_factory, data_dir) -> str:
+    url = f"sqlite:///{tmp_path_factory.mktemp('confirm') / 's.db'}"
+    assert search.main(["--trials", "3", "--storage", url, "--data-dir", str(data_dir), *TINY]) == 0
+    return url
+
+
+def test_paired_difference_and_its_interval():
+    mean, half = confirm.paired_difference([99.5, 99.6, 99.7], [99.4, 99.4, 99.4])
+    assert mean == pytest.approx(0.2) and half == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
+    assert confirm.paired_difference([99.5], [99.4]) is None
+
+
+def test_confirm_stores_each_run_and_resumes_without_retraining(study_url, data_dir, capsys, monkeypatch):
+    args = ["--storage", study_url, "--top", "1", "--seeds", "2", "--data-dir", str(data_dir), "--quiet"]
+    assert confirm.main(args) == 0
+    out = capsys.readouterr().out
+    study = optuna.load_study(study_name="mnist-8k", storage=study_url)
+    runs = trials.confirm_runs(study)
+    best = [t for t in trials.ranked_trials(study) if t.user_attrs.get("preset") != "model3"][0]
+    assert set(runs) == {f"trial{best.number}", "model3"}
+    assert all(sorted(r["seed"] for r in rs) == [1, 2] and all(r["subset"] == 256 for r in rs) for rs in runs.values())
+    assert "| candidate |" in out and "beats Model 3" in out
+    assert trials.confirmed_best(study) == best.number
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stored run was trained again")
+
+    monkeypatch.setattr(confirm, "train", no_training)
+    assert confirm.main(args) == 0
+    assert capsys.readouterr().out.count("seed 1:") == 2
+
+
+def test_confirm_of_a_missing_study_is_one_line(tmp_path, capsys):
+    assert confirm.main(["--storage", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_warm_start_brings_in_what_fits_and_does_not_count_it(study_url, data_dir, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    assert export.main(["--storage", study_url, "--out", str(out)]) == 0
+    exported = export.load_export(out)["trials"]
+    fitting = sorted(t["number"] for t in exported if t["user_attrs"]["params"] < 7900)
+    small = tmp_path / "small.toml"
+    small.write_text('name = "small"\nbudget = 7900\nepochs = 1\nenqueue = []\n')
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    assert search.main(["--trials", "1", "--storage", url, "--study-file", str(small), "--warm-start", str(out),
+                        "--data-dir", str(data_dir), *TINY]) == 0
+    study = optuna.load_study(study_name="small", storage=url)
+    warm = [t for t in study.trials if "warm_start" in t.user_attrs]
+    assert sorted(t.user_attrs["exported_number"] for t in warm) == fitting  # Model 3 (7,918 params) is not
+    assert all(t.user_attrs.get("preset") != "model3" for t in warm)
+    err = capsys.readouterr().err
+    assert f"{len(fitting)} trials added to the history, {len(exported) - len(fitting)} skipped" in err
+    assert len(trials.finished_trials(study)) == 1  # --trials counts this study's own
