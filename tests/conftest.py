@@ -74,3 +74,18 @@ def postgres():
     yield server
     server.stop()
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def searched(tmp_path_factory, data_dir):
+    """One tiny study of the default study file, run twice: 2 trials, then topped up to 3.
+    Returns (storage URL, database path)."""
+    from nas import search
+
+    db = tmp_path_factory.mktemp("study") / "s.db"
+    url = f"sqlite:///{db}"
+    for trials in (2, 3):
+        assert search.main(["--trials", str(trials), "--epochs", "1", "--subset", "256", "--storage", url,
+                            "--study-file", str(REPO_ROOT / "studies" / "mnist-8k.toml"), "--data-dir",
+                            str(data_dir), "--quiet"]) == 0
+    return url, db

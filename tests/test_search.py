@@ -1,11 +1,9 @@
-import hashlib
-
 import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
 
-from nas import replay, search, trials
+from nas import search, trials
 from nas.config import ConfigError, parse_study_config
 from nas.space import params_for
 from nas.spec import PRESETS
@@ -21,20 +19,6 @@ def run_search(url, data_dir, trials, *extra):
 
 def load(url):
     return optuna.load_study(study_name="mnist-8k", storage=url)
-
-
-def digest(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def searched(tmp_path_factory, data_dir):
-    """One tiny study, run twice: 2 trials, then topped up to 3."""
-    db = tmp_path_factory.mktemp("study") / "s.db"
-    url = f"sqlite:///{db}"
-    assert run_search(url, data_dir, 2) == 0
-    assert run_search(url, data_dir, 3) == 0
-    return url, db
 
 
 def test_model3_runs_first_and_only_once(searched):
@@ -64,27 +48,6 @@ def test_trained_trials_are_under_budget_and_rejected_ones_never_trained(searche
             run = RunRecord.from_dict(t.user_attrs["run"])  # what replay repeats
             assert (run.weight_average, run.batchnorm, run.subset, run.seed) == (True, "pytorch", 256, 0)
             assert run.threads == torch.get_num_threads() and run.device == "cpu"
-
-
-def test_replay_reproduces_the_stored_value_exactly(searched, data_dir, capsys, tmp_path):
-    url, _ = searched
-    out = tmp_path / "m.pt"
-    assert replay.main(["--storage", url, "--data-dir", str(data_dir), "--quiet", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "difference +0.0000 (identical)" in printed
-    model, saved = replay.load_checkpoint(out)
-    assert saved["trial"] == trials.best_trial(load(url)).number
-    assert sum(p.numel() for p in model.parameters()) == saved["params"]
-
-
-def test_replay_with_another_seed_trains_differently(searched, data_dir, capsys, tmp_path, monkeypatch):
-    url, _ = searched
-    monkeypatch.chdir(tmp_path)
-    assert replay.main(["--storage", url, "--data-dir", str(data_dir), "--quiet", "--seed", "7"]) == 0
-    printed = capsys.readouterr().out
-    assert "seed 7 (not the stored seed)" in printed and "(identical)" not in printed
-    best = trials.best_trial(load(url)).number
-    assert replay.load_checkpoint(tmp_path / "runs" / f"mnist-8k-trial{best}-seed7.pt")[1]["train"]["seed"] == 7
 
 
 def test_interrupted_trial_is_failed_and_rerun_resumes(tmp_path, data_dir, monkeypatch):
@@ -134,21 +97,6 @@ def test_impossible_budget_is_rejected_before_anything_is_stored(tmp_path, data_
     assert "unreachable" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unreachable"):
         parse_study_config({"budget": 50})
-
-
-def test_replay_errors_leave_the_database_untouched(searched, tmp_path, data_dir, capsys):
-    url, db = searched
-    before = digest(db)
-    assert replay.main(["--storage", url, "--trial", "999", "--data-dir", str(data_dir)]) == 2
-    assert "no trial 999" in capsys.readouterr().err
-    assert digest(db) == before
-    empty = tmp_path / "empty.db"
-    optuna.create_study(study_name="mnist-8k", storage=f"sqlite:///{empty}")
-    assert replay.main(["--storage", f"sqlite:///{empty}", "--data-dir", str(data_dir)]) == 2
-    assert "no completed trial" in capsys.readouterr().err
-    missing = tmp_path / "nothing.db"
-    assert replay.main(["--storage", f"sqlite:///{missing}"]) == 2
-    assert not missing.exists()
 
 
 def test_a_preset_outside_the_space_is_not_enqueued(tmp_path, data_dir, capsys):

@@ -1,5 +1,8 @@
-"""A two-objective study end to end: the search keeps a Pareto front, replay takes a trial from it,
-the report draws it."""
+"""nas.replay: a stored trial trained again exactly, errors that leave the study untouched, and a
+two-objective study end to end (the search keeps a Pareto front, replay takes a trial from it, the
+report draws it)."""
+
+import hashlib
 
 import optuna
 import pytest
@@ -93,3 +96,47 @@ def test_replay_of_an_unknown_device_is_one_line(pareto_study, data_dir, capsys)
     code = replay.main(["--storage", url, "--study", "pareto", "--device", "foo", "--data-dir", str(data_dir)])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1
+
+
+def load(url):
+    return optuna.load_study(study_name="mnist-8k", storage=url)
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_replay_reproduces_the_stored_value_exactly(searched, data_dir, capsys, tmp_path):
+    url, _ = searched
+    out = tmp_path / "m.pt"
+    assert replay.main(["--storage", url, "--data-dir", str(data_dir), "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "difference +0.0000 (identical)" in printed
+    model, saved = replay.load_checkpoint(out)
+    assert saved["trial"] == trials.best_trial(load(url)).number
+    assert sum(p.numel() for p in model.parameters()) == saved["params"]
+
+
+def test_replay_with_another_seed_trains_differently(searched, data_dir, capsys, tmp_path, monkeypatch):
+    url, _ = searched
+    monkeypatch.chdir(tmp_path)
+    assert replay.main(["--storage", url, "--data-dir", str(data_dir), "--quiet", "--seed", "7"]) == 0
+    printed = capsys.readouterr().out
+    assert "seed 7 (not the stored seed)" in printed and "(identical)" not in printed
+    best = trials.best_trial(load(url)).number
+    assert replay.load_checkpoint(tmp_path / "runs" / f"mnist-8k-trial{best}-seed7.pt")[1]["train"]["seed"] == 7
+
+
+def test_replay_errors_leave_the_database_untouched(searched, tmp_path, data_dir, capsys):
+    url, db = searched
+    before = digest(db)
+    assert replay.main(["--storage", url, "--trial", "999", "--data-dir", str(data_dir)]) == 2
+    assert "no trial 999" in capsys.readouterr().err
+    assert digest(db) == before
+    empty = tmp_path / "empty.db"
+    optuna.create_study(study_name="mnist-8k", storage=f"sqlite:///{empty}")
+    assert replay.main(["--storage", f"sqlite:///{empty}", "--data-dir", str(data_dir)]) == 2
+    assert "no completed trial" in capsys.readouterr().err
+    missing = tmp_path / "nothing.db"
+    assert replay.main(["--storage", f"sqlite:///{missing}"]) == 2
+    assert not missing.exists()
