@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nas.space import SpaceConfig, smallest_arch
+from nas.space import VERSIONS, SpaceConfig, smallest_arch
 from nas.spec import PRESETS, count_params
 
 if sys.version_info >= (3, 11):
@@ -16,6 +16,7 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
+DEFAULT_STUDY_FILE = Path("studies/mnist-8k.toml")
 OBJECTIVES = ("accuracy", "params")
 PRUNERS = ("median", "hyperband", "none")
 
@@ -43,7 +44,9 @@ class StudyConfig:
 def parse_study_config(data: dict[str, Any], source: str = "study file") -> StudyConfig:
     top = dict(data)
     try:
-        space = SpaceConfig.from_dict(top.pop("space", {}))
+        # A study file without `version` means the current space; only a stored config that
+        # predates versions means version 1 (SpaceConfig.from_dict).
+        space = SpaceConfig.from_dict({"version": VERSIONS[-1], **top.pop("space", {})})
         for key in ("objectives", "enqueue"):
             if key in top:
                 top[key] = tuple(top[key])
@@ -66,12 +69,22 @@ def check(config: StudyConfig, source: str) -> None:
     unknown = [name for name in config.enqueue if name not in PRESETS]
     if unknown:
         raise ConfigError(f"{source}: enqueue names unknown presets {unknown}; known: {list(PRESETS)}")
+    check_space(config.space, source)
     smallest = count_params(smallest_arch(config.space))
     if smallest >= config.budget:
         raise ConfigError(
             f"{source}: budget {config.budget:,} is unreachable: the smallest architecture in the "
             f"search space has {smallest:,} parameters"
         )
+
+
+def check_space(space: SpaceConfig, source: str) -> None:
+    if space.version not in VERSIONS:
+        raise ConfigError(f"{source}: space version must be one of {VERSIONS}, got {space.version!r}")
+    for key in ("relative_width", "budget_fraction"):
+        low, high = getattr(space, key)
+        if not 0 < low <= high <= 1:
+            raise ConfigError(f"{source}: {key} must be a range within (0, 1], got [{low}, {high}]")
 
 
 def load_study_config(path: Path) -> StudyConfig:

@@ -1,26 +1,44 @@
 """The search space: one function from an Optuna trial to an ArchSpec and a TrainConfig.
 
-Parameter names are stable and indexed (`b1_l2_width` is block 1's third conv), so a stored
-trial's params can be fed back through `optuna.trial.FixedTrial` to rebuild exactly what it trained.
+Parameter names are stable and indexed (`b1_l2_rel` is block 1's third conv), so a stored trial's
+params can be fed back through `optuna.trial.FixedTrial` to rebuild exactly what it trained.
+
+Version 2 is feasible by construction: it samples the topology, each conv's width relative to the
+others and the share of the budget to spend (`budget_fraction`), then scales all widths together
+to the largest net within that share, and caps each block's depth at what its feature map allows.
+Version 1 samples absolute widths (`b1_l2_width`), so most of its draws were over budget or
+shrank the map away; studies created with it still rebuild their trials through it.
+
+    python -m nas.space --sample 200                 # what a study file's space draws, untrained
 """
 
 from __future__ import annotations
 
+import math
+import statistics
+import sys
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import optuna
 
-from nas.spec import ArchSpec, BlockSpec, Preset, TrainConfig
+from nas.cli import ArgumentParser, non_negative_int, positive_int
+from nas.spec import ArchSpec, BlockSpec, Preset, SpecError, TrainConfig, count_params, layer_string, receptive_field
+
+VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
 class SpaceConfig:
     """Ranges searched; a (low, high) pair with low == high fixes that value without searching it."""
 
+    version: int = 2  # 2: widths scaled to the budget; 1: absolute widths (studies created before 2)
     blocks: tuple[int, int] = (2, 3)  # number of 3x3 blocks (max-pools sit between them)
-    layers: tuple[int, int] = (1, 4)  # 3x3 convs per block
-    width: tuple[int, int] = (4, 32)  # channels of any conv
+    layers: tuple[int, int] = (1, 4)  # 3x3 convs per block (version 2: capped where the map runs out)
+    width: tuple[int, int] = (4, 32)  # channels of any conv (version 2: the bounds scaled widths are held to)
+    relative_width: tuple[float, float] = (0.25, 1.0)  # version 2: a conv's width, relative to the others'
+    budget_fraction: tuple[float, float] = (0.5, 1.0)  # version 2: the share of the budget widths scale to
     first_padding: tuple[int, ...] = (0, 1)  # padding choices of the first block (later blocks: 0)
     tail_layers: tuple[int, int] = (0, 2)  # 1x1 convs before global pooling
     lr: tuple[float, float] = (5e-4, 5e-2)  # log scale
@@ -35,11 +53,15 @@ class SpaceConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SpaceConfig:
+        """A dict without `version` was stored by a study created before versions: version 1."""
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown search-space keys: {', '.join(sorted(unknown))}")
-        return cls(**{k: tuple(v) for k, v in data.items()})
+        scalar = [k for k, v in data.items() if k != "version" and not isinstance(v, (list, tuple))]
+        if scalar:
+            raise ValueError(f"search-space keys {', '.join(sorted(scalar))} take a list ([low, high] or choices)")
+        return cls(**{"version": 1, **{k: v if k == "version" else tuple(v) for k, v in data.items()}})
 
 
 def _int(trial: optuna.Trial, name: str, bounds: tuple[int, int]) -> int:
@@ -57,19 +79,16 @@ def _choice(trial: optuna.Trial, name: str, choices: tuple) -> Any:
 
 
 def suggest(
-    trial: optuna.Trial, space: SpaceConfig, epochs: int, seed: int
+    trial: optuna.Trial, space: SpaceConfig, epochs: int, seed: int, budget: int | None = None
 ) -> tuple[ArchSpec, TrainConfig]:
-    blocks = []
-    for i in range(_int(trial, "n_blocks", space.blocks)):
-        n_layers = _int(trial, f"b{i}_layers", space.layers)
-        widths = tuple(_int(trial, f"b{i}_l{j}_width", space.width) for j in range(n_layers))
-        padding = _choice(trial, "b0_padding", space.first_padding) if i == 0 else 0
-        blocks.append(BlockSpec(widths, padding))
-    tail = tuple(
-        _int(trial, f"tail{k}_width", space.width) for k in range(_int(trial, "tail_layers", space.tail_layers))
-    )
-    arch = ArchSpec(blocks=tuple(blocks), tail=tail, dropout=_float(trial, "dropout", space.dropout))
-
+    """The trial's architecture and training config. A version-2 space needs the study's `budget`
+    (strictly more parameters than the net may have); version 1 ignores it."""
+    if space.version == 1:
+        arch = _absolute_arch(trial, space)
+    elif budget is None:
+        raise ValueError("a version-2 search space scales widths to the budget: pass budget=")
+    else:
+        arch = _scaled_arch(trial, space, budget)
     scheduler = _choice(trial, "scheduler", space.scheduler)
     step = scheduler == "step"
     config = TrainConfig(
@@ -87,15 +106,116 @@ def suggest(
     return arch, config
 
 
-def params_for(preset: Preset) -> dict[str, Any]:
-    """The trial params that make `suggest` rebuild a preset (used to enqueue the seed's models)."""
-    arch, train = preset.arch, preset.train
+def _absolute_arch(trial: optuna.Trial, space: SpaceConfig) -> ArchSpec:
+    blocks = []
+    for i in range(_int(trial, "n_blocks", space.blocks)):
+        n_layers = _int(trial, f"b{i}_layers", space.layers)
+        widths = tuple(_int(trial, f"b{i}_l{j}_width", space.width) for j in range(n_layers))
+        padding = _choice(trial, "b0_padding", space.first_padding) if i == 0 else 0
+        blocks.append(BlockSpec(widths, padding))
+    tail = tuple(
+        _int(trial, f"tail{k}_width", space.width) for k in range(_int(trial, "tail_layers", space.tail_layers))
+    )
+    return ArchSpec(blocks=tuple(blocks), tail=tail, dropout=_float(trial, "dropout", space.dropout))
+
+
+def _scaled_arch(trial: optuna.Trial, space: SpaceConfig, budget: int) -> ArchSpec:
+    n_blocks = _int(trial, "n_blocks", space.blocks)
+    padding = _choice(trial, "b0_padding", space.first_padding)
+    size = ArchSpec(blocks=()).input_size
+    relative = []
+    for i in range(n_blocks):
+        if i > 0:
+            size //= 2
+        pad = padding if i == 0 else 0
+        n_layers = _int(trial, f"b{i}_layers", space.layers)
+        if not pad:
+            room = (size - _size_needed_after(n_blocks - 1 - i, space.layers[0])) // 2
+            n_layers = min(n_layers, max(room, space.layers[0]))  # below the minimum: left invalid
+            size -= 2 * n_layers
+        relative.append((tuple(_float(trial, f"b{i}_l{j}_rel", space.relative_width) for j in range(n_layers)), pad))
+    tail = tuple(
+        _float(trial, f"tail{k}_rel", space.relative_width) for k in range(_int(trial, "tail_layers", space.tail_layers))
+    )
+    target = _float(trial, "budget_fraction", space.budget_fraction) * budget
+    shape = ArchSpec(blocks=tuple(BlockSpec(rel, pad) for rel, pad in relative), tail=tail,
+                     dropout=_float(trial, "dropout", space.dropout))
+    return fit_widths(shape, space.width, min(target, budget - 1))
+
+
+def _size_needed_after(blocks_left: int, min_layers: int) -> int:
+    """The smallest map a block can hand on (before the pool) so that `blocks_left` unpadded blocks
+    of `min_layers` 3x3 convs still leave at least 1x1."""
+    size = 1
+    for _ in range(blocks_left):
+        size = 2 * (size + 2 * min_layers)
+    return size
+
+
+def scaled(shape: ArchSpec, scale: float, bounds: tuple[int, int]) -> ArchSpec:
+    """`shape` with relative widths as its widths: each times `scale`, rounded half up, held to `bounds`."""
+    low, high = bounds
+
+    def width(relative: float) -> int:
+        return min(high, max(low, math.floor(relative * scale + 0.5)))
+
+    return ArchSpec(
+        blocks=tuple(BlockSpec(tuple(map(width, b.widths)), b.padding) for b in shape.blocks),
+        tail=tuple(map(width, shape.tail)),
+        dropout=shape.dropout,
+    )
+
+
+def fit_widths(shape: ArchSpec, bounds: tuple[int, int], limit: float) -> ArchSpec:
+    """The widest scaling of `shape` with at most `limit` parameters; the narrowest one if none
+    fits, and the shape's topology as it is if its feature map shrinks away (count_params says so).
+
+    Widths never shrink as the scale grows, so the parameter count is monotone in it, and the
+    largest fitting scale is found by bisection."""
+    relative = [w for b in shape.blocks for w in b.widths] + list(shape.tail)
+    low, high = 0.0, bounds[1] / min(relative) + 1.0  # every width at bounds[0], at bounds[1]
+    try:
+        if count_params(scaled(shape, high, bounds)) <= limit:
+            return scaled(shape, high, bounds)
+    except SpecError:
+        return scaled(shape, low, bounds)
+    for _ in range(60):
+        middle = (low + high) / 2
+        if count_params(scaled(shape, middle, bounds)) <= limit:
+            low = middle
+        else:
+            high = middle
+    return scaled(shape, low, bounds)
+
+
+def params_for(preset: Preset, space: SpaceConfig | None = None, budget: int | None = None) -> dict[str, Any]:
+    """The trial params that make `suggest` (with this `space` and `budget`) rebuild a preset, as
+    used to enqueue the seed's models. Without a space: version 1's params."""
+    return params_of(preset.arch, preset.train, space or SpaceConfig(version=1), budget)
+
+
+def params_of(arch: ArchSpec, train: TrainConfig, space: SpaceConfig, budget: int | None = None) -> dict[str, Any]:
+    """The trial params that describe `arch` and `train` in `space`. Whether the space holds them
+    (widths and shares within its ranges) is for the caller to check, by rebuilding through
+    FixedTrial, which warns on a value out of range."""
     params: dict[str, Any] = {"n_blocks": len(arch.blocks), "b0_padding": arch.blocks[0].padding}
     for i, block in enumerate(arch.blocks):
         params[f"b{i}_layers"] = len(block.widths)
-        params.update({f"b{i}_l{j}_width": w for j, w in enumerate(block.widths)})
     params["tail_layers"] = len(arch.tail)
-    params.update({f"tail{k}_width": w for k, w in enumerate(arch.tail)})
+    if space.version == 1:
+        for i, block in enumerate(arch.blocks):
+            params.update({f"b{i}_l{j}_width": w for j, w in enumerate(block.widths)})
+        params.update({f"tail{k}_width": w for k, w in enumerate(arch.tail)})
+    else:
+        if budget is None:
+            raise ValueError("a version-2 search space scales widths to the budget: pass budget=")
+        widest = max(w for b in arch.blocks for w in (*b.widths, *arch.tail))
+        for i, block in enumerate(arch.blocks):
+            params.update({f"b{i}_l{j}_rel": w / widest for j, w in enumerate(block.widths)})
+        params.update({f"tail{k}_rel": w / widest for k, w in enumerate(arch.tail)})
+        # Half a parameter above the net's count: the widest scaling within it is this net, and
+        # floating-point error in fraction * budget cannot push it under.
+        params["budget_fraction"] = (count_params(arch) + 0.5) / budget
     params.update(
         dropout=arch.dropout,
         scheduler=train.scheduler,
@@ -117,3 +237,72 @@ def smallest_arch(space: SpaceConfig) -> ArchSpec:
         blocks=tuple(BlockSpec((width,) * space.layers[0]) for _ in range(space.blocks[0])),
         tail=(width,) * space.tail_layers[0],
     )
+
+
+# --- python -m nas.space --sample N ----------------------------------------------------------------
+
+
+def draw(space: SpaceConfig, budget: int, n: int, seed: int) -> list[ArchSpec]:
+    """`n` architectures from Optuna's RandomSampler, none trained: what a study's random start-up
+    trials draw, and where the TPE sampler starts from."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    return [suggest(study.ask(), space, 1, seed, budget)[0] for _ in range(n)]
+
+
+def sample_report(archs: list[ArchSpec], budget: int, examples: int = 5) -> list[str]:
+    """Lines saying how many of `archs` a study would reject, how large and how far-seeing the
+    others are, and a few of them as layer strings."""
+    counted = []
+    invalid = 0
+    for arch in archs:
+        try:
+            counted.append((count_params(arch), arch))
+        except SpecError:
+            invalid += 1
+    over = sum(1 for params, _ in counted if params >= budget)
+    fits = [(params, arch) for params, arch in counted if params < budget]
+    lines = [f"over budget or invalid: {over + invalid} of {len(archs)} ({(over + invalid) / len(archs):.1%}); "
+             f"{over} over budget, {invalid} invalid (feature map shrinks away)"]
+    if counted:
+        lines.append("parameters:      " + _spread([params for params, _ in counted], "{:,}"))
+    if fits:
+        lines.append("receptive field: " + _spread([receptive_field(arch) for _, arch in fits], "{}"))
+        distinct: dict[str, tuple[int, ArchSpec]] = {}
+        for params, arch in fits:
+            distinct.setdefault(layer_string(arch), (params, arch))
+        lines.append("examples:")
+        lines += [f"  {params:>6,} params, RF {receptive_field(arch):>2}: {text}"
+                  for text, (params, arch) in list(distinct.items())[:examples]]
+    return lines
+
+
+def _spread(values: list[int], style: str) -> str:
+    low, middle, high = min(values), statistics.median_low(values), max(values)
+    return f"min {style.format(low)}, median {style.format(middle)}, max {style.format(high)}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from nas.config import DEFAULT_STUDY_FILE, ConfigError, load_study_config  # nas.config imports this module
+
+    parser = ArgumentParser(prog="python -m nas.space",
+                            description="Draw candidates from a study file's search space, without training.")
+    parser.add_argument("--sample", type=positive_int, required=True, metavar="N", help="candidates to draw")
+    parser.add_argument("--study-file", type=Path, default=DEFAULT_STUDY_FILE,
+                        help=f"the study whose space and budget to draw from (default {DEFAULT_STUDY_FILE})")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="the RandomSampler's seed (default 0)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_study_config(args.study_file)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    archs = draw(config.space, config.budget, args.sample, args.seed)
+    print(f"{args.sample} candidates from {args.study_file} (space version {config.space.version}, "
+          f"budget {config.budget:,}), drawn by Optuna's RandomSampler (seed {args.seed}), none trained:")
+    print("\n".join(sample_report(archs, config.budget)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
