@@ -131,7 +131,7 @@ def _scaled_arch(trial: optuna.Trial, space: SpaceConfig, budget: int) -> ArchSp
         n_layers = _int(trial, f"b{i}_layers", space.layers)
         if not pad:
             room = (size - _size_needed_after(n_blocks - 1 - i, space.layers[0])) // 2
-            n_layers = min(n_layers, max(room, space.layers[0]))  # below the minimum: left invalid
+            n_layers = min(n_layers, max(room, space.layers[0]))  # no room for the minimum: count_params says so
             size -= 2 * n_layers
         relative.append((tuple(_float(trial, f"b{i}_l{j}_rel", space.relative_width) for j in range(n_layers)), pad))
     tail = tuple(
@@ -168,7 +168,7 @@ def scaled(shape: ArchSpec, scale: float, bounds: tuple[int, int]) -> ArchSpec:
 
 def fit_widths(shape: ArchSpec, bounds: tuple[int, int], limit: float) -> ArchSpec:
     """The widest scaling of `shape` with at most `limit` parameters; the narrowest one if none
-    fits, and the shape's topology as it is if its feature map shrinks away (count_params says so).
+    fits or if the feature map shrinks away (count_params then says so).
 
     Widths never shrink as the scale grows, so the parameter count is monotone in it, and the
     largest fitting scale is found by bisection."""
