@@ -134,9 +134,8 @@ def _scaled_arch(trial: optuna.Trial, space: SpaceConfig, budget: int) -> ArchSp
             n_layers = min(n_layers, max(room, space.layers[0]))  # no room for the minimum: count_params says so
             size -= 2 * n_layers
         relative.append((tuple(_float(trial, f"b{i}_l{j}_rel", space.relative_width) for j in range(n_layers)), pad))
-    tail = tuple(
-        _float(trial, f"tail{k}_rel", space.relative_width) for k in range(_int(trial, "tail_layers", space.tail_layers))
-    )
+    n_tail = _int(trial, "tail_layers", space.tail_layers)
+    tail = tuple(_float(trial, f"tail{k}_rel", space.relative_width) for k in range(n_tail))
     target = _float(trial, "budget_fraction", space.budget_fraction) * budget
     shape = ArchSpec(blocks=tuple(BlockSpec(rel, pad) for rel, pad in relative), tail=tail,
                      dropout=_float(trial, "dropout", space.dropout))
