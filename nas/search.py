@@ -133,7 +133,8 @@ class Objective:
         resolve_precision(options.precision, device)  # fails here, not in the first trial
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
-        arch, train_config = suggest(trial, self.config.space, self.options.epochs, self.options.seed)
+        arch, train_config = suggest(trial, self.config.space, self.options.epochs, self.options.seed,
+                                     budget=self.config.budget)
         try:
             params = count_params(arch)
         except SpecError as exc:
@@ -275,7 +276,7 @@ def warm_start(study: optuna.Study, export: dict, config: StudyConfig) -> tuple[
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)  # a value outside this space's ranges
             try:
-                arch, _ = suggest(trial, config.space, config.epochs, 0)
+                arch, _ = suggest(trial, config.space, config.epochs, 0, budget=config.budget)
                 fits = count_params(arch) < config.budget
             except (UserWarning, ValueError, SpecError):
                 fits = False
@@ -303,13 +304,14 @@ def enqueue_presets(study: optuna.Study, config: StudyConfig, names: tuple[str, 
         if name in present:
             continue
         preset = PRESETS[name]
-        params = params_for(preset)
         with warnings.catch_warnings():
             # FixedTrial only warns when a value lies outside its distribution's range.
             warnings.simplefilter("error", UserWarning)
             try:
-                arch, train_config = suggest(optuna.trial.FixedTrial(params), config.space, preset.train.epochs, 0)
-            except (UserWarning, ValueError):
+                params = params_for(preset, config.space, config.budget)
+                arch, train_config = suggest(optuna.trial.FixedTrial(params), config.space, preset.train.epochs, 0,
+                                             budget=config.budget)
+            except (UserWarning, ValueError, SpecError):
                 arch, train_config = None, None
         if arch != preset.arch or dataclasses.replace(train_config, epochs=preset.train.epochs) != preset.train:
             print(f"note: {name} lies outside this study's search space; not enqueued", file=sys.stderr)

@@ -136,7 +136,8 @@ class ReplayError(RuntimeError):
 def rebuild(trial: FrozenTrial, config: StudyConfig) -> tuple[ArchSpec, TrainConfig]:
     """The same space function the search ran, fed the stored params."""
     stored = trial.user_attrs["train"]
-    arch, train_config = suggest(FixedTrial(trial.params, trial.number), config.space, stored["epochs"], stored["seed"])
+    arch, train_config = suggest(FixedTrial(trial.params, trial.number), config.space, stored["epochs"],
+                                 stored["seed"], budget=config.budget)
     if arch != ArchSpec.from_dict(trial.user_attrs["arch"]):
         raise ReplayError(f"trial {trial.number}: the search space no longer rebuilds the stored architecture")
     return arch, train_config

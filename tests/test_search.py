@@ -1,3 +1,5 @@
+import tomllib
+
 import optuna
 import pytest
 import torch
@@ -26,7 +28,8 @@ def test_model3_runs_first_and_only_once(searched):
     first = study.trials[0]
     assert first.user_attrs["preset"] == "model3"
     assert first.user_attrs["params"] == 7918
-    assert first.params == params_for(PRESETS["model3"])
+    config = parse_study_config(tomllib.loads(open(STUDY_FILE).read()))
+    assert first.params == params_for(PRESETS["model3"], config.space, config.budget)
     assert sum(t.user_attrs.get("preset") == "model3" for t in study.trials) == 1
 
 
