@@ -22,13 +22,13 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from nas import data
 from nas.cli import ArgumentParser, positive_int
 from nas.config import ConfigError, StudyConfig, load_study_config
-from nas.space import params_for, suggest
+from nas.space import params_for, params_of, suggest
 from nas.spec import PRESETS, ArchSpec, SpecError, TrainConfig, count_params, layer_string, receptive_field
 from nas.storage import StorageError, artifact_dir_for, default_url, open_storage
 from nas.summary import summary_table
@@ -264,33 +264,50 @@ def create_or_load(storage: optuna.storages.BaseStorage, options: RunOptions, co
 
 
 def warm_start(study: optuna.Study, export: dict, config: StudyConfig) -> tuple[int, int]:
-    """Adds the exported trials that this study's space rebuilds to the same architecture within
-    its budget, with this space's distributions, so the sampler starts from them. They are marked
-    `warm_start` and do not count toward --trials. Returns (added, skipped)."""
+    """Adds the exported trials whose architecture and training config this study's space can
+    express within its budget, re-expressed in this space's params and distributions (a study of
+    another space version or budget words the same net differently), so the sampler starts from
+    them. They are marked `warm_start` and do not count toward --trials. Returns (added, skipped)."""
     scratch = optuna.create_study(directions=config.directions)  # in memory: records this space's distributions
     added = []
     for exported in export["trials"]:
         stored = trial_from_dict(exported)
-        scratch.enqueue_trial(stored.params)
-        trial = scratch.ask()
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", UserWarning)  # a value outside this space's ranges
-            try:
-                arch, _ = suggest(trial, config.space, config.epochs, 0, budget=config.budget)
-                fits = count_params(arch) < config.budget
-            except (UserWarning, ValueError, SpecError):
-                fits = False
-        fits = (fits and set(trial.params) == set(stored.params) and "arch" in stored.user_attrs
-                and arch == ArchSpec.from_dict(stored.user_attrs["arch"]) and len(stored.values or ()) in (0, len(config.directions)))
-        scratch.tell(trial, state=TrialState.FAIL)
-        if not fits:
+        rebuilt = _reexpress(scratch, stored, config)
+        if rebuilt is None or len(stored.values or ()) not in (0, len(config.directions)):
             continue
         added.append(optuna.trial.create_trial(
-            state=stored.state, values=stored.values, params=trial.params, distributions=trial.distributions,
+            state=stored.state, values=stored.values, params=rebuilt.params, distributions=rebuilt.distributions,
             intermediate_values=stored.intermediate_values,
             user_attrs={**stored.user_attrs, "warm_start": export["study"]}))
     study.add_trials(added)
     return len(added), len(export["trials"]) - len(added)
+
+
+def _reexpress(scratch: optuna.Study, stored: FrozenTrial, config: StudyConfig) -> optuna.Trial | None:
+    """A trial of `scratch` whose params make this study's space rebuild `stored`'s architecture
+    and training config (epochs and seed aside) within the budget, or None."""
+    if "arch" not in stored.user_attrs or "train" not in stored.user_attrs:
+        return None
+    arch, train_config = ArchSpec.from_dict(stored.user_attrs["arch"]), TrainConfig.from_dict(stored.user_attrs["train"])
+    if count_params(arch) >= config.budget:
+        return None
+    for params in (stored.params, None):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # a value outside this space's ranges
+            try:
+                params = params if params is not None else params_of(arch, train_config, config.space, config.budget)
+                scratch.enqueue_trial(params)
+                trial = scratch.ask()
+                got_arch, got_train = suggest(trial, config.space, train_config.epochs, train_config.seed,
+                                              budget=config.budget)
+            except (UserWarning, ValueError, SpecError):
+                continue
+            finally:
+                for running in scratch.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                    scratch.tell(running.number, state=TrialState.FAIL)
+        if got_arch == arch and got_train == train_config and set(trial.params) == set(params):
+            return trial
+    return None
 
 
 def enqueue_presets(study: optuna.Study, config: StudyConfig, names: tuple[str, ...], fresh: bool) -> None:

@@ -66,3 +66,23 @@ def test_warm_start_brings_in_what_fits_and_does_not_count_it(study_url, data_di
     err = capsys.readouterr().err
     assert f"{len(fitting)} trials added to the history, {len(exported) - len(fitting)} skipped" in err
     assert len(trials.finished_trials(study)) == 1  # --trials counts this study's own
+
+
+def test_warm_start_re_expresses_an_older_space_versions_trials(tmp_path, capsys):
+    """The previous release's study (space version 1, absolute widths) into a version-2 study:
+    a net the new space can word (Model 3) joins with new params that rebuild it; those it can't
+    are skipped (trial 1: a width under a quarter of the widest; trial 2: 3,719 params, under half
+    the budget)."""
+    from pathlib import Path
+
+    from nas.config import load_study_config
+    from nas.spec import ArchSpec
+
+    fixture = export.load_export(Path(__file__).parent / "fixtures" / "study-v0.json")
+    config = load_study_config(Path("studies/mnist-8k.toml"))
+    study = optuna.create_study(directions=config.directions)
+    assert search.warm_start(study, fixture, config) == (1, 2)
+    assert [t.user_attrs["exported_number"] for t in study.trials] == [0]
+    for t in study.trials:
+        rebuilt, _ = search.suggest(optuna.trial.FixedTrial(t.params), config.space, 15, 0, budget=config.budget)
+        assert rebuilt == ArchSpec.from_dict(t.user_attrs["arch"]) and "budget_fraction" in t.params
