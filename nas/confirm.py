@@ -170,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
                     stored = confirm_one(candidate, config_seed, run, mnist, args, splits, config.score_epochs)
                     study.set_user_attr(key, stored)
                 results[candidate.label].append(stored)
+                last = min(config.score_epochs, stored["epochs"])
                 print(f"{candidate.label} seed {seed}: {stored['score']:.3f}% "
-                      f"({'test' if args.test else 'validation'}, mean of last {config.score_epochs} epochs)",
+                      f"({'test' if args.test else 'validation'}, mean of the last {last} epoch{'s' * (last > 1)})",
                       flush=True)
     except DivergedError as exc:
         print(f"error: {exc}", file=sys.stderr)
