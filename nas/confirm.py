@@ -32,12 +32,12 @@ from nas import data
 from nas.cli import ArgumentParser, positive_int
 from nas.config import StudyConfig
 from nas.spec import PRESETS, ArchSpec, TrainConfig, count_params
-from nas.storage import StorageError, default_url, open_storage
+from nas.storage import StorageError, default_url
 from nas.cpu import tune_allocator
 from nas.train import DivergedError, resolve_run, train
 from nas.run import RunRecord
-from nas.trials import (BASELINE, ReplayError, config_from_study, confirm_key, ranked_trials, rebuild, score,
-                        stored_run)
+from nas.trials import (BASELINE, ReplayError, config_from_study, confirm_key, open_study, ranked_trials, rebuild,
+                        score, stored_run)
 
 # Student's t, two-sided 95% (0.975 quantile), by degrees of freedom.
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
@@ -138,11 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     storage_url = args.storage or default_url(args.study)
     prefix = "confirm-test" if args.test else "confirm"
     try:
-        storage = open_storage(storage_url, must_exist=True)
-        try:
-            study = optuna.load_study(study_name=args.study, storage=storage)
-        except KeyError:
-            raise ConfirmError(f"no study named {args.study!r} in {storage_url}") from None
+        study = open_study(storage_url, args.study)
         config = config_from_study(study)
         candidates = pick_candidates(study, config, args.top, args.device)
         root = data.resolve_data_dir(args.data_dir)

@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nas.cli import ArgumentParser
 from nas.storage import StorageError, default_url, open_storage
-from nas.trials import FINISHED, is_rejected
+from nas.trials import FINISHED, is_rejected, open_study
 
 FORMAT = "nas-study-export"
 VERSION = 1
@@ -137,11 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         args.study = args.study or "mnist-8k"
         url = args.storage or default_url(args.study)
-        storage = open_storage(url, must_exist=True)
-        try:
-            study = optuna.load_study(study_name=args.study, storage=storage)
-        except KeyError:
-            raise ExportError(f"no study named {args.study!r} in {url}") from None
+        study = open_study(url, args.study)
         export = export_study(study)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(export, indent=1, sort_keys=True) + "\n")

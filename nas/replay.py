@@ -28,6 +28,7 @@ from nas.trials import (
     rebuild,
     stored_run,
     checkpoint,
+    open_study,
     confirmed_best,
     config_from_study,
     epochs_to_target,
@@ -36,7 +37,7 @@ from nas.trials import (
     score,
 )
 from nas.spec import ArchSpec, count_params
-from nas.storage import StorageError, default_url, open_storage
+from nas.storage import StorageError, default_url
 from nas.summary import summary_table
 from nas.cpu import tune_allocator
 from nas.train import EpochResult, epoch_line, evaluate, train
@@ -94,11 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage_url = args.storage or default_url(args.study)
     try:
-        storage = open_storage(storage_url, must_exist=True)
-        try:
-            study = optuna.load_study(study_name=args.study, storage=storage)
-        except KeyError:
-            raise ReplayError(f"no study named {args.study!r} in {storage_url}") from None
+        study = open_study(storage_url, args.study)
         trial = pick_trial(study, args.trial)
         config = config_from_study(study)
         arch, train_config = rebuild(trial, config)

@@ -21,15 +21,16 @@ from optuna.trial import FrozenTrial
 
 from nas.cli import ArgumentParser, positive_int
 from nas.trials import (
+    DEFAULT_STUDY,
+    open_study,
     is_multi_objective,
     pareto_trials,
     ranked_trials,
     trial_counts,
     trials_table,
 )
-from nas.storage import StorageError, default_url, open_storage
+from nas.storage import StorageError, default_url
 
-DEFAULT_STUDY = "mnist-8k"
 ACCURACY_LABEL = "validation accuracy (%)"
 
 
@@ -45,17 +46,6 @@ class Section:
 
 
 # --- loading ------------------------------------------------------------------------------------
-
-
-def load_study(storage: optuna.storages.BaseStorage, url: str, name: str | None) -> optuna.Study:
-    """The named study; without a name, the storage's only study (or mnist-8k among several)."""
-    names = optuna.get_all_study_names(storage)
-    if name is None:
-        name = names[0] if len(names) == 1 else DEFAULT_STUDY
-    if name not in names:
-        known = f"; it holds {', '.join(sorted(names))}" if names else "; it holds no study"
-        raise ReportError(f"no study named {name!r} in {url}{known}")
-    return optuna.load_study(study_name=name, storage=storage)
 
 
 def budget_of(study: optuna.Study) -> int | None:
@@ -268,8 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     url = args.storage or default_url(args.study or DEFAULT_STUDY)
     try:
-        storage = open_storage(url, must_exist=True)
-        study = load_study(storage, url, args.study)
+        study = open_study(url, args.study)
         out = args.out or Path("runs") / "report" / study.study_name
         written = write_report(study, url, out, args.top)
     except (ReportError, StorageError) as exc:

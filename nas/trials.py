@@ -16,11 +16,26 @@ from nas.config import StudyConfig
 from nas.run import RunRecord, record_of
 from nas.space import SpaceConfig, suggest
 from nas.spec import ArchSpec, TrainConfig
+from nas.storage import StorageError, open_storage
 from nas.cpu import resolve_precision
 from nas.train import resolve_device
 
+DEFAULT_STUDY = "mnist-8k"
 TARGET_ACCURACY = 99.4  # the seed's bar: "consistent 99.4%"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def open_study(url: str, name: str | None = None) -> optuna.Study:
+    """The named study of an existing storage; without a name, its only study (or mnist-8k among
+    several). Raises StorageError, naming the studies it holds, where there is no such study."""
+    storage = open_storage(url, must_exist=True)
+    names = optuna.get_all_study_names(storage)
+    if name is None:
+        name = names[0] if len(names) == 1 else DEFAULT_STUDY
+    if name not in names:
+        known = f"; it holds {', '.join(sorted(names))}" if names else "; it holds no study"
+        raise StorageError(f"no study named {name!r} in {url}{known}")
+    return optuna.load_study(study_name=name, storage=storage)
 
 
 def score(accuracies: list[float], last: int) -> float:
