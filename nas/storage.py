@@ -1,9 +1,11 @@
 """Turning a storage URL into an Optuna storage, with heartbeats so a killed worker's trial is
-failed and retried instead of staying RUNNING forever."""
+failed and retried instead of staying RUNNING forever, and patience so that a database outage of
+up to NAS_STORAGE_OUTAGE_SECONDS costs no trial (nas.outage)."""
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -15,6 +17,8 @@ from filelock import FileLock
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
+from nas.outage import OUTAGE_SECONDS, PatientStorage
+
 # A running trial's worker writes a heartbeat this often; a trial whose heartbeat is GRACE_SECONDS
 # old is stale (its worker died): failed, then retried once. The environment can shorten both
 # (the tests kill workers and should not wait half a minute).
@@ -24,8 +28,7 @@ MAX_RETRY = 1
 SQLITE_BUSY_TIMEOUT = 60  # seconds a SQLite writer waits on the lock instead of failing at once
 
 
-
-class SQLiteStorage(RDBStorage):
+class SQLiteStorage(PatientStorage):
     """RDBStorage for one SQLite file shared by several worker processes.
 
     A worker claims a queued (WAITING) trial, such as the enqueued Model 3, by reading that it is
@@ -69,6 +72,16 @@ def heartbeat_settings() -> tuple[int, int]:
         raise StorageError(f"the grace period ({grace} s, NAS_GRACE_SECONDS) must be longer than the "
                            f"heartbeat interval ({interval} s, NAS_HEARTBEAT_SECONDS)")
     return interval, grace
+
+
+def outage_seconds() -> int:
+    """How long a worker waits for an unreachable storage before it stops: the default, or
+    NAS_STORAGE_OUTAGE_SECONDS."""
+    return env_seconds("NAS_STORAGE_OUTAGE_SECONDS", OUTAGE_SECONDS)
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def created_once(open_rdb: Callable[[], RDBStorage], attempts: int = 5) -> RDBStorage:
@@ -119,18 +132,19 @@ def open_storage(url: str, must_exist: bool = False) -> optuna.storages.BaseStor
         if not file.parent.is_dir():
             raise StorageError(f"{url}: directory {file.parent} does not exist")
     interval, grace = heartbeat_settings()
+    patience = {"outage_seconds": outage_seconds(), "notify": say}
     try:
         with warnings.catch_warnings():
             # Optuna marks heartbeats and their retry callback experimental; they are what makes
             # a killed worker's trial come back, so a user has nothing to act on in the warning.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return _open(url, interval, grace)
+            return _open(url, interval, grace, patience)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StorageError(f"cannot open storage {url}: {reason}") from None
 
 
-def _open(url: str, interval: int, grace: int) -> optuna.storages.BaseStorage:
+def _open(url: str, interval: int, grace: int, patience: dict) -> optuna.storages.BaseStorage:
     if journal_path(url) is not None:
         # Optuna's journal storage has no heartbeat: a killed worker's trial stays RUNNING.
         return JournalStorage(JournalFileBackend(str(journal_path(url))))
@@ -140,5 +154,7 @@ def _open(url: str, interval: int, grace: int) -> optuna.storages.BaseStorage:
     if database is not None:
         return created_once(lambda: SQLiteStorage(
             url, database.with_name(database.name + ".lock"),
-            engine_kwargs={"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}, **heartbeat))
-    return created_once(lambda: RDBStorage(url, **heartbeat))
+            engine_kwargs={"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}, **heartbeat, **patience))
+    # pool_pre_ping: after a server restart, pooled connections are dead; test each on checkout
+    # and open a new one, instead of failing the first statement on it.
+    return created_once(lambda: PatientStorage(url, engine_kwargs={"pool_pre_ping": True}, **heartbeat, **patience))

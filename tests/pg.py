@@ -46,19 +46,34 @@ class Server:
     def available(self) -> bool:
         return bool(self.initdb and self.pg_ctl)
 
-    def run(self, *args: str) -> None:
+    def run(self, *args: str, output: bool = True) -> None:
         command = list(args)
         if self.as_postgres:
             command = ["runuser", "-u", "postgres", "--", *command]
-        subprocess.run(command, check=True, capture_output=True, text=True)
+        if output:
+            subprocess.run(command, check=True, capture_output=True, text=True)
+        else:  # a server it starts keeps its output open, and a pipe would never see the end
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
 
     def start(self) -> None:
         if self.as_postgres:
             shutil.chown(self.data.parent, "postgres", "postgres")
         self.run(self.initdb, "-D", str(self.data), "-U", USER, "--auth=trust", "--no-sync")
+        self.start_again()
+
+    def start_again(self) -> None:
+        """Start the initialized server (after stop_server), on the same port."""
         options = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off"
         self.run(self.pg_ctl, "-D", str(self.data), "-o", options, "-l", str(self.data / "server.log"),
                  "-w", "start")
+
+    def restart(self) -> None:
+        """What an administrator's restart does: every session is cut, then the server comes back."""
+        self.run(self.pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "restart", output=False)
+
+    def stop_server(self) -> None:
+        """Stop it, cutting every session, until start_again."""
+        self.run(self.pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "stop")
 
     def create_database(self, name: str) -> str:
         """A fresh database; returns its SQLAlchemy URL."""

@@ -1,0 +1,154 @@
+"""nas.outage: a storage that waits out a database outage, or ends with one line past the limit.
+SQLite's lock and a full database file here; PostgreSQL restarted and stopped under a running
+study below."""
+
+from __future__ import annotations
+
+import pickle
+import sqlite3
+import threading
+
+import optuna
+import pytest
+import sqlalchemy
+import sqlalchemy.exc
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+
+from nas import outage, storage
+from nas.outage import CREATE_KEY, PatientStorage, StorageUnavailable, is_outage, reason
+from nas.storage import open_storage
+
+# These tests ask and tell by hand on a storage with heartbeats, which Optuna pairs with optimize().
+pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+
+
+def operational(message: str) -> sqlalchemy.exc.OperationalError:
+    return sqlalchemy.exc.OperationalError("SELECT 1", {}, sqlite3.OperationalError(message))
+
+
+def wrapped(exc: Exception) -> optuna.exceptions.StorageInternalError:
+    try:
+        raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from exc
+    except optuna.exceptions.StorageInternalError as wrapper:
+        return wrapper
+
+
+def test_outages_are_told_from_bad_requests():
+    assert is_outage(operational("database is locked"))
+    assert is_outage(wrapped(operational("server closed the connection unexpectedly")))
+    assert not is_outage(wrapped(sqlalchemy.exc.DataError("INSERT", {}, ValueError("value too long"))))
+    assert not is_outage(optuna.exceptions.StorageInternalError("no cause"))
+    assert not is_outage(ValueError("Cannot tell a FAIL trial."))
+    assert reason(wrapped(operational("connection refused\n\tIs the server running?"))) == "connection refused"
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    """A one-second limit, short first waits, and a SQLite busy timeout of a fifth of a second."""
+    monkeypatch.setenv("NAS_STORAGE_OUTAGE_SECONDS", "1")
+    monkeypatch.setattr(outage, "FIRST_DELAY", 0.1)
+    monkeypatch.setattr(storage, "SQLITE_BUSY_TIMEOUT", 0.2)
+
+
+def new_study(url: str) -> optuna.Study:
+    return optuna.create_study(study_name="s", storage=open_storage(url))
+
+
+def test_a_lock_held_past_the_limit_ends_with_one_line_and_the_study_stays_usable(tmp_path, fast, capsys):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = new_study(url)
+    holder = sqlite3.connect(tmp_path / "s.db")
+    holder.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(StorageUnavailable) as raised:
+        study.ask()
+    holder.rollback()
+    assert raised.value.code == str(raised.value)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"storage {url} unreachable (database is locked); retrying for up to 1 s"]
+    assert str(raised.value).startswith(f"error: storage {url} unreachable for 1 s (database is locked); rerun")
+    with pytest.raises(StorageUnavailable):  # a storage that gave up stays given up, in every thread
+        study.trials
+    again = optuna.load_study(study_name="s", storage=open_storage(url))
+    trial = again.ask()
+    again.tell(trial, 1.0)
+    assert [t.state for t in again.trials] == [TrialState.COMPLETE]
+
+
+def test_a_lock_released_within_the_limit_costs_one_line_and_nothing_else(tmp_path, fast, monkeypatch, capsys):
+    monkeypatch.setenv("NAS_STORAGE_OUTAGE_SECONDS", "30")
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = new_study(url)
+    trial = study.ask()
+    holder = sqlite3.connect(tmp_path / "s.db", check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    release = threading.Timer(1.0, holder.rollback)
+    release.start()
+    trial.set_user_attr("epoch_acc", [97.5])
+    study.tell(trial, 97.5)
+    release.join()
+    assert capsys.readouterr().err.splitlines() == [
+        f"storage {url} unreachable (database is locked); retrying for up to 30 s"]
+    assert study.trials[0].user_attrs == {"epoch_acc": [97.5]} and study.trials[0].value == 97.5
+
+
+def test_a_full_database_file_ends_with_one_line_and_the_study_stays_usable(tmp_path, fast, capsys):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = new_study(url)
+    trial = study.ask()
+    pages = sqlite3.connect(tmp_path / "s.db").execute("PRAGMA page_count").fetchone()[0]
+    # The disk fills up: the file may not grow past its present size.
+    engine = study._storage._backend.engine
+    sqlalchemy.event.listen(engine, "connect", lambda conn, _: conn.execute(f"PRAGMA max_page_count = {pages}"))
+    engine.dispose()
+    with pytest.raises(StorageUnavailable, match=r"unreachable for 1 s \(database or disk is full\)"):
+        trial.set_user_attr("notes", "x" * 100_000)
+    assert "database or disk is full" in capsys.readouterr().err
+    again = optuna.load_study(study_name="s", storage=open_storage(url))
+    again.tell(again.trials[0].number, 1.0)
+    assert [t.state for t in again.trials] == [TrialState.COMPLETE]
+
+
+def answer_lost_once(monkeypatch, cls, name):
+    """The write reaches the database, but its answer does not come back, once."""
+    original, lost = getattr(cls, name), []
+
+    def call(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if not lost:
+            lost.append(True)
+            raise wrapped(operational("server closed the connection unexpectedly"))
+        return result
+
+    monkeypatch.setattr(cls, name, call)
+    return lost
+
+
+def test_a_state_change_whose_answer_was_lost_is_not_made_twice(tmp_path, fast, monkeypatch):
+    study = new_study(f"sqlite:///{tmp_path / 's.db'}")
+    trial = study.ask()
+    lost = answer_lost_once(monkeypatch, RDBStorage, "set_trial_state_values")
+    study.tell(trial, 99.0)  # a plain repeat would find it COMPLETE and raise UpdateFinishedTrialError
+    assert lost and [(t.state, t.value) for t in study.trials] == [(TrialState.COMPLETE, 99.0)]
+
+
+def test_a_new_trial_whose_answer_was_lost_is_created_once(tmp_path, fast, monkeypatch):
+    study = new_study(f"sqlite:///{tmp_path / 's.db'}")
+    lost = answer_lost_once(monkeypatch, RDBStorage, "_create_new_trial")
+    trial = study.ask()
+    assert lost and [t.number for t in study.trials] == [trial.number]
+    assert CREATE_KEY in study.trials[0].system_attrs
+    study.tell(trial, 1.0)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]
+
+
+def test_the_limit_comes_from_the_environment_and_the_storage_pickles(tmp_path, monkeypatch):
+    monkeypatch.delenv("NAS_STORAGE_OUTAGE_SECONDS", raising=False)
+    opened = open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    assert opened.outage_seconds == 60
+    assert pickle.loads(pickle.dumps(opened)).outage_seconds == 60
+    monkeypatch.setenv("NAS_STORAGE_OUTAGE_SECONDS", "5")
+    assert open_storage(f"sqlite:///{tmp_path / 's.db'}").outage_seconds == 5
+    monkeypatch.setenv("NAS_STORAGE_OUTAGE_SECONDS", "soon")
+    with pytest.raises(storage.StorageError, match="NAS_STORAGE_OUTAGE_SECONDS must be a whole number"):
+        open_storage(f"sqlite:///{tmp_path / 's.db'}")
