@@ -199,3 +199,15 @@ class PatientStorage(RDBStorage):
             if landed is not None:
                 return landed
         return super()._get_prepared_new_trial(study_id, template_trial, session)
+
+
+def lost_to_a_peer(exc: BaseException) -> bool:
+    """Whether a trial could not be stored because the storage holds it as finished already: while
+    this worker's heartbeat could not reach the storage, a peer failed the trial as stale and
+    queued its retry. Optuna says so from a write during the trial (UpdateFinishedTrialError) or
+    from the final tell (ValueError "Cannot tell a FAIL trial."), which its trial loop then turns
+    into an AssertionError ("Should not reach.") raised while handling it."""
+    if isinstance(exc, AssertionError):
+        exc = exc.__context__
+    return (isinstance(exc, optuna.exceptions.UpdateFinishedTrialError)
+            or isinstance(exc, ValueError) and str(exc).startswith("Cannot tell a "))

@@ -15,6 +15,7 @@ import json
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from nas.cli import ArgumentParser, positive_int
 from nas.config import ConfigError, StudyConfig, load_study_config
 from nas.space import params_for, params_of, suggest
 from nas.spec import PRESETS, ArchSpec, SpecError, TrainConfig, count_params, layer_string, receptive_field
+from nas.outage import lost_to_a_peer
 from nas.storage import StorageError, artifact_dir_for, default_url, open_storage
 from nas.summary import summary_table
 from nas.export import ExportError, load_export, trial_from_dict
@@ -361,9 +363,18 @@ def run_worker(options: RunOptions, config: StudyConfig, split: data.Split | Non
     if options.worker == 0 and not options.quiet and options.threads is None:
         bar = ProgressBar(study, options.trials, disable=False)
         callbacks.append(bar)
+    deadline = None if options.timeout is None else time.monotonic() + options.timeout
     try:
-        study.optimize(objective, timeout=options.timeout, callbacks=callbacks, catch=(),
-                       gc_after_trial=False)
+        while len(finished_trials(study)) < options.trials:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                study.optimize(objective, timeout=timeout, callbacks=callbacks, catch=(), gc_after_trial=False)
+                break
+            except (optuna.exceptions.UpdateFinishedTrialError, ValueError, AssertionError) as exc:
+                if not lost_to_a_peer(exc):
+                    raise
+                print(f"worker {options.worker}: a peer failed this worker's trial as stale while the storage "
+                      "was unreachable, and queued its retry; this result is dropped", file=sys.stderr, flush=True)
     finally:
         if bar:
             bar.close()

@@ -15,7 +15,8 @@ import sqlalchemy.exc
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from nas import outage, storage
+from nas import outage, search, storage
+from nas.config import StudyConfig
 from nas.outage import CREATE_KEY, PatientStorage, StorageUnavailable, is_outage, reason
 from nas.storage import open_storage
 
@@ -152,3 +153,37 @@ def test_the_limit_comes_from_the_environment_and_the_storage_pickles(tmp_path, 
     monkeypatch.setenv("NAS_STORAGE_OUTAGE_SECONDS", "soon")
     with pytest.raises(storage.StorageError, match="NAS_STORAGE_OUTAGE_SECONDS must be a whole number"):
         open_storage(f"sqlite:///{tmp_path / 's.db'}")
+
+
+class PeerFailsTheFirstTrial:
+    """An objective whose first trial a peer fails as stale while it trains, as happens when this
+    worker's heartbeat could not reach the storage for longer than the grace period. The worker
+    finds out when it stores the result, or, with `write_after`, at its next write (an epoch's
+    accuracy)."""
+
+    def __init__(self, url: str, write_after: bool):
+        self.url, self.write_after, self.calls = url, write_after, 0
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        self.calls += 1
+        if self.calls == 1:
+            RDBStorage(self.url).set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            if self.write_after:
+                trial.set_user_attr("epoch_acc", [1.0])
+        return float(self.calls)
+
+
+@pytest.mark.parametrize("write_after", [False, True])
+def test_a_trial_a_peer_failed_during_the_outage_is_dropped_in_one_line(tmp_path, monkeypatch, capsys, write_after):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    optuna.create_study(study_name="s", storage=open_storage(url), direction="maximize")
+    objective = PeerFailsTheFirstTrial(url, write_after)
+    monkeypatch.setattr(search, "Objective", lambda *args: objective)
+    options = search.RunOptions(storage=url, study="s", trials=2, epochs=1, subset=None, seed=0, device="cpu",
+                                data_dir=str(tmp_path), threads=1, worker=1)
+    search.run_worker(options, StudyConfig(pruner="none"), split="the objective brings its own")
+    assert capsys.readouterr().err.splitlines() == [
+        "worker 1: a peer failed this worker's trial as stale while the storage was unreachable, "
+        "and queued its retry; this result is dropped"]
+    study = optuna.load_study(study_name="s", storage=url)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
