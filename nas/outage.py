@@ -47,95 +47,106 @@ class StorageUnavailable(SystemExit):
 
     A SystemExit, so that every command ends with that line and status 1, never a traceback:
     Optuna's trial loop records an ordinary exception as the trial's failure (one more storage
-    call, which would wait out the limit again) and re-raises it, and a heartbeat thread would
-    print one; both let SystemExit pass, and a thread ends on it quietly. Catch it to carry on."""
+    call) and re-raises it, where it lets SystemExit pass; a spawned worker process prints the
+    line and exits 1. Catch it to carry on."""
 
     def __str__(self) -> str:
         return str(self.code)
 
 
-def is_outage(exc: BaseException) -> bool:
+def is_outage(exc: BaseException | None) -> bool:
     """Whether `exc` says the database cannot be reached or written for now, rather than that the
-    request was wrong: worth waiting for."""
-    if isinstance(exc, optuna.exceptions.StorageInternalError):
-        exc = exc.__cause__  # Optuna wraps every SQLAlchemy error raised in a session in this
-    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError))
+    request was wrong: worth waiting for. Optuna wraps every SQLAlchemy error raised in a session
+    in StorageInternalError, and a query it repeats in the same session after a lost connection
+    fails with PendingRollbackError, so the whole chain of causes counts."""
+    while exc is not None:
+        if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
+            return True
+        if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def reason(exc: BaseException) -> str:
     """The database's own first line for an outage, e.g. "Connection refused"."""
-    cause = exc.__cause__ if isinstance(exc, optuna.exceptions.StorageInternalError) else exc
-    cause = getattr(cause, "orig", None) or cause  # the driver's error inside SQLAlchemy's
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, sqlalchemy.exc.DBAPIError):
+        cause = cause.__cause__ or cause.__context__
+    cause = getattr(cause, "orig", None) or cause or exc  # the driver's error inside SQLAlchemy's
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    return lines[0] if lines else type(cause).__name__
+    # psycopg prefixes where it tried ('connection failed: connection to server at ...: '); the
+    # storage URL says that already.
+    return lines[0].rsplit(": ", 1)[-1] if lines else type(cause).__name__
 
 
-def _patient(method: Callable) -> Callable:
-    @functools.wraps(method)
-    def call(self: PatientStorage, *args: Any, **kwargs: Any) -> Any:
-        return self.patiently(method, self, *args, **kwargs)
+class Patience:
+    """Calls into one storage that wait out an outage of up to `seconds`, shared by a process's
+    threads (the heartbeat thread meets the same outage). `notify` gets one line when an outage
+    begins; past the limit every call raises StorageUnavailable, from then on."""
 
-    return call
-
-
-class PatientStorage(RDBStorage):
-    """RDBStorage whose calls wait out an outage of up to `outage_seconds`. `notify` gets one line
-    when an outage begins; past the limit every call, in every thread, raises StorageUnavailable."""
-
-    def __init__(self, url: str, outage_seconds: int = OUTAGE_SECONDS,
-                 notify: Callable[[str], None] = print, **kwargs: Any):
-        self.outage_seconds = outage_seconds
-        self.notify = notify
+    def __init__(self, url: str, seconds: int = OUTAGE_SECONDS, notify: Callable[[str], None] = print):
+        self.seconds, self.notify = seconds, notify
         self.shown_url = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-        self._outage_lock = threading.Lock()  # the heartbeat thread meets the same outage
-        self._outage_since: float | None = None
+        self._lock = threading.Lock()
+        self._since: float | None = None
         self._gave_up: str | None = None
-        super().__init__(url, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        del state["_outage_lock"]
-        return state
+        return {key: value for key, value in self.__dict__.items() if key != "_lock"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._outage_lock = threading.Lock()
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
-    def patiently(self, call: Callable, *args: Any, **kwargs: Any) -> Any:
+    def call(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
         delay = FIRST_DELAY
         while True:
             if self._gave_up:
                 raise StorageUnavailable(self._gave_up)
             started = time.monotonic()
             try:
-                result = call(*args, **kwargs)
+                result = function(*args, **kwargs)
             except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as exc:
                 if not is_outage(exc):
                     raise
                 self._wait(started, reason(exc), delay)
                 delay = min(2 * delay, MAX_DELAY)
                 continue
-            with self._outage_lock:
-                self._outage_since = None
+            with self._lock:
+                self._since = None
             return result
 
     def _wait(self, started: float, why: str, delay: float) -> None:
-        with self._outage_lock:
-            if self._outage_since is None:
+        with self._lock:
+            if self._since is None:
                 # From the failed attempt's start: a SQLite lock already cost its busy timeout.
-                self._outage_since = started
-                self.notify(f"storage {self.shown_url} unreachable ({why}); "
-                            f"retrying for up to {self.outage_seconds} s")
-            left = self._outage_since + self.outage_seconds - time.monotonic()
+                self._since = started
+                self.notify(f"storage {self.shown_url} unreachable ({why}); retrying for up to {self.seconds} s")
+            left = self._since + self.seconds - time.monotonic()
             if left <= 0 and not self._gave_up:
-                self._gave_up = (f"error: storage {self.shown_url} unreachable for {self.outage_seconds} s "
-                                 f"({why}); rerun the same command to resume the study once it is back "
-                                 f"(NAS_STORAGE_OUTAGE_SECONDS sets the wait)")
+                self._gave_up = (f"error: storage {self.shown_url} unreachable for {self.seconds} s ({why}); "
+                                 "rerun the same command to resume the study once it is back "
+                                 "(NAS_STORAGE_OUTAGE_SECONDS sets the wait)")
         if left <= 0:
             raise StorageUnavailable(self._gave_up)
         time.sleep(min(delay, left))
+
+
+def _patient(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def call(self: PatientStorage, *args: Any, **kwargs: Any) -> Any:
+        return self.patience.call(method, self, *args, **kwargs)
+
+    return call
+
+
+class PatientStorage(RDBStorage):
+    """RDBStorage whose calls wait out an outage (`patience`)."""
+
+    def __init__(self, url: str, patience: Patience, **kwargs: Any):
+        self.patience = patience
+        super().__init__(url, **kwargs)
 
     # The methods that open a session: the public ones that Optuna's cache does not bypass, and
     # the private ones it calls directly. The rest delegate to these.
@@ -158,11 +169,16 @@ class PatientStorage(RDBStorage):
     get_trial = _patient(RDBStorage.get_trial)
     _get_trials = _patient(RDBStorage._get_trials)
     _get_best_trial_id = _patient(RDBStorage._get_best_trial_id)
-    record_heartbeat = _patient(RDBStorage.record_heartbeat)
     _get_stale_trial_ids = _patient(RDBStorage._get_stale_trial_ids)
 
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            self.patience.call(RDBStorage.record_heartbeat, self, trial_id)
+        except StorageUnavailable:
+            pass  # the heartbeat thread ends quietly; the trial's own thread says why at its next call
+
     def create_new_study(self, directions, study_name=None) -> int:
-        return self.patiently(super().create_new_study, directions, study_name)
+        return self.patience.call(super().create_new_study, directions, study_name)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
         attempts = 0
@@ -176,7 +192,7 @@ class PatientStorage(RDBStorage):
                     return True  # the previous attempt landed
             return RDBStorage.set_trial_state_values(self, trial_id, state, values)
 
-        return self.patiently(attempt)
+        return self.patience.call(attempt)
 
     def _create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> FrozenTrial:
         template = copy.deepcopy(template_trial) if template_trial else FrozenTrial(
@@ -184,7 +200,7 @@ class PatientStorage(RDBStorage):
             datetime_complete=None, params={}, distributions={}, user_attrs={}, system_attrs={},
             intermediate_values={}, trial_id=-1)
         template.system_attrs[CREATE_KEY] = uuid.uuid4().hex
-        return self.patiently(super()._create_new_trial, study_id, template)
+        return self.patience.call(super()._create_new_trial, study_id, template)
 
     def _get_prepared_new_trial(self, study_id: int, template_trial: FrozenTrial | None, session) -> models.TrialModel:
         # Called inside the transaction that holds the study's row lock, by every attempt (Optuna

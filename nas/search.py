@@ -350,7 +350,7 @@ def run_worker(options: RunOptions, config: StudyConfig, split: data.Split | Non
     device = resolve_device(options.device)
     if split is None:
         split = load_split(options, device)
-    storage = open_storage(options.storage)
+    storage = open_storage(options.storage, wait=True)  # its command has just reached it
     study = optuna.load_study(storage=storage, study_name=options.study,
                               sampler=make_sampler(options.seed),
                               pruner=make_pruner(config.pruner, options.epochs))

@@ -17,7 +17,7 @@ from filelock import FileLock
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-from nas.outage import OUTAGE_SECONDS, PatientStorage
+from nas.outage import OUTAGE_SECONDS, Patience, PatientStorage
 
 # A running trial's worker writes a heartbeat this often; a trial whose heartbeat is GRACE_SECONDS
 # old is stale (its worker died): failed, then retried once. The environment can shorten both
@@ -123,8 +123,12 @@ def artifact_dir_for(storage_url: str) -> Path:
     return base / "artifacts"
 
 
-def open_storage(url: str, must_exist: bool = False) -> optuna.storages.BaseStorage:
-    """Open `url`; with `must_exist`, refuse to create a new database file (replay, reports)."""
+def open_storage(url: str, must_exist: bool = False, wait: bool = False) -> optuna.storages.BaseStorage:
+    """Open `url`; with `must_exist`, refuse to create a new database file (replay, reports).
+
+    Once open, a database storage waits out an outage (nas.outage). Opening fails at once, since a
+    database never reached is more often a wrong URL than an outage, unless `wait`: for a worker
+    whose command has just reached it."""
     file = sqlite_path(url) or journal_path(url)
     if file is not None:
         if must_exist and not file.is_file():
@@ -132,19 +136,22 @@ def open_storage(url: str, must_exist: bool = False) -> optuna.storages.BaseStor
         if not file.parent.is_dir():
             raise StorageError(f"{url}: directory {file.parent} does not exist")
     interval, grace = heartbeat_settings()
-    patience = {"outage_seconds": outage_seconds(), "notify": say}
+    seconds = outage_seconds()
     try:
+        patience = Patience(url, seconds, say)
         with warnings.catch_warnings():
             # Optuna marks heartbeats and their retry callback experimental; they are what makes
             # a killed worker's trial come back, so a user has nothing to act on in the warning.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if wait:
+                return patience.call(_open, url, interval, grace, patience)
             return _open(url, interval, grace, patience)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StorageError(f"cannot open storage {url}: {reason}") from None
 
 
-def _open(url: str, interval: int, grace: int, patience: dict) -> optuna.storages.BaseStorage:
+def _open(url: str, interval: int, grace: int, patience: Patience) -> optuna.storages.BaseStorage:
     if journal_path(url) is not None:
         # Optuna's journal storage has no heartbeat: a killed worker's trial stays RUNNING.
         return JournalStorage(JournalFileBackend(str(journal_path(url))))
@@ -154,7 +161,8 @@ def _open(url: str, interval: int, grace: int, patience: dict) -> optuna.storage
     if database is not None:
         return created_once(lambda: SQLiteStorage(
             url, database.with_name(database.name + ".lock"),
-            engine_kwargs={"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}, **heartbeat, **patience))
+            engine_kwargs={"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}, **heartbeat, patience=patience))
     # pool_pre_ping: after a server restart, pooled connections are dead; test each on checkout
     # and open a new one, instead of failing the first statement on it.
-    return created_once(lambda: PatientStorage(url, engine_kwargs={"pool_pre_ping": True}, **heartbeat, **patience))
+    return created_once(lambda: PatientStorage(url, engine_kwargs={"pool_pre_ping": True}, patience=patience,
+                                                      **heartbeat))

@@ -4,11 +4,20 @@ study below."""
 
 from __future__ import annotations
 
+import os
 import pickle
+import re
+import shutil
 import sqlite3
+import subprocess
+import sys
+import tempfile
 import threading
+import time
+from pathlib import Path
 
 import optuna
+import psycopg
 import pytest
 import sqlalchemy
 import sqlalchemy.exc
@@ -19,6 +28,8 @@ from nas import outage, search, storage
 from nas.config import StudyConfig
 from nas.outage import CREATE_KEY, PatientStorage, StorageUnavailable, is_outage, reason
 from nas.storage import open_storage
+from nas.trials import finished_trials
+from tests.pg import USER, Server
 
 # These tests ask and tell by hand on a storage with heartbeats, which Optuna pairs with optimize().
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
@@ -41,6 +52,14 @@ def test_outages_are_told_from_bad_requests():
     assert not is_outage(wrapped(sqlalchemy.exc.DataError("INSERT", {}, ValueError("value too long"))))
     assert not is_outage(optuna.exceptions.StorageInternalError("no cause"))
     assert not is_outage(ValueError("Cannot tell a FAIL trial."))
+    try:  # Optuna repeats a query in the same session after the connection dropped
+        try:
+            raise operational("terminating connection due to administrator command")
+        except sqlalchemy.exc.OperationalError:
+            raise sqlalchemy.exc.PendingRollbackError("Can't reconnect until invalid transaction is rolled back")
+    except sqlalchemy.exc.PendingRollbackError as repeated:
+        assert is_outage(wrapped(repeated))
+        assert reason(wrapped(repeated)) == "terminating connection due to administrator command"
     assert reason(wrapped(operational("connection refused\n\tIs the server running?"))) == "connection refused"
 
 
@@ -146,10 +165,10 @@ def test_a_new_trial_whose_answer_was_lost_is_created_once(tmp_path, fast, monke
 def test_the_limit_comes_from_the_environment_and_the_storage_pickles(tmp_path, monkeypatch):
     monkeypatch.delenv("NAS_STORAGE_OUTAGE_SECONDS", raising=False)
     opened = open_storage(f"sqlite:///{tmp_path / 's.db'}")
-    assert opened.outage_seconds == 60
-    assert pickle.loads(pickle.dumps(opened)).outage_seconds == 60
+    assert opened.patience.seconds == 60
+    assert pickle.loads(pickle.dumps(opened)).patience.seconds == 60
     monkeypatch.setenv("NAS_STORAGE_OUTAGE_SECONDS", "5")
-    assert open_storage(f"sqlite:///{tmp_path / 's.db'}").outage_seconds == 5
+    assert open_storage(f"sqlite:///{tmp_path / 's.db'}").patience.seconds == 5
     monkeypatch.setenv("NAS_STORAGE_OUTAGE_SECONDS", "soon")
     with pytest.raises(storage.StorageError, match="NAS_STORAGE_OUTAGE_SECONDS must be a whole number"):
         open_storage(f"sqlite:///{tmp_path / 's.db'}")
@@ -187,3 +206,90 @@ def test_a_trial_a_peer_failed_during_the_outage_is_dropped_in_one_line(tmp_path
         "and queued its retry; this result is dropped"]
     study = optuna.load_study(study_name="s", storage=url)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+
+
+# --- a real PostgreSQL server, restarted and stopped under a running 2-worker study -------------
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HEARTBEAT = {"NAS_HEARTBEAT_SECONDS": "1", "NAS_GRACE_SECONDS": "3"}
+
+
+@pytest.fixture(scope="module")
+def own_postgres():
+    """A server of these tests' own: they stop it, and the shared one serves other tests meanwhile."""
+    root = Path(tempfile.mkdtemp(prefix="nas-pg-"))  # not under pytest's root-only tmp dir
+    server = Server(root)
+    if not server.available:
+        message = "PostgreSQL server binaries (initdb, pg_ctl) not found"
+        if os.environ.get("NAS_REQUIRE_POSTGRES"):
+            pytest.fail(message)
+        pytest.skip(message)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def start_search(url: str, data_dir: Path, trials: int, env: dict) -> subprocess.Popen:
+    command = [sys.executable, "-m", "nas.search", "--trials", str(trials), "--epochs", "1", "--subset", "500",
+               "--workers", "2", "--storage", url, "--data-dir", str(data_dir), "--quiet"]
+    return subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, **env}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for_a_running_trial(server: Server, database: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with psycopg.connect(f"host=127.0.0.1 port={server.port} user={USER} dbname={database}") as conn:
+                if conn.execute("SELECT count(*) FROM trials WHERE state = 'RUNNING'").fetchone()[0]:
+                    return
+        except psycopg.Error:
+            pass  # the tables are not there yet
+        time.sleep(0.3)
+    raise AssertionError("no trial started")
+
+
+def assert_complete(url: str, trials: int) -> None:
+    study = optuna.load_study(study_name="mnist-8k", storage=url)
+    assert len(finished_trials(study)) >= trials
+    assert not [t.number for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+
+
+def test_a_postgres_restart_mid_study_costs_no_trial_and_no_traceback(own_postgres, data_dir):
+    url = own_postgres.create_database("restarted")
+    search_run = start_search(url, data_dir, 6, HEARTBEAT)
+    wait_for_a_running_trial(own_postgres, "restarted")
+    own_postgres.restart()
+    out, err = search_run.communicate(timeout=240)
+    assert search_run.returncode == 0, err
+    assert "Traceback" not in out + err
+    assert_complete(url, 6)
+
+
+def test_an_outage_past_the_limit_ends_in_one_line_and_the_rerun_finishes(own_postgres, data_dir):
+    url = own_postgres.create_database("stopped")
+    env = {**HEARTBEAT, "NAS_STORAGE_OUTAGE_SECONDS": "3"}
+    search_run = start_search(url, data_dir, 6, env)
+    wait_for_a_running_trial(own_postgres, "stopped")
+    own_postgres.stop_server()
+    try:
+        out, err = search_run.communicate(timeout=120)
+    finally:
+        own_postgres.start_again()
+    assert search_run.returncode != 0
+    assert "Traceback" not in out + err
+    # Each process (two workers and the one that watches them) says it once as the outage begins
+    # and once as it gives up; the watcher also names the workers that stopped.
+    shown = url.replace("postgresql+psycopg://", "")
+    said = [line for line in err.splitlines() if shown in line]
+    assert said and all(re.fullmatch(rf"storage \S+{shown} unreachable \(.+\); retrying for up to 3 s", line)
+                        or re.fullmatch(rf"error: storage \S+{shown} unreachable for 3 s \(.+\); rerun the same "
+                                        r"command to resume the study once it is back \(.+\)", line)
+                        for line in said), err
+    assert any(line.startswith("error: storage") for line in said)
+    rerun = start_search(url, data_dir, 6, env)
+    out, err = rerun.communicate(timeout=240)
+    assert rerun.returncode == 0, err
+    assert "Traceback" not in out + err
+    assert_complete(url, 6)
