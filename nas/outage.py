@@ -10,7 +10,7 @@ What is repeated, and why that is safe when a write reached the database but its
 - a state change: before repeating, the trial is read back; if it already has the state (and
   values) asked for, the first attempt landed and the call reports success. A queued trial found
   RUNNING is taken as ours; were it a peer's claim, both train it and the one that stores second
-  drops its result (nas.workers);
+  drops its result (the worker loop, nas.search.run_worker);
 - a new trial: each is created with a key (system attribute CREATE_KEY), and a repeat that finds
   the key in the study returns that trial, so a lost answer never leaves a second, ownerless
   RUNNING trial (one without a heartbeat is never found stale);
