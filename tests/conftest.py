@@ -57,23 +57,9 @@ def mnist(data_dir: Path) -> Mnist:
 @pytest.fixture(scope="session")
 def postgres():
     """One real PostgreSQL server for the whole run; each test makes its own database."""
-    import shutil
-    import tempfile
+    from tests.pg import server_for_tests
 
-    from tests.pg import Server
-
-    # Not under pytest's tmp dir: that sits in a root-only directory the postgres user can't enter.
-    root = Path(tempfile.mkdtemp(prefix="nas-pg-"))
-    server = Server(root)
-    if not server.available:
-        message = "PostgreSQL server binaries (initdb, pg_ctl) not found"
-        if os.environ.get("NAS_REQUIRE_POSTGRES"):
-            pytest.fail(message)
-        pytest.skip(message)
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    yield from server_for_tests()
 
 
 @pytest.fixture(scope="session")

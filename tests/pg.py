@@ -92,3 +92,26 @@ class Server:
 
     def stop(self) -> None:
         self.run(self.pg_ctl, "-D", str(self.data), "-m", "immediate", "stop")
+
+
+def server_for_tests():
+    """A started Server on a temp dir for a pytest fixture to yield, stopped and removed after;
+    skips (fails under NAS_REQUIRE_POSTGRES) where the server binaries are missing."""
+    import tempfile
+
+    import pytest
+
+    # Not under pytest's tmp dir: that sits in a root-only directory the postgres user can't enter.
+    root = Path(tempfile.mkdtemp(prefix="nas-pg-"))
+    server = Server(root)
+    if not server.available:
+        message = "PostgreSQL server binaries (initdb, pg_ctl) not found"
+        if os.environ.get("NAS_REQUIRE_POSTGRES"):
+            pytest.fail(message)
+        pytest.skip(message)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -7,11 +7,9 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,10 +24,10 @@ from optuna.trial import TrialState
 
 from nas import outage, search, storage
 from nas.config import StudyConfig
-from nas.outage import CREATE_KEY, PatientStorage, StorageUnavailable, is_outage, reason
+from nas.outage import CREATE_KEY, StorageUnavailable, is_outage, reason
 from nas.storage import open_storage
 from nas.trials import finished_trials
-from tests.pg import USER, Server
+from tests.pg import USER, Server, server_for_tests
 
 # These tests ask and tell by hand on a storage with heartbeats, which Optuna pairs with optimize().
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
@@ -217,17 +215,7 @@ HEARTBEAT = {"NAS_HEARTBEAT_SECONDS": "1", "NAS_GRACE_SECONDS": "3"}
 @pytest.fixture(scope="module")
 def own_postgres():
     """A server of these tests' own: they stop it, and the shared one serves other tests meanwhile."""
-    root = Path(tempfile.mkdtemp(prefix="nas-pg-"))  # not under pytest's root-only tmp dir
-    server = Server(root)
-    if not server.available:
-        message = "PostgreSQL server binaries (initdb, pg_ctl) not found"
-        if os.environ.get("NAS_REQUIRE_POSTGRES"):
-            pytest.fail(message)
-        pytest.skip(message)
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    yield from server_for_tests()
 
 
 def start_search(url: str, data_dir: Path, trials: int, env: dict) -> subprocess.Popen:
