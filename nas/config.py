@@ -18,11 +18,23 @@ else:
 
 DEFAULT_STUDY_FILE = Path("studies/mnist-8k.toml")
 OBJECTIVES = ("accuracy", "params")
-PRUNERS = ("median", "hyperband", "none")
+PRUNERS = ("median", "hyperband", "rung", "none")
 
 
 class ConfigError(ValueError):
     """A study file that cannot be used as written."""
+
+
+@dataclass(frozen=True)
+class RungConfig:
+    """pruner = "rung": every candidate first trains `epochs` epochs on the first `subset` training
+    images, scored on the validation split; only those within the top `keep` share of all rung
+    scores so far (the first `startup` candidates always) go on to full training."""
+
+    subset: int = 10000
+    epochs: int = 2
+    keep: float = 1 / 3
+    startup: int = 3
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,7 @@ class StudyConfig:
     pruner: str = "median"
     enqueue: tuple[str, ...] = ("model3",)  # presets run first, once per study
     space: SpaceConfig = field(default_factory=SpaceConfig)
+    rung: RungConfig = field(default_factory=RungConfig)  # used by pruner = "rung"
 
     @property
     def directions(self) -> list[str]:
@@ -47,10 +60,11 @@ def parse_study_config(data: dict[str, Any], source: str = "study file") -> Stud
         # A study file without `version` means the current space; only a stored config that
         # predates versions means version 1 (SpaceConfig.from_dict).
         space = SpaceConfig.from_dict({"version": VERSIONS[-1], **top.pop("space", {})})
+        rung = RungConfig(**top.pop("rung", {}))
         for key in ("objectives", "enqueue"):
             if key in top:
                 top[key] = tuple(top[key])
-        config = StudyConfig(**top, space=space)
+        config = StudyConfig(**top, space=space, rung=rung)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: {exc}") from None
     check(config, source)
@@ -66,6 +80,9 @@ def check(config: StudyConfig, source: str) -> None:
         raise ConfigError(f"{source}: the first objective must be accuracy")
     if config.pruner not in PRUNERS:
         raise ConfigError(f"{source}: pruner must be one of {PRUNERS}, got {config.pruner!r}")
+    rung = config.rung
+    if rung.subset < 1 or rung.epochs < 1 or rung.startup < 0 or not 0 < rung.keep <= 1:
+        raise ConfigError(f"{source}: [rung] needs subset and epochs >= 1, startup >= 0 and keep in (0, 1]")
     unknown = [name for name in config.enqueue if name not in PRESETS]
     if unknown:
         raise ConfigError(f"{source}: enqueue names unknown presets {unknown}; known: {list(PRESETS)}")

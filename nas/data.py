@@ -76,6 +76,10 @@ class Split:
     eval_y: torch.Tensor
     eval_name: str  # "valid" or "test"
 
+    def head(self, n: int) -> Split:
+        """The same split, training on its first n images only (all of them if it holds fewer)."""
+        return Split(self.train_x[:n], self.train_y[:n], self.eval_x, self.eval_y, self.eval_name)
+
 
 def resolve_data_dir(arg: str | None) -> Path:
     """An explicit argument wins over $NAS_DATA_DIR, which wins over data/ (relative to the CWD)."""

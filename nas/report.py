@@ -108,11 +108,13 @@ def intermediate_figure(study: optuna.Study) -> tuple[Figure | None, str]:
                if is_multi_objective(study) else "no trial has reported a per-epoch value yet")
         return None, f"No intermediate values: {why}."
     ax = plot_intermediate_values(study)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("epoch (0: the cheap first rung, with pruner \"rung\")")
     ax.set_ylabel(ACCURACY_LABEL)
     ax.set_title("Validation accuracy per epoch, as the pruner saw it")
     return ax.figure, ("Validation accuracy after every epoch of each trained trial; lines that stop early "
-                       "are trials the pruner stopped (or trials still running).")
+                       "are trials the pruner stopped (or trials still running). With the rung pruner, epoch 0 "
+                       "is the rung's score (a short run on a subset), and a trial with only that point "
+                       "stopped there.")
 
 
 def pareto_figure(study: optuna.Study) -> Figure:

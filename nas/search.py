@@ -70,12 +70,39 @@ class RunOptions:
 # --- sampler and pruner -------------------------------------------------------------------------
 
 
-def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
-    if name == "median":
+RUNG_STEP = 0  # the rung's score is the trial's intermediate value at step 0; epochs are steps 1..N
+
+
+def make_pruner(config: StudyConfig, epochs: int) -> optuna.pruners.BasePruner:
+    if config.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
-    if name == "hyperband":
+    if config.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
+    if config.pruner == "rung":
+        return RungPruner(config.rung.keep, config.rung.startup)
     return optuna.pruners.NopPruner()
+
+
+class RungPruner(optuna.pruners.BasePruner):
+    """Prunes at the cheap first rung (step RUNG_STEP) a trial whose rung score is not within the
+    top `keep` share of the rung scores of every trial that ran the rung, whatever became of it
+    (completed, pruned there, still training); the first `startup` trials always go on. It never
+    prunes during full training. Optuna's own pruners don't fit a rung that is a separate, cheaper
+    run: Median and Percentile compare against completed trials only, so the bar would rise with
+    each promotion, and successive halving's rungs sit at steps >= 1 of the same run."""
+
+    def __init__(self, keep: float, startup: int):
+        self.keep, self.startup = keep, startup
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        if trial.last_step != RUNG_STEP:
+            return False
+        others = [t.intermediate_values[RUNG_STEP] for t in study.get_trials(deepcopy=False)
+                  if t.number != trial.number and RUNG_STEP in t.intermediate_values]
+        if len(others) < self.startup:
+            return False
+        better = sum(score > trial.intermediate_values[RUNG_STEP] for score in others)
+        return better >= self.keep * (len(others) + 1)
 
 
 class TrialSeededSampler(optuna.samplers.BaseSampler):
@@ -132,6 +159,7 @@ class Objective:
         self.config, self.options, self.split, self.device = config, options, split, device
         self.artifact_dir = artifact_dir
         self.multi = len(config.objectives) > 1
+        self.nested = False  # True while a study bar is drawn above the epoch bars (run_worker)
         resolve_precision(options.precision, device)  # fails here, not in the first trial
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
@@ -156,6 +184,8 @@ class Objective:
         self.say(f"Trial {trial.number}: {params:,} params, {layer_string(arch)}; {train_config.optimizer} "
                  f"lr {train_config.lr:.3g}, batch {train_config.batch_size}, {train_config.scheduler}, "
                  f"augment {train_config.augment:.2f}")
+        if self.config.pruner == "rung" and not self.multi:
+            self.run_rung(trial, arch, train_config, run)
         accuracies: list[float] = []
 
         def on_epoch(result: EpochResult, model: torch.nn.Module) -> None:
@@ -172,7 +202,8 @@ class Objective:
                 raise optuna.TrialPruned(f"pruned after epoch {result.epoch}")
 
         try:
-            result = train(arch, train_config, self.split, run, on_epoch=on_epoch, progress=not self.options.quiet)
+            result = train(arch, train_config, self.split, run, on_epoch=on_epoch, progress=not self.options.quiet,
+                           nested=self.nested)
         except DivergedError as exc:
             trial.set_user_attr("failed_reason", str(exc))
             self.say(f"Trial {trial.number}: stopped, {exc}")
@@ -187,6 +218,26 @@ class Objective:
         self.save_weights(trial, arch, train_config, run, result.model)
         save_layer_note(trial, arch, train_config)
         return (value, float(params)) if self.multi else value
+
+    def run_rung(self, trial: optuna.Trial, arch: ArchSpec, train_config: TrainConfig, run: RunRecord) -> None:
+        """The cheap first rung (config.rung): a short run on the first images, scored on the
+        validation split and reported at step RUNG_STEP; the pruner decides whether full training follows."""
+        rung = self.config.rung
+        short = dataclasses.replace(train_config, epochs=rung.epochs)
+        split = self.split.head(rung.subset)
+        try:
+            result = train(arch, short, split, run, progress=not self.options.quiet, nested=self.nested)
+            value = result.history[-1].eval_acc
+        except DivergedError:
+            value = 0.0
+        trial.set_user_attr("rung_acc", value)
+        trial.report(value, RUNG_STEP)
+        if trial.should_prune():
+            trial.set_user_attr("pruned_at", RUNG_STEP)
+            self.say(f"Trial {trial.number}: stopped at the rung, {value:.2f}% validation after {rung.epochs} "
+                     f"epochs on {len(split.train_x):,} images")
+            raise optuna.TrialPruned("not among the rung's best")
+        self.say(f"Trial {trial.number}: rung {value:.2f}% validation, moves on to full training")
 
     def reject(self, trial: optuna.Trial, reason: str, over: float) -> Any:
         """Never train it, but tell the sampler how far out it was (Optuna's constraints)."""
@@ -243,7 +294,7 @@ def create_or_load(storage: optuna.storages.BaseStorage, options: RunOptions, co
     exactly one of several workers starting together enqueues. With `warm` (a nas.export export),
     its trials that fit this study join the history first, once."""
     sampler = make_sampler(options.seed)
-    pruner = make_pruner(config.pruner, options.epochs)
+    pruner = make_pruner(config, options.epochs)
     try:
         study = optuna.create_study(storage=storage, study_name=options.study, sampler=sampler,
                                     pruner=pruner, directions=config.directions)
@@ -353,7 +404,7 @@ def run_worker(options: RunOptions, config: StudyConfig, split: data.Split | Non
     storage = open_storage(options.storage, wait=True)  # its command has just reached it
     study = optuna.load_study(storage=storage, study_name=options.study,
                               sampler=make_sampler(options.seed),
-                              pruner=make_pruner(config.pruner, options.epochs))
+                              pruner=make_pruner(config, options.epochs))
     remaining = options.trials - len(finished_trials(study))
     if remaining <= 0:
         return
@@ -363,6 +414,7 @@ def run_worker(options: RunOptions, config: StudyConfig, split: data.Split | Non
     if options.worker == 0 and not options.quiet and options.threads is None:
         bar = ProgressBar(study, options.trials, disable=False)
         callbacks.append(bar)
+        objective.nested = True
     deadline = None if options.timeout is None else time.monotonic() + options.timeout
     try:
         while len(finished_trials(study)) < options.trials:

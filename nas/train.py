@@ -192,6 +192,7 @@ def train(
     on_epoch: Callable[[EpochResult, nn.Module], None] | None = None,
     progress: bool = True,
     background: float | None = None,
+    nested: bool = False,
 ) -> TrainResult:
     """Train for config.epochs on split.train_x, evaluating on split.eval_x after every epoch, the
     way `run` says (precision, memory format, BatchNorm path, weight average, compile); the
@@ -199,7 +200,9 @@ def train(
     epoch's result and the evaluated model, and may raise to stop early (the search's pruner does).
     `background` is the normalized value of a blank pixel (default: the data's minimum). The same
     arguments on the same machine give the same numbers. With run.weight_average the evaluated and
-    returned model is the moving average of the weights (WeightAverage), else the last step's."""
+    returned model is the moving average of the weights (WeightAverage), else the last step's.
+    With `nested` the epoch's bar sits under a study's bar (line 2) and is cleared when done; the
+    caller writes the epoch's line."""
     train_x, train_y, eval_x, eval_y = split.train_x, split.train_y, split.eval_x, split.eval_y
     device = train_x.device
     n = len(train_x)
@@ -233,9 +236,11 @@ def train(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         order = torch.randperm(n, device=device, generator=generator)
-        if progress:
+        if progress and not nested:
             tqdm.write(f"Epoch {epoch}", file=sys.stdout)
-        bar = tqdm(total=steps_per_epoch, disable=not progress, file=sys.stdout, desc="Train")
+        bar = tqdm(total=steps_per_epoch, disable=not progress, file=sys.stdout,
+                   desc=f"Epoch {epoch} train" if nested else "Train",
+                   **({"position": 1, "leave": False} if nested else {}))
         for b in range(steps_per_epoch):
             index = order[b * config.batch_size : (b + 1) * config.batch_size]
             images, labels = train_x[index], train_y[index]

@@ -12,7 +12,7 @@ import torch
 from optuna.trial import FixedTrial, FrozenTrial, TrialState
 
 from nas.cpu import native
-from nas.config import StudyConfig
+from nas.config import RungConfig, StudyConfig
 from nas.run import RunRecord, record_of
 from nas.space import SpaceConfig, suggest
 from nas.spec import ArchSpec, TrainConfig
@@ -107,8 +107,9 @@ def config_from_study(study: optuna.Study) -> StudyConfig:
     """The study's own copy of its description, stored when it was created."""
     stored = study.user_attrs["config"]
     return dataclasses.replace(
-        StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k != "space"}),
-        space=SpaceConfig.from_dict(stored["space"]),
+        StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()
+                       if k not in ("space", "rung")}),
+        space=SpaceConfig.from_dict(stored["space"]), rung=RungConfig(**stored.get("rung", {})),
     )
 
 

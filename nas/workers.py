@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -30,11 +31,23 @@ class StopAtTarget:
 
 
 class ProgressBar:
-    """A bar over the study's finished trials that shows the best value so far."""
+    """A bar over the study's finished trials: finished / target, the best value so far, elapsed
+    time and the ETA at this run's rate (trials finished before it started don't count toward the
+    rate). It stays on the top line while trials train beneath it, and its clock ticks every second."""
 
     def __init__(self, study: optuna.Study, target: int, disable: bool):
-        self.bar = tqdm(total=target, desc="Trials", unit="trial", disable=disable, file=sys.stdout, position=0)
+        done = min(len(finished_trials(study)), target)
+        self.bar = tqdm(total=target, initial=done, desc="Trials", unit="trial", disable=disable, file=sys.stdout,
+                        position=0, dynamic_ncols=True)
         self.update(study)
+        self.stopped = threading.Event()
+        self.ticker = threading.Thread(target=self.tick, daemon=True)
+        if not disable:
+            self.ticker.start()
+
+    def tick(self) -> None:
+        while not self.stopped.wait(1.0):
+            self.bar.refresh()
 
     def update(self, study: optuna.Study, trial: FrozenTrial | None = None) -> None:
         done = len(finished_trials(study))
@@ -50,6 +63,9 @@ class ProgressBar:
     __call__ = update
 
     def close(self) -> None:
+        self.stopped.set()
+        if self.ticker.is_alive():
+            self.ticker.join()
         self.bar.close()
 
 

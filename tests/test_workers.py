@@ -145,3 +145,17 @@ def test_workers_auto_is_one_worker_per_cpu_core_on_cpu_and_one_on_a_gpu(capsys)
     with pytest.raises(SystemExit) as exc:
         search.build_parser().parse_args(["--workers", "many"])
     assert exc.value.code == 2 and "--workers" in capsys.readouterr().err
+
+
+def test_the_study_bar_counts_earlier_trials_and_its_clock_ticks_until_closed(capsys):
+    study = optuna.create_study(direction="maximize")
+    for value in (97.0, 98.5):
+        study.add_trial(optuna.trial.create_trial(value=value, params={}, distributions={}))
+    bar = workers.ProgressBar(study, 5, disable=False)
+    assert (bar.bar.n, bar.bar.initial, bar.bar.total) == (2, 2, 5)  # the ETA's rate counts this run only
+    time.sleep(2.5)
+    bar.close()
+    assert not bar.ticker.is_alive()
+    out = capsys.readouterr().out
+    assert "Trials:  40%" in out and "2/5" in out and "best=98.50% (#1)" in out
+    assert "00:02" in out  # redrawn as the seconds pass, with no trial finishing

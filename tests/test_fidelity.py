@@ -1,0 +1,126 @@
+"""The multi-fidelity schemes a study file can choose (pruner = ...) and the benchmark that compares them."""
+
+import dataclasses
+import json
+import math
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+
+from nas import fidelity, search
+from nas.config import ConfigError, RungConfig, StudyConfig, parse_study_config
+from nas.trials import config_from_study
+
+from tests.conftest import REPO_ROOT
+
+
+def tiny_study_file(tmp_path, pruner):
+    path = tmp_path / f"{pruner}.toml"
+    path.write_text(f'name = "f"\nbudget = 8000\nepochs = 2\nscore_epochs = 1\npruner = "{pruner}"\n'
+                    "[rung]\nsubset = 64\nepochs = 1\nstartup = 1\n")
+    return path
+
+
+@pytest.mark.parametrize("pruner", ["median", "hyperband", "rung"])
+def test_each_fidelity_scheme_runs_end_to_end(pruner, tmp_path, data_dir):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    trials = 4 if pruner == "rung" else 3
+    assert search.main(["--trials", str(trials), "--subset", "256", "--storage", url, "--data-dir", str(data_dir),
+                        "--study-file", str(tiny_study_file(tmp_path, pruner)), "--quiet"]) == 0
+    study = optuna.load_study(study_name="f", storage=url)
+    trained = [t for t in study.trials if "rejected" not in t.user_attrs]
+    assert len([t for t in trained if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == trials
+    assert config_from_study(study).pruner == pruner
+    for t in trained:
+        if t.state == TrialState.COMPLETE:
+            epochs = [1, 2]
+            assert sorted(t.intermediate_values) == ([search.RUNG_STEP] if pruner == "rung" else []) + epochs
+    if pruner != "rung":
+        assert all("rung_acc" not in t.user_attrs for t in trained)
+        return
+    # Each trial went on to full training exactly when the rule says, from the rung scores before it.
+    rungs: list[float] = []
+    for t in sorted(trained, key=lambda t: t.number):
+        value = t.user_attrs["rung_acc"]
+        assert t.intermediate_values[search.RUNG_STEP] == value
+        better = sum(r > value for r in rungs)
+        stopped = len(rungs) >= 1 and better >= (len(rungs) + 1) / 3
+        assert (t.state == TrialState.PRUNED and t.user_attrs.get("pruned_at") == search.RUNG_STEP) == stopped
+        rungs.append(value)
+
+
+def rung_study(scores):
+    study = optuna.create_study(direction="maximize", pruner=search.RungPruner(keep=1 / 3, startup=3))
+    for state, value in scores:
+        study.add_trial(optuna.trial.create_trial(
+            state=state, value=value if state == TrialState.COMPLETE else None,
+            params={"x": 0.5}, distributions={"x": FloatDistribution(0, 1)}, intermediate_values={0: value}))
+    return study
+
+
+def prunes(study, value, step=search.RUNG_STEP):
+    trial = study.ask()
+    trial.report(value, step)
+    return trial.should_prune()
+
+
+def test_the_rung_keeps_the_top_third_of_all_rung_scores_pruned_ones_included():
+    # Five earlier rung scores, two of them from trials the rung stopped: 97 is better than 4 of 5, kept;
+    # 93 is beaten by 3 (97.5, 96, 95) >= 6/3, stopped, though only one completed trial beats it.
+    earlier = [(TrialState.COMPLETE, 97.5), (TrialState.PRUNED, 96.0), (TrialState.PRUNED, 95.0),
+               (TrialState.COMPLETE, 90.0), (TrialState.PRUNED, 80.0)]
+    assert not prunes(rung_study(earlier), 97.0)
+    assert prunes(rung_study(earlier), 93.0)
+    assert not prunes(rung_study(earlier), 10.0, step=1)  # never during full training
+    assert not prunes(rung_study(earlier[:2]), 10.0)  # the first `startup` trials always go on
+
+
+def test_the_study_file_sets_the_rung_and_the_study_keeps_it(tmp_path):
+    config = parse_study_config({"pruner": "rung", "rung": {"subset": 5000, "epochs": 3, "keep": 0.5}})
+    assert config.rung == RungConfig(subset=5000, epochs=3, keep=0.5, startup=3)
+    for bad in ({"keep": 0}, {"epochs": 0}, {"subset": -1}, {"keep": 1.5}):
+        with pytest.raises(ConfigError, match=r"\[rung\]"):
+            parse_study_config({"rung": bad})
+    with pytest.raises(ConfigError, match="colour"):
+        parse_study_config({"rung": {"colour": 1}})
+    study = optuna.create_study()  # the study stores its config as nas.search.create_or_load does
+    study.set_user_attr("config", dataclasses.asdict(config))
+    assert config_from_study(study) == config
+    old = dataclasses.asdict(StudyConfig())
+    del old["rung"]  # a study created before the rung existed
+    study.set_user_attr("config", old)
+    assert config_from_study(study).rung == RungConfig()
+
+
+def test_rank_correlations_match_hand_computed_values():
+    x, y = [1, 2, 3, 4, 5], [2, 1, 4, 3, 5]
+    assert fidelity.spearman(x, y) == pytest.approx(0.8)  # 1 - 6 * 4 / (5 * 24)
+    assert fidelity.kendall(x, y) == pytest.approx(0.6)  # 8 concordant, 2 discordant pairs
+    assert fidelity.spearman(x, x[::-1]) == pytest.approx(-1)
+    assert fidelity.ranks([3.0, 1.0, 3.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
+    assert fidelity.kendall([1, 1, 2], [1, 2, 3]) == pytest.approx(2 / (2 * 3) ** 0.5)  # tau-b with a tie
+    assert math.isnan(fidelity.spearman([1], [2])) and math.isnan(fidelity.kendall([1], [2]))  # one net ranks nothing
+
+
+def test_compare_runs_each_job_once_and_draws_the_curves(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("NAS_DATA_DIR", str(data_dir))
+    monkeypatch.chdir(REPO_ROOT)  # the default study file
+    out, figure = tmp_path / "f.json", tmp_path / "f.png"
+    args = ["compare", "--minutes", "0.15", "--repeats", "1", "--schemes", "rung", "--archs", "1",
+            "--subset", "200", "--epochs", "1", "--rung-subset", "100", "--rung-epochs", "1",
+            "--work-dir", str(tmp_path / "w"), "--out", str(out), "--figure", str(figure)]
+    assert fidelity.main(args) == 0
+    results = json.loads(out.read_text())
+    assert set(results["runs"]) == {"rung-seed1"}
+    assert len(results["rank"]) == 1 and results["rank"][0]["model3"]
+    for run in results["runs"].values():
+        assert run["trials"], "a run of 9 s finishes trials of one epoch on 200 images"
+        assert all(t["seconds"] <= 9 + 3 for t in run["trials"])
+    assert figure.read_bytes()[:4] == b"\x89PNG"
+    figure.unlink()
+    assert fidelity.main(args) == 0  # nothing left to run: same results, figure redrawn
+    assert json.loads(out.read_text())["runs"] == results["runs"] and figure.is_file()
+    other = [a if a != "0.15" else "0.3" for a in args]
+    assert fidelity.main(other) == 2  # another budget into the same file is refused
