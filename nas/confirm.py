@@ -19,10 +19,13 @@ lies above zero.
 
 from __future__ import annotations
 
+import datetime
+import json
 import math
 import statistics
 import sys
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import optuna
 import torch
@@ -33,11 +36,11 @@ from nas.cli import ArgumentParser, positive_int
 from nas.config import StudyConfig
 from nas.spec import PRESETS, ArchSpec, TrainConfig, count_params
 from nas.storage import StorageError, default_url
-from nas.cpu import tune_allocator
+from nas.cpu import cpu_model, tune_allocator
 from nas.train import DivergedError, resolve_run, train
 from nas.run import RunRecord
-from nas.trials import (BASELINE, ReplayError, config_from_study, confirm_key, open_study, ranked_trials, rebuild,
-                        score, stored_run)
+from nas.trials import (BASELINE, ReplayError, config_from_study, confirm_key, epochs_to_target, open_study,
+                        ranked_trials, rebuild, score, stored_run)
 
 # Student's t, two-sided 95% (0.975 quantile), by degrees of freedom.
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
@@ -126,6 +129,10 @@ def build_parser() -> ArgumentParser:
                         "search did)")
     parser.add_argument("--test", action="store_true", help="train on all 60,000 training images and score "
                         "on the test set (the final figure; the search never sees the test set)")
+    parser.add_argument("--out", type=Path, metavar="F.json",
+                        help="also write the results: every candidate's spec, training config and per-seed "
+                        "accuracy per epoch, the winner's spec and config on top (python -m nas.train --model F.json "
+                        "trains it)")
     parser.add_argument("--device", help="default: the device each trial ran on, where it exists here")
     parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -181,7 +188,36 @@ def main(argv: list[str] | None = None) -> int:
     title = f"Confirmed over seeds {seeds[0]}-{seeds[-1]} ({what}; paired Student-t over seeds against Model 3)"
     print("\n" + title + "\n\n" + "\n".join(rows))
     _save_note(study, title, rows)
+    if args.out:
+        write_results(args.out, study, candidates, results, title, rows, args.test)
+        print(f"results: {args.out}")
     return 0
+
+
+def write_results(path: Path, study: optuna.Study, candidates: list[Candidate], results: dict[str, list[dict]],
+                  title: str, rows: list[str], test: bool) -> None:
+    """The confirm runs as a small JSON file to commit: the winner (best mean score) on top as "arch"
+    and "train", so `nas.train --model` reads it, then every candidate with its runs per seed."""
+    def summary(c: Candidate) -> dict:
+        runs = [{"seed": r["seed"], "score": r["score"], "eval_acc": r["eval_acc"],
+                 "best_epoch": max(range(len(r["eval_acc"])), key=r["eval_acc"].__getitem__) + 1,
+                 "best_acc": max(r["eval_acc"]), "epochs_to_99_4": epochs_to_target(r["eval_acc"]),
+                 "run": r["run"]} for r in results[c.label]]
+        scores = [r["score"] for r in runs]
+        return {"label": c.label, "trial": c.trial.number if c.trial else None, "params": count_params(c.arch),
+                "arch": c.arch.to_dict(), "train": c.train.to_dict(), "score_mean": statistics.mean(scores),
+                "score_std": statistics.stdev(scores) if len(scores) > 1 else None, "runs": runs}
+
+    summaries = sorted((summary(c) for c in candidates), key=lambda s: -s["score_mean"])
+    winner = summaries[0]
+    body = {"format": "nas-confirm-results", "study": study.study_name, "cpu": cpu_model(),
+            "date": datetime.date.today().isoformat(),
+            "evaluated_on": "test (trained on all 60,000 training images)" if test else "validation",
+            "score": "mean of the last score_epochs epochs", "winner": winner["label"],
+            "arch": winner["arch"], "train": winner["train"], "leaderboard": [title, *rows],
+            "candidates": summaries}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(body, indent=1) + "\n")
 
 
 def confirm_one(candidate: Candidate, config: TrainConfig, run: RunRecord, mnist: data.Mnist, args,

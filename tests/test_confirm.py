@@ -3,10 +3,13 @@ leaderboard against Model 3; and nas.search --warm-start from an export."""
 
 from __future__ import annotations
 
+import json
+
 import optuna
 import pytest
 
 from nas import confirm, export, search, trials
+from nas.spec import ArchSpec, TrainConfig, load_arch
 
 TINY = ["--epochs", "1", "--subset", "256", "--quiet"]
 
@@ -24,7 +27,7 @@ def test_paired_difference_and_its_interval():
     assert confirm.paired_difference([99.5], [99.4]) is None
 
 
-def test_confirm_stores_each_run_and_resumes_without_retraining(study_url, data_dir, capsys, monkeypatch):
+def test_confirm_stores_each_run_and_resumes_without_retraining(study_url, data_dir, capsys, monkeypatch, tmp_path):
     args = ["--storage", study_url, "--top", "1", "--seeds", "2", "--data-dir", str(data_dir), "--quiet"]
     assert confirm.main(args) == 0
     out = capsys.readouterr().out
@@ -40,8 +43,18 @@ def test_confirm_stores_each_run_and_resumes_without_retraining(study_url, data_
         raise AssertionError("a stored run was trained again")
 
     monkeypatch.setattr(confirm, "train", no_training)
-    assert confirm.main(args) == 0
+    out = tmp_path / "results.json"
+    assert confirm.main(args + ["--out", str(out)]) == 0
     assert capsys.readouterr().out.count("seed 1:") == 2
+    # The results file: the winner on top, readable by nas.train --model; every run's accuracy per epoch.
+    written = json.loads(out.read_text())
+    by_label = {c["label"]: c for c in written["candidates"]}
+    assert set(by_label) == set(runs) and written["winner"] == written["candidates"][0]["label"]
+    assert load_arch(str(out)) == (ArchSpec.from_dict(by_label[written["winner"]]["arch"]),
+                                   TrainConfig.from_dict(by_label[written["winner"]]["train"]))
+    for label, stored in runs.items():
+        assert [r["eval_acc"] for r in by_label[label]["runs"]] == [r["eval_acc"] for r in stored]
+        assert by_label[label]["score_mean"] == pytest.approx(sum(r["score"] for r in stored) / len(stored))
 
 
 def test_confirm_of_a_missing_study_is_one_line(tmp_path, capsys):
