@@ -137,12 +137,20 @@ def results_table(study: optuna.Study, top: int = 10) -> str:
 
 def trial_counts(study: optuna.Study) -> dict[str, int]:
     trials = study.get_trials(deepcopy=False)
+    pruned = [t for t in trials if t.state == TrialState.PRUNED and not is_rejected(t)]
+    at_rung = sum(1 for t in pruned if stopped_at_rung(t))
     return {
         "completed": sum(1 for t in trials if t.state == TrialState.COMPLETE),
-        "pruned": sum(1 for t in trials if t.state == TrialState.PRUNED and not is_rejected(t)),
+        **({"stopped at the rung": at_rung} if at_rung else {}),
+        "pruned": len(pruned) - at_rung,
         "rejected (over budget, never trained)": sum(1 for t in trials if is_rejected(t)),
         "failed/interrupted": sum(1 for t in trials if t.state == TrialState.FAIL),
     }
+
+
+def stopped_at_rung(trial: FrozenTrial) -> bool:
+    """Pruned by the rung pruner before full training (nas.search.Objective.run_rung)."""
+    return "rung_acc" in trial.user_attrs and trial.user_attrs.get("pruned_at") == 0
 
 
 class ReplayError(RuntimeError):

@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 
 from nas import fidelity, search
 from nas.config import ConfigError, RungConfig, StudyConfig, parse_study_config
-from nas.trials import config_from_study
+from nas.trials import config_from_study, trial_counts
 
 from tests.conftest import REPO_ROOT
 
@@ -37,9 +37,11 @@ def test_each_fidelity_scheme_runs_end_to_end(pruner, tmp_path, data_dir):
         if t.state == TrialState.COMPLETE:
             epochs = [1, 2]
             assert sorted(t.intermediate_values) == ([search.RUNG_STEP] if pruner == "rung" else []) + epochs
+    counts = trial_counts(study)
     if pruner != "rung":
-        assert all("rung_acc" not in t.user_attrs for t in trained)
+        assert all("rung_acc" not in t.user_attrs for t in trained) and "stopped at the rung" not in counts
         return
+    assert counts.get("stopped at the rung", 0) == sum(t.state == TrialState.PRUNED for t in trained)
     # Each trial went on to full training exactly when the rule says, from the rung scores before it.
     rungs: list[float] = []
     for t in sorted(trained, key=lambda t: t.number):
