@@ -220,7 +220,8 @@ def own_postgres():
 
 def start_search(url: str, data_dir: Path, trials: int, env: dict) -> subprocess.Popen:
     command = [sys.executable, "-m", "nas.search", "--trials", str(trials), "--epochs", "1", "--subset", "500",
-               "--workers", "2", "--storage", url, "--data-dir", str(data_dir), "--quiet"]
+               "--workers", "2", "--storage", url, "--data-dir", str(data_dir), "--quiet",
+               "--study-file", str(REPO_ROOT / "tests" / "fixtures" / "outage-study.toml")]
     return subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, **env}, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
