@@ -13,7 +13,8 @@ What is repeated, and why that is safe when a write reached the database but its
   drops its result (the worker loop, nas.search.run_worker);
 - a new trial: each is created with a key (system attribute CREATE_KEY), and a repeat that finds
   the key in the study returns that trial, so a lost answer never leaves a second, ownerless
-  RUNNING trial (one without a heartbeat is never found stale);
+  RUNNING trial (one without a heartbeat is failed only after the grace period, as an orphan:
+  PatientStorage._stale_or_orphaned);
 - a new study: a repeat finds the name taken and loads the study instead.
 Deleting a study is not repeated.
 """
@@ -27,7 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import optuna
@@ -35,6 +36,7 @@ import sqlalchemy.engine
 import sqlalchemy.exc
 from optuna.storages import RDBStorage
 from optuna.storages._rdb import models  # the trial tables, to find a creation that landed
+from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
 
 OUTAGE_SECONDS = 60  # how long a worker waits for its database before giving up
@@ -169,7 +171,28 @@ class PatientStorage(RDBStorage):
     get_trial = _patient(RDBStorage.get_trial)
     _get_trials = _patient(RDBStorage._get_trials)
     _get_best_trial_id = _patient(RDBStorage._get_best_trial_id)
-    _get_stale_trial_ids = _patient(RDBStorage._get_stale_trial_ids)
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        return self.patience.call(self._stale_or_orphaned, study_id)
+
+    def _stale_or_orphaned(self, study_id: int) -> list[int]:
+        """Optuna's stale trials (a heartbeat older than the grace period) and the orphans it
+        leaves RUNNING for good: trials that started more than the grace period ago and never wrote
+        a heartbeat, because their worker was killed, or lost its database, between creating the
+        trial and its first heartbeat. Optuna keeps those on purpose, for ask-and-tell users who run
+        without heartbeats; every nas trial runs inside Study.optimize with one, so here it is dead."""
+        stale = RDBStorage._get_stale_trial_ids(self, study_id)
+        grace = self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
+        # Optuna stores datetime_start in UTC, from the creating worker's clock
+        started_before = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(seconds=grace)
+        with _create_scoped_session(self.scoped_session) as session:
+            orphans = (session.query(models.TrialModel.trial_id)
+                       .filter(models.TrialModel.study_id == study_id,
+                               models.TrialModel.state == TrialState.RUNNING,
+                               models.TrialModel._datetime_start_utc < started_before,
+                               ~models.TrialModel.heartbeats.any())
+                       .all())
+        return stale + [trial_id for (trial_id,) in orphans if trial_id not in stale]
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:

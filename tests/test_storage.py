@@ -13,6 +13,9 @@ from nas.storage import SQLiteStorage, StorageError, heartbeat_settings, open_st
 
 QUEUED = 40
 STALE = 40
+# These tests play a worker with ask() and fail_stale_trials() by hand, which Optuna warns of.
+HAND_RUN = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed",
+                                      "ignore::optuna.exceptions.ExperimentalWarning")
 
 
 def claim_all(url: str, start, results) -> None:
@@ -53,6 +56,7 @@ def fail_stale(url: str, start) -> None:
     optuna.storages.fail_stale_trials(study)
 
 
+@HAND_RUN
 def test_two_processes_fail_and_retry_a_stale_trial_once(tmp_path, monkeypatch):
     """Two workers finding the same dead trials: each is failed once and retried once."""
     monkeypatch.setenv("NAS_HEARTBEAT_SECONDS", "1")
@@ -77,6 +81,28 @@ def test_two_processes_fail_and_retry_a_stale_trial_once(tmp_path, monkeypatch):
     assert [t.state for t in trials[:STALE]] == [TrialState.FAIL] * STALE
     retried = sorted(t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs)
     assert retried == list(range(STALE)), "a stale trial was retried twice or not at all"
+
+
+@HAND_RUN
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_after_the_grace(tmp_path, monkeypatch):
+    """Optuna never finds a RUNNING trial without a heartbeat stale; a nas worker killed between
+    creating its trial and the first heartbeat would leave it RUNNING for good."""
+    monkeypatch.setenv("NAS_HEARTBEAT_SECONDS", "1")
+    monkeypatch.setenv("NAS_GRACE_SECONDS", "2")
+    storage = open_storage(f"sqlite:///{tmp_path / 'orphan.db'}")
+    study = optuna.create_study(study_name="orphan", storage=storage)
+    orphan = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})  # no heartbeat, ever
+    optuna.storages.fail_stale_trials(study)
+    assert study.trials[orphan.number].state == TrialState.RUNNING, "failed within the grace period"
+    time.sleep(2.5)
+    alive = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    storage.record_heartbeat(alive._trial_id)
+    optuna.storages.fail_stale_trials(study)
+    states = {t.number: t.state for t in study.trials}
+    assert states[orphan.number] == TrialState.FAIL
+    assert states[alive.number] == TrialState.RUNNING
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == orphan.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.WAITING
 
 
 @pytest.mark.parametrize("heartbeat, grace, message", [
