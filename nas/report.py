@@ -17,6 +17,7 @@ from pathlib import Path
 
 import optuna
 from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 from optuna.trial import FrozenTrial
 
 from nas.cli import ArgumentParser, positive_int
@@ -140,15 +141,34 @@ def pareto_figure(study: optuna.Study) -> Figure:
             color="tab:red", alpha=0.5)
     ax.scatter([t.user_attrs["params"] for t in front], [error(t) for t in front], color="tab:red", zorder=3,
                label=f"Pareto front ({len(front)})")
+    right = max([t.user_attrs["params"] for t in done] + [budget_of(study) or 0])
     for t in front:
         name = t.user_attrs.get("preset")
+        near_the_edge = t.user_attrs["params"] > 0.96 * right  # label below left, inside the axes
         ax.annotate(f"#{t.number}" + (f" {name}" if name else "") + f" {accuracy(t):.2f}%",
-                    (t.user_attrs["params"], error(t)), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                    (t.user_attrs["params"], error(t)), textcoords="offset points",
+                    xytext=(-4, -4) if near_the_edge else (4, 4), ha="right" if near_the_edge else "left",
+                    va="top" if near_the_edge else "bottom", fontsize=8)
     budget = budget_of(study)
     if budget:
         ax.axvline(budget, color="black", linestyle=":", label=f"budget ({budget:,})")
     ax.set_yscale("log")
+    errors = [error(t) for t in done]
+    if errors:
+        ax.set_ylim(min(errors) / 1.15, max(errors) * 1.15)
+    ticks = error_ticks(*ax.get_ylim())
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_major_formatter(matplotlib_percent())
+    # the same axis read as accuracy, on the right
+    accuracy_axis = ax.twinx()
+    accuracy_axis.set_yscale("log")
+    accuracy_axis.set_ylim(ax.get_ylim())
+    accuracy_axis.yaxis.set_major_locator(FixedLocator(ticks))
+    accuracy_axis.yaxis.set_minor_locator(NullLocator())
+    accuracy_axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{100 - value:.4g}%"))
+    accuracy_axis.set_ylabel("validation accuracy (%)")
+    accuracy_axis.grid(False)
     ax.set_xlabel("parameters")
     ax.set_ylabel("validation error (%, log scale; lower is better)")
     ax.set_title(f"Error against size in {study.study_name!r}")
@@ -156,9 +176,22 @@ def pareto_figure(study: optuna.Study) -> Figure:
     return fig
 
 
-def matplotlib_percent():
-    from matplotlib.ticker import FuncFormatter
+# Tick values (percent error) dense enough that 0.6% and 0.7% are told apart where the good
+# trials sit, and sparse enough to read across a wide range.
+ERROR_TICKS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1, 1.2, 1.5, 2, 3, 4, 5, 7, 10, 15, 20, 30, 50, 70, 100)
 
+
+def error_ticks(low: float, high: float) -> list[float]:
+    """The ERROR_TICKS within [low, high], thinned to at most 12, dropping the dense upper ones."""
+    ticks = [t for t in ERROR_TICKS if low <= t <= high]
+    while len(ticks) > 12:
+        ticks = [t for i, t in enumerate(ticks) if t <= 1 or i % 2 == 0]
+        if len(ticks) > 12:
+            ticks = ticks[::2]
+    return ticks or [low, high]
+
+
+def matplotlib_percent():
     return FuncFormatter(lambda value, _: f"{value:g}%")
 
 

@@ -148,3 +148,23 @@ def test_out_that_is_a_file_is_one_line(tiny_study, tmp_path, capsys):
     out = tmp_path / "file"
     out.write_text("")
     one_line_error(["--storage", url, "--out", str(out)], capsys)
+
+
+def test_pareto_accuracy_axis_spans_the_trials_with_ticks_a_tenth_of_a_point_apart_there(tiny_study):
+    _, study = tiny_study
+    fig = report.pareto_figure(study)
+    ax = fig.axes[0]
+    errors = [100 - t.values[0] for t in study.trials if t.state == TrialState.COMPLETE]
+    low, high = ax.get_ylim()
+    assert low <= min(errors) and max(errors) <= high <= 1.2 * max(errors)  # not 84-100% but where they sit
+    ticks = [t for t in ax.get_yticks() if low <= t <= high]
+    assert {0.6, 0.7, 0.8} <= set(ticks)  # 99.4, 99.3 and 99.2% each have a line
+    accuracy_labels = [label.get_text() for label in fig.axes[1].get_yticklabels()]
+    assert "99.4%" in accuracy_labels and "99.3%" in accuracy_labels
+
+
+def test_error_ticks_keep_the_dense_low_end_over_a_wide_range():
+    ticks = report.error_ticks(0.5, 60)
+    assert len(ticks) <= 12
+    assert ticks[:6] == [0.5, 0.6, 0.7, 0.8, 0.9, 1]
+    assert report.error_ticks(0.62, 0.68) == [0.62, 0.68]  # no tick inside: the ends are labelled
