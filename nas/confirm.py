@@ -19,28 +19,34 @@ lies above zero.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
+import multiprocessing
+import queue
 import statistics
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
+from tqdm import tqdm
 
 from nas import data
-from nas.cli import ArgumentParser, positive_int
+from nas.cli import ArgumentParser, non_negative_int, positive_int
 from nas.config import StudyConfig
 from nas.spec import PRESETS, ArchSpec, TrainConfig, count_params
 from nas.storage import StorageError, default_url
 from nas.cpu import cpu_model, tune_allocator
 from nas.train import DivergedError, resolve_run, train
 from nas.run import RunRecord
-from nas.trials import (BASELINE, ReplayError, config_from_study, confirm_key, epochs_to_target, open_study,
-                        ranked_trials, rebuild, score, stored_run)
+from nas.trials import (BASELINE, ReplayError, config_from_study, confirm_key, confirmed_best, epochs_to_target,
+                        open_study, ranked_trials, rebuild, score, stored_run)
+from nas.workers import available_cpus, resolve_workers, workers_arg
 
 # Student's t, two-sided 95% (0.975 quantile), by degrees of freedom.
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
@@ -73,12 +79,21 @@ def paired_difference(ours: list[float], theirs: list[float]) -> tuple[float, fl
     return statistics.mean(diffs), t_quantile(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
 
 
-def pick_candidates(study: optuna.Study, config: StudyConfig, top: int, device: str | None) -> list[Candidate]:
-    """The `top` best trials of the study, then Model 3: its trial where the study ran it, else its
-    preset with the study's epochs and the fidelity of the best trial."""
+def pick_candidates(study: optuna.Study, config: StudyConfig, top: int, device: str | None,
+                    numbers: list[int] | None = None) -> list[Candidate]:
+    """The `top` best trials of the study (or the trials `numbers`), then Model 3: its trial where
+    the study ran it, else its preset with the study's epochs and the fidelity of the best trial."""
     ranked = [t for t in ranked_trials(study) if t.user_attrs.get("preset") != BASELINE]
     if not ranked:
         raise ConfirmError(f"study {study.study_name!r} has no completed trial to confirm")
+    if numbers is not None:
+        by_number = {t.number: t for t in ranked}
+        missing = [n for n in numbers if n not in by_number]
+        if missing:
+            raise ConfirmError(f"trial {missing[0]} is not a completed trial of study {study.study_name!r} "
+                               "(Model 3 is always confirmed; name other trials)")
+        ranked = [by_number[n] for n in dict.fromkeys(numbers)]
+        top = len(ranked)
     chosen = []
     for trial in ranked[:top]:
         arch, train_config = rebuild(trial, config)
@@ -123,10 +138,13 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--study", default="mnist-8k", help="study name (default mnist-8k)")
     parser.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>.db)")
     parser.add_argument("--top", type=positive_int, default=3, help="how many of the best trials (default 3)")
+    parser.add_argument("--trials", type=non_negative_int, nargs="+", metavar="N",
+                        help="confirm these trial numbers (and Model 3) instead of the top; with --test the "
+                        "default is the trial its validation confirm found best, where one was run")
     parser.add_argument("--seeds", type=positive_int, default=3, help="runs per candidate, seeds 1..S (default 3)")
     parser.add_argument("--epochs", type=positive_int, help="epochs per run (default: each trial's own)")
     parser.add_argument("--subset", type=positive_int, help="train on the first N images (default: as the "
-                        "search did)")
+                        "search did; with --test, all of them)")
     parser.add_argument("--test", action="store_true", help="train on all 60,000 training images and score "
                         "on the test set (the final figure; the search never sees the test set)")
     parser.add_argument("--out", type=Path, metavar="F.json",
@@ -135,6 +153,9 @@ def build_parser() -> ArgumentParser:
                         "trains it)")
     parser.add_argument("--device", help="default: the device each trial ran on, where it exists here")
     parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
+    parser.add_argument("--workers", type=workers_arg, default=1,
+                        help="runs at a time, the CPUs split between them, or auto: one single-thread run per "
+                        "CPU core on CPU (as nas.search --workers), 1 on CUDA")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -143,40 +164,40 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage_url = args.storage or default_url(args.study)
-    prefix = "confirm-test" if args.test else "confirm"
     try:
         study = open_study(storage_url, args.study)
         config = config_from_study(study)
-        candidates = pick_candidates(study, config, args.top, args.device)
+        numbers, why = chosen_numbers(study, args)
+        candidates = pick_candidates(study, config, args.top, args.device, numbers)
         root = data.resolve_data_dir(args.data_dir)
         data.prepare(root, progress=not args.quiet)
         mnist = data.load_mnist(root)
+        workers = resolve_workers(args.workers, torch.device(candidates[0].run.device))
     except (ConfirmError, ReplayError, StorageError, data.DataError, ValueError, RuntimeError) as exc:
         print(f"error: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}", file=sys.stderr)
         return 2
     tune_allocator()
     seeds = range(1, args.seeds + 1)
-    print(f"Confirming {', '.join(c.label for c in candidates)} of study {args.study!r} over seeds "
+    print(f"Confirming {', '.join(c.label for c in candidates)} of study {args.study!r}{why} over seeds "
           f"{seeds[0]}-{seeds[-1]}, " + ("on all training images, scored on test" if args.test else
-                                         "on the search's split, scored on validation"))
-    results: dict[str, list[dict]] = {c.label: [] for c in candidates}
-    splits: dict[tuple, data.Split] = {}
+                                         "on the search's split, scored on validation")
+          + (f", {workers} runs at a time" if workers > 1 else ""), flush=True)
     try:
+        todo = [(c.label, seed) for c in candidates for seed in seeds if stored_run_of(study, c, seed, args) is None]
+        if workers > 1 and len(todo) > 1:
+            code = run_in_workers(args, storage_url, todo, min(workers, len(todo)), len(candidates) * len(seeds))
+            if code:
+                return code
+            study = open_study(storage_url, args.study)
+        results: dict[str, list[dict]] = {c.label: [] for c in candidates}
+        splits: dict = {}
         for candidate in candidates:
             for seed in seeds:
-                key = confirm_key(prefix, candidate.label, seed)
-                stored = study.user_attrs.get(key)
-                run = replace(candidate.run, seed=seed,
-                              subset=None if args.test else (args.subset or candidate.run.subset))
-                config_seed = replace(candidate.train, seed=seed, epochs=args.epochs or candidate.train.epochs)
-                if stored is None or stored["epochs"] != config_seed.epochs or stored["subset"] != run.subset:
-                    stored = confirm_one(candidate, config_seed, run, mnist, args, splits, config.score_epochs)
-                    study.set_user_attr(key, stored)
+                stored = stored_run_of(study, candidate, seed, args)
+                if stored is None:
+                    stored = run_and_store(study, candidate, seed, args, mnist, splits, config.score_epochs, None)
                 results[candidate.label].append(stored)
-                last = min(config.score_epochs, stored["epochs"])
-                print(f"{candidate.label} seed {seed}: {stored['score']:.3f}% "
-                      f"({'test' if args.test else 'validation'}, mean of the last {last} epoch{'s' * (last > 1)})",
-                      flush=True)
+                say_run(stored, args.test, config.score_epochs)
     except DivergedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -192,6 +213,120 @@ def main(argv: list[str] | None = None) -> int:
         write_results(args.out, study, candidates, results, title, rows, args.test)
         print(f"results: {args.out}")
     return 0
+
+
+def chosen_numbers(study: optuna.Study, args) -> tuple[list[int] | None, str]:
+    """The trials to confirm besides Model 3, and why: --trials; for --test the trial that the
+    validation confirm found best; else None (the top --top)."""
+    if args.trials:
+        return args.trials, ""
+    if args.test and confirmed_best(study) is not None:
+        return [confirmed_best(study)], " (the best of its validation confirm)"
+    return None, ""
+
+
+def prefix_of(args) -> str:
+    return "confirm-test" if args.test else "confirm"
+
+
+def run_settings(candidate: Candidate, seed: int, args) -> tuple[RunRecord, TrainConfig]:
+    # --test trains on all training images unless --subset says otherwise (a quick look)
+    subset = args.subset if args.test else (args.subset or candidate.run.subset)
+    run = replace(candidate.run, seed=seed, subset=subset)
+    return run, replace(candidate.train, seed=seed, epochs=args.epochs or candidate.train.epochs)
+
+
+def stored_run_of(study: optuna.Study, candidate: Candidate, seed: int, args) -> dict | None:
+    """The stored run of this candidate and seed, if one was trained with these epochs and subset."""
+    run, config = run_settings(candidate, seed, args)
+    stored = study.user_attrs.get(confirm_key(prefix_of(args), candidate.label, seed))
+    if stored is None or stored["epochs"] != config.epochs or stored["subset"] != run.subset:
+        return None
+    return stored
+
+
+def run_and_store(study: optuna.Study, candidate: Candidate, seed: int, args, mnist: data.Mnist, splits: dict,
+                  score_epochs: int, threads: int | None) -> dict:
+    run, config = run_settings(candidate, seed, args)
+    # threads: this process's share of the CPU, whatever the trial's worker had (None: all of it)
+    stored = confirm_one(candidate, config, replace(run, threads=threads), mnist, args, splits, score_epochs)
+    study.set_user_attr(confirm_key(prefix_of(args), candidate.label, seed), stored)
+    return stored
+
+
+def say_run(stored: dict, test: bool, score_epochs: int, who: str = "") -> None:
+    last = min(score_epochs, stored["epochs"])
+    print(f"{who}{stored['candidate']} seed {stored['seed']}: {stored['score']:.3f}% "
+          f"({'test' if test else 'validation'}, mean of the last {last} epoch{'s' * (last > 1)})", flush=True)
+
+
+def run_in_workers(args, storage_url: str, todo: list[tuple[str, int]], workers: int, total: int) -> int:
+    """The runs `todo` shared out to `workers` spawned processes, the CPUs split between them; each
+    stores its runs in the study as it finishes them. A bar counts the stored runs."""
+    context = multiprocessing.get_context("spawn")
+    jobs = context.Queue()
+    for job in todo:
+        jobs.put(job)
+    threads = max(1, available_cpus() // workers)
+    procs = [context.Process(target=_worker_entry, args=(args, storage_url, jobs, threads, i)) for i in range(workers)]
+    for p in procs:
+        p.start()
+    bar = tqdm(total=total, initial=total - len(todo), desc="Runs", unit="run", disable=args.quiet, file=sys.stdout,
+               dynamic_ncols=True)
+    try:
+        while any(p.is_alive() for p in procs):
+            time.sleep(2)
+            bar.n = total - jobs_left(args, storage_url, todo)
+            bar.refresh()
+    except KeyboardInterrupt:
+        for p in procs:
+            p.join(timeout=30)
+        raise
+    finally:
+        bar.close()
+    failed = [i for i, p in enumerate(procs) if p.exitcode != 0]
+    if failed:
+        print(f"error: confirm worker{'s' * (len(failed) > 1)} {', '.join(map(str, failed))} failed; "
+              "finished runs are stored, rerun the same command to resume", file=sys.stderr)
+        return 1
+    return 0
+
+
+def jobs_left(args, storage_url: str, todo: list[tuple[str, int]]) -> int:
+    prefix = prefix_of(args)
+    attrs = open_study(storage_url, args.study).user_attrs
+    return sum(1 for label, seed in todo if confirm_key(prefix, label, seed) not in attrs)
+
+
+def _worker_entry(args, storage_url: str, jobs, threads: int, worker: int) -> None:
+    """One spawned confirm worker: takes (candidate, seed) runs off the queue until it is empty."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tune_allocator()
+    torch.set_num_threads(threads)
+    study = open_study(storage_url, args.study)
+    config = config_from_study(study)
+    numbers, _ = chosen_numbers(study, args)
+    by_label = {c.label: c for c in pick_candidates(study, config, args.top, args.device, numbers)}
+    mnist = data.load_mnist(data.resolve_data_dir(args.data_dir))
+    splits: dict = {}
+    quiet = replace_namespace(args, quiet=True)  # the parent's bar counts runs; no epoch bars
+    try:
+        while True:
+            try:
+                label, seed = jobs.get(timeout=1)
+            except queue.Empty:
+                return
+            stored = run_and_store(study, by_label[label], seed, quiet, mnist, splits, config.score_epochs, threads)
+            say_run(stored, args.test, config.score_epochs, who=f"[worker {worker}] ")
+    except DivergedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def replace_namespace(args, **changes):
+    return argparse.Namespace(**{**vars(args), **changes})
 
 
 def write_results(path: Path, study: optuna.Study, candidates: list[Candidate], results: dict[str, list[dict]],
@@ -223,7 +358,7 @@ def write_results(path: Path, study: optuna.Study, candidates: list[Candidate], 
 def confirm_one(candidate: Candidate, config: TrainConfig, run: RunRecord, mnist: data.Mnist, args,
                 splits: dict, score_epochs: int) -> dict:
     device = torch.device(run.device)
-    which = ("test", None) if args.test else ("valid", run.subset)
+    which = ("test", run.subset) if args.test else ("valid", run.subset)
     if (which, run.device) not in splits:
         splits[(which, run.device)] = data.make_split(mnist, which[0], which[1], device)
     if run.threads:

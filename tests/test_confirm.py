@@ -10,6 +10,7 @@ import pytest
 
 from nas import confirm, export, search, trials
 from nas.spec import ArchSpec, TrainConfig, load_arch
+from nas.workers import available_cpus
 
 TINY = ["--epochs", "1", "--subset", "256", "--quiet"]
 
@@ -99,3 +100,30 @@ def test_warm_start_re_expresses_an_older_space_versions_trials(tmp_path, capsys
     for t in study.trials:
         rebuilt, _ = search.suggest(optuna.trial.FixedTrial(t.params), config.space, 15, 0, budget=config.budget)
         assert rebuilt == ArchSpec.from_dict(t.user_attrs["arch"]) and "budget_fraction" in t.params
+
+
+def test_confirm_in_two_workers_stores_every_run_once_and_test_takes_the_validated_best(study_url, data_dir,
+                                                                                          capsys, tmp_path):
+    # --subset 128: runs of its own, none stored by the tests before
+    args = ["--storage", study_url, "--top", "1", "--seeds", "2", "--subset", "128", "--data-dir", str(data_dir),
+            "--quiet"]
+    assert confirm.main(args + ["--workers", "2"]) == 0
+    study = optuna.load_study(study_name="mnist-8k", storage=study_url)
+    runs = trials.confirm_runs(study)
+    top = [t.number for t in trials.ranked_trials(study) if t.user_attrs.get("preset") != "model3"][:1]
+    assert set(runs) == {*(f"trial{n}" for n in top), "model3"}
+    assert all(sorted(r["seed"] for r in rs) == [1, 2] and {r["subset"] for r in rs} == {128} for rs in runs.values())
+    assert all(r["run"]["threads"] == max(1, available_cpus() // 2) for rs in runs.values() for r in rs)
+    capsys.readouterr()
+    # --test without --trials: the validation confirm's best and Model 3, nothing else
+    assert confirm.main(["--storage", study_url, "--test", "--seeds", "1", "--subset", "256", "--data-dir",
+                         str(data_dir), "--quiet"]) == 0
+    best = trials.confirmed_best(optuna.load_study(study_name="mnist-8k", storage=study_url))
+    tested = trials.confirm_runs(optuna.load_study(study_name="mnist-8k", storage=study_url), "confirm-test")
+    assert set(tested) == {f"trial{best}", "model3"}
+    assert "(the best of its validation confirm)" in capsys.readouterr().out
+
+
+def test_confirm_of_a_trial_that_is_not_complete_is_one_line(study_url, data_dir, capsys):
+    assert confirm.main(["--storage", study_url, "--trials", "999", "--data-dir", str(data_dir), "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith("error: trial 999 is not a completed trial")
