@@ -83,6 +83,13 @@ def make_pruner(config: StudyConfig, epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def rung_pays(config: StudyConfig, epochs: int, train_images: int) -> bool:
+    """Whether the study's rung is cheaper than the full training it screens for (it is not in a
+    quick look such as --epochs 1 --subset 256): where it is not, trials skip it and train in full."""
+    rung = config.rung
+    return rung.epochs * min(rung.subset, train_images) < epochs * train_images
+
+
 class RungPruner(optuna.pruners.BasePruner):
     """Prunes at the cheap first rung (step RUNG_STEP) a trial whose rung score is not within the
     top `keep` share of the rung scores of every trial that ran the rung, whatever became of it
@@ -184,7 +191,8 @@ class Objective:
         self.say(f"Trial {trial.number}: {params:,} params, {layer_string(arch)}; {train_config.optimizer} "
                  f"lr {train_config.lr:.3g}, batch {train_config.batch_size}, {train_config.scheduler}, "
                  f"augment {train_config.augment:.2f}")
-        if self.config.pruner == "rung" and not self.multi:
+        if self.config.pruner == "rung" and not self.multi and rung_pays(self.config, train_config.epochs,
+                                                                            len(self.split.train_x)):
             self.run_rung(trial, arch, train_config, run)
         accuracies: list[float] = []
 
@@ -551,6 +559,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     done = len(finished_trials(study))
+    if config.pruner == "rung" and not rung_pays(config, options.epochs, len(split.train_x)):
+        print(f"note: the rung ({config.rung.epochs} epochs on up to {config.rung.subset:,} images) costs as much as "
+              f"a whole trial here ({options.epochs} epoch{'s' * (options.epochs > 1)} on {len(split.train_x):,}); "
+              "trials skip it and train in full", file=sys.stderr)
     if not args.quiet:
         print(f"Study {name!r} in {storage_url}: {done} of {args.trials} trials finished; "
               f"budget < {config.budget:,} params, {options.epochs} epochs, {device}"

@@ -53,6 +53,18 @@ def test_each_fidelity_scheme_runs_end_to_end(pruner, tmp_path, data_dir):
         rungs.append(value)
 
 
+def test_a_quick_look_skips_a_rung_that_costs_as_much_as_the_trial(searched):
+    # The default study's rung is 2 epochs on 10,000 images; the fixture's trials are 1 epoch on 256.
+    config = parse_study_config({"pruner": "rung"})
+    assert not search.rung_pays(config, epochs=1, train_images=256)
+    assert search.rung_pays(config, epochs=15, train_images=50_000)
+    assert not search.rung_pays(config, epochs=2, train_images=10_000)  # the same cost: no saving
+    study = optuna.load_study(study_name="mnist-8k", storage=searched[0])
+    trained = [t for t in study.trials if "rejected" not in t.user_attrs]
+    assert trained and all(search.RUNG_STEP not in t.intermediate_values and "rung_acc" not in t.user_attrs
+                           for t in trained)
+
+
 def rung_study(scores):
     study = optuna.create_study(direction="maximize", pruner=search.RungPruner(keep=1 / 3, startup=3))
     for state, value in scores:
