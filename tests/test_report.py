@@ -168,3 +168,14 @@ def test_error_ticks_keep_the_dense_low_end_over_a_wide_range():
     assert len(ticks) <= 12
     assert ticks[:6] == [0.5, 0.6, 0.7, 0.8, 0.9, 1]
     assert report.error_ticks(0.62, 0.68) == [0.62, 0.68]  # no tick inside: the ends are labelled
+
+
+def test_history_axis_leaves_a_hopeless_trial_off_and_says_so(tiny_study):
+    _, study = tiny_study
+    study.add_trial(create_trial(params={"lr": 0.01, "width": 8}, distributions=DISTRIBUTIONS, values=[11.35],
+                                 user_attrs={"params": 4000, "train": {"optimizer": "sgd", "lr": 0.01}}))
+    ax = report.history_figure(study).axes[0]
+    low, high = ax.get_ylim()
+    best = max(t.values[0] for t in study.trials if t.state == TrialState.COMPLETE)
+    assert 90 < low < 99.5 and best < high
+    assert any("below" in text.get_text() and "off the axis" in text.get_text() for text in ax.texts)
