@@ -170,6 +170,7 @@ def test_error_ticks_keep_the_dense_low_end_over_a_wide_range():
     assert report.error_ticks(0.62, 0.68) == [0.62, 0.68]  # no tick inside: the ends are labelled
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # write_report silences it
 def test_history_axis_leaves_a_hopeless_trial_off_and_says_so(tiny_study):
     _, study = tiny_study
     study.add_trial(create_trial(params={"lr": 0.01, "width": 8}, distributions=DISTRIBUTIONS, values=[11.35],
