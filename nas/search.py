@@ -38,7 +38,7 @@ from nas.export import ExportError, load_export, trial_from_dict
 from nas.run import BATCHNORM_PATHS, RUN_ATTR, RunRecord
 from nas.cpu import PRECISIONS, resolve_precision, tune_allocator
 from nas.train import DivergedError, EpochResult, epoch_line, resolve_device, resolve_run, train
-from nas.trials import (checkpoint, epochs_to_target, finished_trials, is_multi_objective,
+from nas.trials import (checkpoint, config_from_study, epochs_to_target, finished_trials, is_multi_objective,
                         results_table, score, trial_counts)
 from nas.workers import ProgressBar, StopAtTarget, resolve_workers, run_workers, workers_arg
 
@@ -316,12 +316,40 @@ def create_or_load(storage: optuna.storages.BaseStorage, options: RunOptions, co
                 f"study {options.study!r} exists with objectives for {[d.name.lower() for d in study.directions]}; "
                 f"the study file asks for {config.directions}: use another --study name"
             )
+        if "config" in study.user_attrs:
+            changed = differences(config_from_study(study), config)
+            if changed:
+                raise ConfigError(
+                    f"study {options.study!r} was made from another version of its study file ({'; '.join(changed)}); "
+                    "rerun with the file it was made from, or give the new version its own --study name "
+                    "(--warm-start from an export of this one carries its trials over)")
     if warm is not None and created:
         added, skipped = warm_start(study, warm, config)
         print(f"Warm start from study {warm['study']!r}: {added} trials added to the history, "
               f"{skipped} skipped (outside this study's budget or space)", file=sys.stderr)
     enqueue_presets(study, config, enqueue, fresh=created)
     return study
+
+
+def differences(stored: StudyConfig, wanted: StudyConfig) -> list[str]:
+    """What a study file changes in the description a study stored when it was made: everything
+    that decides which trials it holds and how they are scored (its name and presets aside, and the
+    [rung] table unless either uses the rung)."""
+    def values(config: StudyConfig) -> dict[str, Any]:
+        flat = {}
+        for f in dataclasses.fields(config):
+            value = getattr(config, f.name)
+            if f.name in ("name", "enqueue") or f.name == "rung" and "rung" not in (stored.pruner, wanted.pruner):
+                continue
+            if dataclasses.is_dataclass(value):
+                flat.update({f"{f.name}.{k}": tuple(v) if isinstance(v, list) else v
+                             for k, v in dataclasses.asdict(value).items()})
+            else:
+                flat[f.name] = tuple(value) if isinstance(value, list) else value
+        return flat
+
+    old, new = values(stored), values(wanted)
+    return [f"{key}: {old.get(key)!r} stored, {new.get(key)!r} in the file" for key in new if old.get(key) != new.get(key)]
 
 
 def warm_start(study: optuna.Study, export: dict, config: StudyConfig) -> tuple[int, int]:

@@ -111,3 +111,16 @@ def test_a_preset_outside_the_space_is_not_enqueued(tmp_path, data_dir, capsys):
     assert "model3 lies outside this study's search space" in capsys.readouterr().err
     study = optuna.load_study(study_name="narrow", storage=url)
     assert all("preset" not in t.user_attrs for t in study.trials)
+
+
+def test_a_changed_study_file_does_not_silently_reshape_a_stored_study(searched, tmp_path, data_dir, capsys):
+    url, db = searched
+    before = [(t.number, t.state, t.params) for t in load(url).trials]
+    changed = tmp_path / "mnist-8k.toml"
+    changed.write_text(open(STUDY_FILE).read().replace("layers = [1, 4]", "layers = [1, 6]"))
+    code = search.main(["--trials", "5", "--epochs", "1", "--subset", "256", "--storage", url, "--study-file",
+                        str(changed), "--data-dir", str(data_dir), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "space.layers: (1, 4) stored, (1, 6) in the file" in err and "--study name" in err
+    assert [(t.number, t.state, t.params) for t in load(url).trials] == before
