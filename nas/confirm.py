@@ -273,10 +273,11 @@ def run_in_workers(args, storage_url: str, todo: list[tuple[str, int]], workers:
         p.start()
     bar = tqdm(total=total, initial=total - len(todo), desc="Runs", unit="run", disable=args.quiet, file=sys.stdout,
                dynamic_ncols=True)
+    study = open_study(storage_url, args.study)
     try:
         while any(p.is_alive() for p in procs):
-            time.sleep(2)
-            bar.n = total - jobs_left(args, storage_url, todo)
+            time.sleep(5)
+            bar.n = total - jobs_left(args, study, todo)
             bar.refresh()
     except KeyboardInterrupt:
         for p in procs:
@@ -292,9 +293,9 @@ def run_in_workers(args, storage_url: str, todo: list[tuple[str, int]], workers:
     return 0
 
 
-def jobs_left(args, storage_url: str, todo: list[tuple[str, int]]) -> int:
+def jobs_left(args, study: optuna.Study, todo: list[tuple[str, int]]) -> int:
     prefix = prefix_of(args)
-    attrs = open_study(storage_url, args.study).user_attrs
+    attrs = study.user_attrs  # read from the storage each time
     return sum(1 for label, seed in todo if confirm_key(prefix, label, seed) not in attrs)
 
 
