@@ -327,6 +327,10 @@ def create_or_load(storage: optuna.storages.BaseStorage, options: RunOptions, co
         added, skipped = warm_start(study, warm, config)
         print(f"Warm start from study {warm['study']!r}: {added} trials added to the history, "
               f"{skipped} skipped (outside this study's budget or space)", file=sys.stderr)
+        scaled = enqueue_scaled(study, warm, config)
+        if scaled:
+            print(f"Warm start: the shapes of its best trials that do not fit ({', '.join(map(str, scaled))}) "
+                  "are queued, scaled to this budget", file=sys.stderr)
     enqueue_presets(study, config, enqueue, fresh=created)
     return study
 
@@ -370,6 +374,45 @@ def warm_start(study: optuna.Study, export: dict, config: StudyConfig) -> tuple[
             user_attrs={**stored.user_attrs, "warm_start": export["study"]}))
     study.add_trials(added)
     return len(added), len(export["trials"]) - len(added)
+
+
+def enqueue_scaled(study: optuna.Study, export: dict, config: StudyConfig, top: int = 3) -> list[int]:
+    """Queues the shapes of the export's `top` best finished trials that are over this study's
+    budget, scaled to it, and returns their numbers. A version-2 space words widths as shares of
+    the budget, so a trial's params rebuild its net narrower (or wider) under another budget, with
+    the same depth, proportions and training config. Between version-2 spaces of one objective
+    only; a params set this space cannot take as it is (a value out of its ranges) is passed over."""
+    exported = export.get("user_attrs", {}).get("config", {}).get("space", {})
+    if config.space.version != 2 or exported.get("version") != 2 or len(config.directions) != 1:
+        return []
+    over = []
+    for t in map(trial_from_dict, export["trials"]):
+        if (t.state == TrialState.COMPLETE and len(t.values or ()) == 1 and "arch" in t.user_attrs
+                and count_params(ArchSpec.from_dict(t.user_attrs["arch"])) >= config.budget):
+            over.append(t)
+    over.sort(key=lambda t: t.values[0], reverse=config.directions[0] == "maximize")
+    scratch = optuna.create_study(directions=config.directions)
+    chosen = []
+    for t in over:
+        if len(chosen) == top:
+            break
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", UserWarning)  # a value outside this space's ranges
+                scratch.enqueue_trial(t.params)
+                probe = scratch.ask()
+                arch, _ = suggest(probe, config.space, config.epochs, 0, budget=config.budget)
+        except (UserWarning, ValueError, SpecError):
+            continue
+        finally:
+            for running in scratch.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                scratch.tell(running.number, state=TrialState.FAIL)
+        if probe.params != t.params or count_params(arch) >= config.budget:
+            continue
+        number = t.user_attrs["exported_number"]
+        study.enqueue_trial(t.params, user_attrs={"scaled_from": f"{export['study']}#{number}"}, skip_if_exists=True)
+        chosen.append(number)
+    return chosen
 
 
 def _reexpress(scratch: optuna.Study, stored: FrozenTrial, config: StudyConfig) -> optuna.Trial | None:

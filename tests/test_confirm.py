@@ -82,6 +82,36 @@ def test_warm_start_brings_in_what_fits_and_does_not_count_it(study_url, data_di
     assert len(trials.finished_trials(study)) == 1  # --trials counts this study's own
 
 
+def test_warm_start_queues_the_best_shapes_that_do_not_fit_scaled_to_the_budget(study_url, tmp_path):
+    from nas.config import parse_study_config
+    from nas.spec import count_params
+
+    out = tmp_path / "e.json"
+    assert export.main(["--storage", study_url, "--out", str(out)]) == 0
+    exported = export.load_export(out)
+    over = sorted((t for t in exported["trials"] if t["state"] == "COMPLETE" and t["user_attrs"]["params"] >= 5000),
+                  key=lambda t: -t["values"][0])
+    assert over, "the tiny study should hold a net over 5,000 params (Model 3 at least)"
+    config = parse_study_config({"name": "small", "budget": 5000, "enqueue": []})
+    study = optuna.create_study(directions=config.directions)
+    assert search.enqueue_scaled(study, exported, config, top=2) == [t["number"] for t in over[:2]]
+    assert search.enqueue_scaled(study, exported, config, top=2) == [t["number"] for t in over[:2]]
+    queued = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert len(queued) == len(over[:2])  # queued once, however often the export is offered
+    for t, source in zip(queued, over):
+        assert t.user_attrs["scaled_from"] == f"mnist-8k#{source['number']}"
+        scaled, train_config = search.suggest(optuna.trial.FixedTrial(t.system_attrs["fixed_params"]), config.space,
+                                              15, 0, budget=config.budget)
+        original = ArchSpec.from_dict(source["user_attrs"]["arch"])
+        assert count_params(scaled) < 5000 <= count_params(original)
+        assert [len(b.widths) for b in scaled.blocks] == [len(b.widths) for b in original.blocks]
+        assert len(scaled.tail) == len(original.tail)
+        assert train_config.lr == TrainConfig.from_dict(source["user_attrs"]["train"]).lr
+    # A version-1 space words absolute widths: nothing to scale.
+    v1 = parse_study_config({"name": "v1", "budget": 5000, "enqueue": [], "space": {"version": 1}})
+    assert search.enqueue_scaled(optuna.create_study(directions=v1.directions), exported, v1) == []
+
+
 def test_warm_start_re_expresses_an_older_space_versions_trials(tmp_path, capsys):
     """The previous release's study (space version 1, absolute widths) into a version-2 study:
     a net the new space can word (Model 3) joins with new params that rebuild it; those it can't
