@@ -114,6 +114,8 @@ def importance_figure(study: optuna.Study) -> tuple[Figure | None, str]:
     except (ValueError, RuntimeError, ZeroDivisionError, IndexError) as exc:
         return None, f"Optuna could not compute parameter importances: {exc}"
     ax.set_title("Parameter importances for high validation accuracy", loc="left")  # Optuna's title sits left
+    rows = len(ax.get_yticks())  # one bar a parameter: a deep space has 30, too many for the default height
+    ax.figure.set_size_inches(8, max(4.8, 1.6 + 0.26 * rows))
     return ax.figure, (f"How much each parameter matters for reaching high validation accuracy (PED-ANOVA over "
                        f"{completed} completed trials; rough while there are few).")
 
@@ -129,10 +131,18 @@ def intermediate_figure(study: optuna.Study) -> tuple[Figure | None, str]:
     ax.set_xlabel("epoch (0: the cheap first rung, with pruner \"rung\")")
     ax.set_ylabel(ACCURACY_LABEL)
     ax.set_title("Validation accuracy per epoch, as the pruner saw it")
-    return ax.figure, ("Validation accuracy after every epoch of each trained trial; lines that stop early "
-                       "are trials the pruner stopped (or trials still running). With the rung pruner, epoch 0 "
-                       "is the rung's score (a short run on a subset), and a trial with only that point "
-                       "stopped there.")
+    text = ("Validation accuracy after every epoch of each trained trial; lines that stop early "
+            "are trials the pruner stopped (or trials still running). With the rung pruner, epoch 0 "
+            "is the rung's score (a short run on a subset), and a trial with only that point "
+            "stopped there.")
+    if len(ax.get_lines()) > LEGEND_LINES and ax.get_legend() is not None:
+        ax.get_legend().remove()  # a legend of dozens of trials is taller than the figure and tells nothing
+    finals = [t.intermediate_values[max(t.intermediate_values)] for t in ranked_trials(study) if t.intermediate_values]
+    if len(finals) >= 2:
+        low = max(0.0, sorted(finals)[(len(finals) - 1) // 2] - 1.0)  # the better half's last epochs, and 1 point
+        ax.set_ylim(low, min(100.0, max(finals) + 0.5))
+        text += f" The axis starts at {low:.1f}%: earlier epochs and weaker trials below it are off the axis."
+    return ax.figure, text
 
 
 def pareto_figure(study: optuna.Study) -> Figure:
@@ -195,6 +205,7 @@ def pareto_figure(study: optuna.Study) -> Figure:
 
 # Tick values (percent error) dense enough that 0.6% and 0.7% are told apart where the good
 # trials sit, and sparse enough to read across a wide range.
+LEGEND_LINES = 12  # trials a per-epoch figure names in a legend
 ERROR_TICKS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1, 1.2, 1.5, 2, 3, 4, 5, 7, 10, 15, 20, 30, 50, 70, 100)
 
 

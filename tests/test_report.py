@@ -180,3 +180,16 @@ def test_history_axis_leaves_a_hopeless_trial_off_and_says_so(tiny_study):
     best = max(t.values[0] for t in study.trials if t.state == TrialState.COMPLETE)
     assert 90 < low < 99.5 and best < high
     assert any("below" in text.get_text() and "off the axis" in text.get_text() for text in ax.texts)
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # write_report silences it
+def test_per_epoch_axis_zooms_on_the_better_half_and_drops_a_crowded_legend(tmp_path):
+    study = fill(optuna.create_study(), completed=20)
+    fig, text = report.intermediate_figure(study)
+    ax = fig.axes[0]
+    finals = sorted(t.intermediate_values[2] for t in study.trials if t.state == TrialState.COMPLETE)
+    low, high = ax.get_ylim()
+    assert low == pytest.approx(finals[(len(finals) - 1) // 2] - 1.0) and high > finals[-1]
+    assert ax.get_legend() is None and "off the axis" in text
+    few = report.intermediate_figure(fill(optuna.create_study(), completed=6))[0].axes[0]
+    assert few.get_legend() is not None  # 7 lines: still named
