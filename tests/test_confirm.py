@@ -50,7 +50,8 @@ def test_confirm_stores_each_run_and_resumes_without_retraining(study_url, data_
     # The results file: the winner on top, readable by nas.train --model; every run's accuracy per epoch.
     written = json.loads(out.read_text())
     by_label = {c["label"]: c for c in written["candidates"]}
-    assert set(by_label) == set(runs) and written["winner"] == written["candidates"][0]["label"]
+    assert set(by_label) == set(runs) and written["winner"] == f"trial{best.number}"  # never the yardstick
+    assert [c["score_mean"] for c in written["candidates"]] == sorted(c["score_mean"] for c in written["candidates"])[::-1]
     assert load_arch(str(out)) == (ArchSpec.from_dict(by_label[written["winner"]]["arch"]),
                                    TrainConfig.from_dict(by_label[written["winner"]]["train"]))
     for label, stored in runs.items():
