@@ -54,6 +54,10 @@ def test_confirm_stores_each_run_and_resumes_without_retraining(study_url, data_
     assert [c["score_mean"] for c in written["candidates"]] == sorted(c["score_mean"] for c in written["candidates"])[::-1]
     assert load_arch(str(out)) == (ArchSpec.from_dict(by_label[written["winner"]]["arch"]),
                                    TrainConfig.from_dict(by_label[written["winner"]]["train"]))
+    # A file written before that rule (winner: Model 3) gets its winner back from its own runs.
+    out.write_text(json.dumps({**written, "winner": "model3", "arch": by_label["model3"]["arch"]}))
+    assert confirm.rewinner(out) == f"trial{best.number}"
+    assert json.loads(out.read_text()) == written
     for label, stored in runs.items():
         assert [r["eval_acc"] for r in by_label[label]["runs"]] == [r["eval_acc"] for r in stored]
         assert by_label[label]["score_mean"] == pytest.approx(sum(r["score"] for r in stored) / len(stored))
