@@ -117,10 +117,10 @@ def test_a_changed_study_file_does_not_silently_reshape_a_stored_study(searched,
     url, db = searched
     before = [(t.number, t.state, t.params) for t in load(url).trials]
     changed = tmp_path / "mnist-8k.toml"
-    changed.write_text(open(STUDY_FILE).read().replace("layers = [1, 4]", "layers = [1, 6]"))
+    changed.write_text(open(STUDY_FILE).read().replace("lr = [0.0005, 0.05]", "lr = [0.001, 0.05]"))
     code = search.main(["--trials", "5", "--epochs", "1", "--subset", "256", "--storage", url, "--study-file",
                         str(changed), "--data-dir", str(data_dir), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
-    assert "space.layers: (1, 4) stored, (1, 6) in the file" in err and "--study name" in err
+    assert "space.lr: (0.0005, 0.05) stored, (0.001, 0.05) in the file" in err and "--study name" in err
     assert [(t.number, t.state, t.params) for t in load(url).trials] == before
