@@ -117,7 +117,9 @@ def test_a_changed_study_file_does_not_silently_reshape_a_stored_study(searched,
     url, db = searched
     before = [(t.number, t.state, t.params) for t in load(url).trials]
     changed = tmp_path / "mnist-8k.toml"
-    changed.write_text(open(STUDY_FILE).read().replace("lr = [0.0005, 0.05]", "lr = [0.001, 0.05]"))
+    text = open(STUDY_FILE).read()
+    changed.write_text(text.replace("lr = [0.0005, 0.05]", "lr = [0.001, 0.05]"))
+    assert changed.read_text() != text  # the change took: the file's lr line is as this test expects
     code = search.main(["--trials", "5", "--epochs", "1", "--subset", "256", "--storage", url, "--study-file",
                         str(changed), "--data-dir", str(data_dir), "--quiet"])
     err = capsys.readouterr().err
