@@ -31,7 +31,7 @@ from nas.cli import ArgumentParser, positive_int
 from nas.config import ConfigError, StudyConfig, load_study_config
 from nas.space import params_for, params_of, suggest
 from nas.spec import PRESETS, ArchSpec, SpecError, TrainConfig, count_params, layer_string, receptive_field
-from nas.outage import lost_to_a_peer
+from nas.storage.outage import lost_to_a_peer
 from nas.storage import StorageError, artifact_dir_for, default_url, open_storage
 from nas.summary import summary_table
 from nas.export import ExportError, load_export, trial_from_dict

@@ -22,9 +22,10 @@ import sqlalchemy.exc
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from nas import outage, search, storage
+from nas import search, storage
+from nas.storage import outage
 from nas.config import StudyConfig
-from nas.outage import CREATE_KEY, StorageUnavailable, is_outage, reason
+from nas.storage.outage import CREATE_KEY, StorageUnavailable, is_outage, reason
 from nas.storage import open_storage
 from nas.trials import finished_trials
 from tests.pg import USER, Server, server_for_tests

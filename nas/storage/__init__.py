@@ -1,6 +1,6 @@
 """Turning a storage URL into an Optuna storage, with heartbeats so a killed worker's trial is
 failed and retried instead of staying RUNNING forever, and patience so that a database outage of
-up to NAS_STORAGE_OUTAGE_SECONDS costs no trial (nas.outage)."""
+up to NAS_STORAGE_OUTAGE_SECONDS costs no trial (nas.storage.outage)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from filelock import FileLock
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-from nas.outage import OUTAGE_SECONDS, Patience, PatientStorage
+from nas.storage.outage import OUTAGE_SECONDS, Patience, PatientStorage
+from nas.storage.urls import artifact_dir_for, default_url, journal_path, sqlite_path
 
 # A running trial's worker writes a heartbeat this often; a trial whose heartbeat is GRACE_SECONDS
 # old is stale (its worker died): failed, then retried once. The environment can shorten both
@@ -100,33 +101,10 @@ def created_once(open_rdb: Callable[[], RDBStorage], attempts: int = 5) -> RDBSt
     return open_rdb()
 
 
-def default_url(study_name: str) -> str:
-    return f"sqlite:///studies/{study_name}.db"
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The database file of a sqlite:/// URL, or None for other URLs."""
-    prefix = "sqlite:///"
-    return Path(url[len(prefix) :]) if url.startswith(prefix) else None
-
-
-def journal_path(url: str) -> Path | None:
-    """The log file of a journal:/// URL (Optuna's journal file storage), or None."""
-    prefix = "journal:///"
-    return Path(url[len(prefix) :]) if url.startswith(prefix) else None
-
-
-def artifact_dir_for(storage_url: str) -> Path:
-    """Where trial weights are stored: beside a SQLite/journal file, else under studies/."""
-    file = sqlite_path(storage_url) or journal_path(storage_url)
-    base = file.parent if file else Path("studies")
-    return base / "artifacts"
-
-
 def open_storage(url: str, must_exist: bool = False, wait: bool = False) -> optuna.storages.BaseStorage:
     """Open `url`; with `must_exist`, refuse to create a new database file (replay, reports).
 
-    Once open, a database storage waits out an outage (nas.outage). Opening fails at once, since a
+    Once open, a database storage waits out an outage (nas.storage.outage). Opening fails at once, since a
     database never reached is more often a wrong URL than an outage, unless `wait`: for a worker
     whose command has just reached it."""
     file = sqlite_path(url) or journal_path(url)
