@@ -1,14 +1,16 @@
-"""Builds a torch module from an ArchSpec. Knows nothing of Optuna or training."""
+"""Builds a torch module from an ArchSpec, and its layer table in the seed study's style as
+torchinfo measures the built model. Knows nothing of Optuna or training."""
 
 from __future__ import annotations
 
 import torch
+import torchinfo
 from torch import nn
 
 from nas.cpu import native
 from nas.cpu.batchnorm import channels_last_training, native_inference, native_training
-from nas.run import BATCHNORM_PATHS
-from nas.spec import ArchSpec, validate
+from nas.run.record import BATCHNORM_PATHS
+from nas.spec import ArchSpec, count_params, layer_table, validate
 
 # PyTorch's channels-last BatchNorm kernel on CPU vectorizes across channels; with a channel count
 # that is not a multiple of the vector width it falls back to slow loops.
@@ -116,3 +118,46 @@ def build_model(spec: ArchSpec, batchnorm: str = "pytorch") -> ConvNet:
         nn.Flatten(),
     ]
     return ConvNet(*layers)
+
+
+# --- the layer table (python -m nas.summary) ---------------------------------------------------
+
+RULE = "-" * 64
+DOUBLE_RULE = "=" * 64
+
+
+def summary_table(arch: ArchSpec) -> str:
+    """The seed's table (layer, output shape, params, totals) followed by receptive fields."""
+    model = build_model(arch)
+    stats = torchinfo.summary(
+        model, input_size=(1, arch.in_channels, arch.input_size, arch.input_size), verbose=0, device="cpu"
+    )
+    lines = [RULE, f"{'Layer (type)':>20}  {'Output Shape':>25} {'Param #':>15}", DOUBLE_RULE]
+    index = 0
+    for layer in stats.summary_list:
+        fused = isinstance(layer.module, BatchNormAct2d)  # the seed's BatchNorm2d row; its ReLU follows
+        if (layer.children and not fused) or layer.class_name == "Flatten":
+            continue  # containers, and the flatten that only drops two unit dimensions
+        index += 1
+        shape = str([-1, *layer.output_size[1:]])
+        name = "BatchNorm2d" if fused else layer.class_name
+        lines.append(f"{f'{name}-{index}':>20}  {shape:>25} {layer.num_params:>15,}")
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lines += [
+        DOUBLE_RULE,
+        f"Total params: {total:,}",
+        f"Trainable params: {trainable:,}",
+        f"Non-trainable params: {total - trainable:,}",
+        RULE,
+    ]
+    lines.append(receptive_field_line(arch))
+    return "\n".join(lines)
+
+
+def receptive_field_line(arch: ArchSpec) -> str:
+    fields = [row.receptive_field for row in layer_table(arch) if row.name in ("conv3x3", "conv1x1", "maxpool")]
+    return (
+        f"Receptive field: {fields[-1]}x{fields[-1]} before global average pooling "
+        f"(per layer: {' '.join(map(str, fields))}); analytic parameter count {count_params(arch):,}"
+    )

@@ -11,7 +11,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from nas.cache import cache_dir
-from nas.cpu.allocator import allocator_tuned
+from nas.cpu import allocator_tuned, cpu_model
+from nas.model import build_model
+from nas.run.device import bf16_supported, resolve_device, resolve_precision
+from nas.run.record import RunRecord
 from nas.spec import ArchSpec, TrainConfig
-
-PRECISIONS = ("auto", "fp32", "bf16")
+from nas.train import autocast, make_optimizer, planned_steps
 
 TUNE_WARMUP_STEPS = 3
 TUNE_STEPS = 6
@@ -36,24 +37,6 @@ TUNE_MIN_STEPS = 500
 # candidate gets faster or slower by a change here (2: nas.model's channels-last batch norm; 3: its
 # C kernel; 4: the kernel opt-in, the BatchNorm path part of the key).
 TUNE_VERSION = 4
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 convolutions run natively here (CPUs with AVX-512 BF16 or AMX; Ampere+ GPUs)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """"auto" is bf16 autocast where the hardware runs it natively, else fp32."""
-    if name not in PRECISIONS:
-        raise ValueError(f"unknown precision {name!r}; choose from {', '.join(PRECISIONS)}")
-    if name == "auto":
-        return "bf16" if bf16_supported(device) else "fp32"
-    if name == "bf16" and not bf16_supported(device):
-        raise ValueError(f"bf16 asked for, but {device} has no native bf16 support")
-    return name
 
 
 @dataclass(frozen=True)
@@ -110,16 +93,6 @@ def choose_setup(arch: ArchSpec, batch_size: int, device: torch.device, precisio
 _TUNED: dict[str, dict] = {}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass  # not Linux: platform's answer is vaguer but exists everywhere
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def _tuning_key(arch: ArchSpec, batch_size: int, device: torch.device, precision: str, batchnorm: str) -> str:
     facts = {"version": TUNE_VERSION, "cpu": cpu_model(),
              "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
@@ -153,10 +126,6 @@ def _write_tuning_cache(key: str, entry: dict) -> None:
 def _time_steps(arch: ArchSpec, batch_size: int, device: torch.device, setup: Setup,
                 batchnorm: str = "pytorch") -> float:
     """Seconds per optimizer step of `arch` on random data in `setup` (global RNG untouched)."""
-    # Imported here: nas.model's BatchNorm and nas.train's setup both import this package.
-    from nas.model import build_model
-    from nas.train import autocast, make_optimizer
-
     generator = torch.Generator(device=device).manual_seed(0)
     memory_format = torch.channels_last if setup.channels_last else torch.contiguous_format
     with torch.random.fork_rng(devices=[]):
@@ -177,3 +146,35 @@ def _time_steps(arch: ArchSpec, batch_size: int, device: torch.device, setup: Se
         loss.backward()
         optimizer.step()
     return (time.perf_counter() - start) / TUNE_STEPS
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a command was asked to train, before this machine is measured: the shared run flags
+    (nas.cli.args.add_run_flags) as one value. resolve_run turns it into a RunRecord per net."""
+
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    precision: str = "auto"  # auto: measured per net on CPU (choose_setup), bf16 where supported on CUDA
+    batchnorm: str = "pytorch"  # or "native": nas's C kernel (nas.cpu), opt-in
+    compile: bool = False  # torch.compile
+    ema: bool = True  # evaluate and keep the moving average of the weights (nas.train.WeightAverage)
+    threads: int | None = None  # torch's intra-op threads; None: the process's (every core by default)
+
+    def resolve_device(self) -> torch.device:
+        """The device, with the precision checked against it: ValueError says what can't run here."""
+        device = resolve_device(self.device)
+        resolve_precision(self.precision, device)
+        return device
+
+
+def resolve_run(arch: ArchSpec, config: TrainConfig, settings: RunSettings, device: torch.device, images: int,
+                subset: int | None = None) -> RunRecord:
+    """The run record for training `arch` with `config` on `images` images on `device` as `settings`
+    ask: precision and memory format as choose_setup picks them (measured on CPU), the rest as asked.
+    The thread count recorded is the process's: set it (settings.threads) before calling."""
+    setup = choose_setup(arch, config.batch_size, device, settings.precision, planned_steps(config, images),
+                         settings.batchnorm)
+    return RunRecord(device=str(device), threads=torch.get_num_threads() if device.type == "cpu" else None,
+                     precision=setup.precision, memory_format="channels_last" if setup.channels_last else "nchw",
+                     batchnorm=settings.batchnorm, weight_average=settings.ema, compiled=settings.compile,
+                     subset=subset, seed=config.seed)

@@ -1,8 +1,11 @@
 """A study's description: the small TOML file in studies/ that defines budget, epochs, objective
-and search ranges, so a new study (say a 5K budget) needs no code."""
+and search ranges, so a new study (say a 5K budget) needs no code. A study stores its description
+when it is created (StudyConfig.to_stored / from_stored), and a rerun with a file that changes it
+is refused (differences)."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +55,18 @@ class StudyConfig:
     @property
     def directions(self) -> list[str]:
         return ["maximize" if o == "accuracy" else "minimize" for o in self.objectives]
+
+    def to_stored(self) -> dict[str, Any]:
+        """The plain dict a study keeps as its `config` user attribute."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_stored(cls, stored: dict[str, Any]) -> StudyConfig:
+        """The description a study stored when it was created (any version since the first)."""
+        return dataclasses.replace(
+            cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k not in ("space", "rung")}),
+            space=SpaceConfig.from_dict(stored["space"]), rung=RungConfig(**stored.get("rung", {})),
+        )
 
 
 def parse_study_config(data: dict[str, Any], source: str = "study file") -> StudyConfig:
@@ -112,3 +127,33 @@ def load_study_config(path: Path) -> StudyConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     return parse_study_config(data, str(path))
+
+
+def resolve_study_file(path: Path | None) -> StudyConfig:
+    """The study file asked for; else the default one where it exists (a checkout); else the defaults."""
+    if path is not None:
+        return load_study_config(path)
+    if DEFAULT_STUDY_FILE.is_file():
+        return load_study_config(DEFAULT_STUDY_FILE)
+    return StudyConfig()
+
+
+def differences(stored: StudyConfig, wanted: StudyConfig) -> list[str]:
+    """What a study file changes in the description a study stored when it was made: everything
+    that decides which trials it holds and how they are scored (its name and presets aside, and the
+    [rung] table unless either uses the rung)."""
+    def values(config: StudyConfig) -> dict[str, Any]:
+        flat = {}
+        for f in dataclasses.fields(config):
+            value = getattr(config, f.name)
+            if f.name in ("name", "enqueue") or f.name == "rung" and "rung" not in (stored.pruner, wanted.pruner):
+                continue
+            if dataclasses.is_dataclass(value):
+                flat.update({f"{f.name}.{k}": tuple(v) if isinstance(v, list) else v
+                             for k, v in dataclasses.asdict(value).items()})
+            else:
+                flat[f.name] = tuple(value) if isinstance(value, list) else value
+        return flat
+
+    old, new = values(stored), values(wanted)
+    return [f"{key}: {old.get(key)!r} stored, {new.get(key)!r} in the file" for key in new if old.get(key) != new.get(key)]

@@ -49,7 +49,7 @@ class RunRecord:
     def describe(self) -> str:
         parts = [self.device, self.precision, "channels_last" if self.channels_last else "NCHW"]
         if self.threads:
-            parts.append(f"{self.threads} threads")
+            parts.append(f"{self.threads} thread{'s' * (self.threads > 1)}")
         if self.batchnorm != "pytorch":
             parts.append(f"{self.batchnorm} BatchNorm")
         if self.compiled:

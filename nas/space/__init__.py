@@ -9,21 +9,19 @@ to the largest net within that share, and caps each block's depth at what its fe
 Version 1 samples absolute widths (`b1_l2_width`), so most of its draws were over budget or
 shrank the map away; studies created with it still rebuild their trials through it.
 
-    python -m nas.space --sample 200                 # what a study file's space draws, untrained
+`python -m nas.space --sample 200` shows what a study file's space draws, untrained (draw, sample_report).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-import sys
+import warnings
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import optuna
 
-from nas.cli import ArgumentParser, non_negative_int, positive_int
 from nas.spec import ArchSpec, BlockSpec, Preset, SpecError, TrainConfig, count_params, layer_string, receptive_field
 
 VERSIONS = (1, 2)
@@ -229,6 +227,25 @@ def params_of(arch: ArchSpec, train: TrainConfig, space: SpaceConfig, budget: in
     return params
 
 
+def express(params: dict[str, Any], space: SpaceConfig, budget: int, epochs: int,
+            seed: int) -> tuple[optuna.trial.FixedTrial, ArchSpec, TrainConfig] | None:
+    """Whether this space can take `params` as they are: every value within its ranges and choices,
+    every param used, and a valid net within the budget. Returns the trial that took them (its
+    `distributions` are this space's) with what `suggest` built from them, or None.
+
+    The one check behind enqueuing presets, warm starts and scaled shapes."""
+    trial = optuna.trial.FixedTrial(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # FixedTrial warns of a value out of its range
+        try:
+            arch, train = suggest(trial, space, epochs, seed, budget=budget)
+            params_used = set(trial.params) == set(params)
+            fits = count_params(arch) < budget
+        except (UserWarning, ValueError, SpecError):
+            return None
+    return (trial, arch, train) if params_used and fits else None
+
+
 def smallest_arch(space: SpaceConfig) -> ArchSpec:
     """The architecture with the fewest parameters the space can produce."""
     width = space.width[0]
@@ -238,7 +255,7 @@ def smallest_arch(space: SpaceConfig) -> ArchSpec:
     )
 
 
-# --- python -m nas.space --sample N ----------------------------------------------------------------
+# --- what a space draws, untrained (python -m nas.space --sample N) --------------------------------
 
 
 def draw(space: SpaceConfig, budget: int, n: int, seed: int) -> list[ArchSpec]:
@@ -278,30 +295,3 @@ def sample_report(archs: list[ArchSpec], budget: int, examples: int = 5) -> list
 def _spread(values: list[int], style: str) -> str:
     low, middle, high = min(values), statistics.median_low(values), max(values)
     return f"min {style.format(low)}, median {style.format(middle)}, max {style.format(high)}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    from nas.config import DEFAULT_STUDY_FILE, ConfigError, load_study_config  # nas.config imports this module
-
-    parser = ArgumentParser(prog="python -m nas.space",
-                            description="Draw candidates from a study file's search space, without training.")
-    parser.add_argument("--sample", type=positive_int, required=True, metavar="N", help="candidates to draw")
-    parser.add_argument("--study-file", type=Path, default=DEFAULT_STUDY_FILE,
-                        help=f"the study whose space and budget to draw from (default {DEFAULT_STUDY_FILE})")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="the RandomSampler's seed (default 0)")
-    args = parser.parse_args(argv)
-    try:
-        config = load_study_config(args.study_file)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    archs = draw(config.space, config.budget, args.sample, args.seed)
-    print(f"{args.sample} candidates from {args.study_file} (space version {config.space.version}, "
-          f"budget {config.budget:,}), drawn by Optuna's RandomSampler (seed {args.seed}), none trained:")
-    print("\n".join(sample_report(archs, config.budget)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

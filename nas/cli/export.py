@@ -1,0 +1,59 @@
+"""A study's finished trials as a small JSON file that can be committed, and back: the study
+outlives its database file, a lost database is rebuilt from it, and a new study starts from it.
+
+    python -m nas.export --out studies/results/mnist-8k.json
+    python -m nas.export --restore studies/results/mnist-8k.json --storage sqlite:///studies/mnist-8k.db
+
+The file holds the study's config and directions, and for each completed or pruned trial its
+params with their distributions, values, intermediate values, user attributes (the run record,
+accuracies per epoch, confirm results) and times. Rejected candidates (never trained) are counted,
+not listed; failed and running trials are left out and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import optuna
+
+from nas.cli.args import ArgumentParser, fail
+from nas.storage import StorageError, default_url, open_storage
+from nas.study.export import ExportError, export_study, load_export, restore
+from nas.study.stored import DEFAULT_STUDY, open_study
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m nas.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", help=f"study name (default {DEFAULT_STUDY}; with --restore: the exported one's)")
+    parser.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>.db)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--out", type=Path, help="write the export to this JSON file")
+    what.add_argument("--restore", type=Path, help="rebuild a study from this export into --storage")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        if args.restore:
+            export = load_export(args.restore)
+            name = args.study or export["study"]
+            url = args.storage or default_url(name)
+            restore(export, open_storage(url), name)
+            print(f"Restored study {name!r} into {url}: {len(export['trials'])} trials")
+            return 0
+        name = args.study or DEFAULT_STUDY
+        export = export_study(open_study(args.storage or default_url(name), name))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(export, indent=1, sort_keys=True) + "\n")
+    except (ExportError, StorageError) as exc:
+        return fail(exc)
+    except OSError as exc:
+        print(f"error: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    left = ", ".join(f"{n} {k}" for k, n in export["left_out"].items()) or "none"
+    print(f"Exported {len(export['trials'])} finished trials of study {name!r} to {args.out} (left out: {left})")
+    return 0

@@ -1,0 +1,173 @@
+"""Rebuild a stored trial through the search's own code path, retrain it with its stored seed, and
+compare the replayed validation score with the stored one; test accuracy is reported per epoch.
+
+    python -m nas.replay                      # the best trial of studies/mnist-8k.db
+    python -m nas.replay --trial 7 --full-train
+
+In a two-objective (accuracy, params) study, --trial picks any trial of the Pareto front; without
+it, the front's most accurate trial is replayed.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+from torch import nn
+
+from nas import data
+from nas.cli import ArgumentParser
+from nas.run import BATCHNORM_PATHS
+from nas.trials import (
+    ReplayError,
+    best_trial,
+    rebuild,
+    stored_run,
+    checkpoint,
+    open_study,
+    confirmed_best,
+    config_from_study,
+    epochs_to_target,
+    is_multi_objective,
+    pareto_trials,
+    score,
+)
+from nas.spec import ArchSpec, count_params
+from nas.storage import StorageError, default_url
+from nas.summary import summary_table
+from nas.cpu import tune_allocator
+from nas.train import EpochResult, epoch_line, evaluate, train
+
+
+def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
+    """Trial `number`; else the confirmed best (nas.confirm) where there is one; else the most
+    accurate completed trial (in a two-objective study, the most accurate of the Pareto front)."""
+    if number is None and confirmed_best(study) is not None:
+        number = confirmed_best(study)
+    if number is None:
+        best = best_trial(study)
+        if best is None:
+            raise ReplayError(f"study {study.study_name!r} has no completed trial to replay")
+        return best
+    matches = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+    if not matches:
+        raise ReplayError(f"study {study.study_name!r} has no trial {number}")
+    trial = matches[0]
+    if trial.state != TrialState.COMPLETE or "rejected" in trial.user_attrs:
+        raise ReplayError(f"trial {number} is {trial.state.name.lower()}, not a completed trial")
+    return trial
+
+
+def front_note(study: optuna.Study, trial: FrozenTrial, picked: bool) -> str:
+    """Where the trial sits on a two-objective study's Pareto front."""
+    front = pareto_trials(study)
+    numbers = ", ".join(str(t.number) for t in front)
+    size = f"{trial.values[0]:.2f}% validation accuracy, {trial.user_attrs.get('params', 0):,} params"
+    if picked:
+        return (f"Trial {trial.number} is the most accurate of the Pareto front ({size}); "
+                f"front trials: {numbers} (pick one with --trial N)")
+    if any(t.number == trial.number for t in front):
+        return f"Trial {trial.number} is on the Pareto front ({size}); front trials: {numbers}"
+    return f"note: trial {trial.number} is not on the Pareto front ({size}); front trials: {numbers}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="python -m nas.replay", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trial", type=int, help="trial number (default: the best completed trial; "
+                        "in a two-objective study, the most accurate of the Pareto front)")
+    parser.add_argument("--study", default="mnist-8k", help="study name (default mnist-8k)")
+    parser.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>.db)")
+    parser.add_argument("--full-train", action="store_true",
+                        help="retrain on all 60,000 training images and report the test set only")
+    parser.add_argument("--seed", type=int, help="train with this seed instead of the stored one, to see "
+                        "how much a result owes to its seed (the stored value is then not expected back)")
+    parser.add_argument("--out", type=Path, help="where to save the model (default runs/<study>-trial<N>.pt)")
+    parser.add_argument("--device", default=None, help="default: the device the trial ran on, if present")
+    parser.add_argument("--batchnorm", choices=BATCHNORM_PATHS,
+                        help="run BatchNorm on this path instead of the stored one (then not bit for bit)")
+    parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage_url = args.storage or default_url(args.study)
+    try:
+        study = open_study(storage_url, args.study)
+        trial = pick_trial(study, args.trial)
+        config = config_from_study(study)
+        arch, train_config = rebuild(trial, config)
+        if args.seed is not None:
+            train_config = replace(train_config, seed=args.seed)
+        run = stored_run(trial, args.device, args.batchnorm)
+        if args.seed is not None:
+            run = replace(run, seed=args.seed)
+        if args.full_train:
+            run = replace(run, subset=None)
+        device = torch.device(run.device)
+        root = data.resolve_data_dir(args.data_dir)
+        data.prepare(root, progress=not args.quiet)
+        mnist = data.load_mnist(root)
+        split = data.make_split(mnist, "test" if args.full_train else "valid", run.subset, device)
+        test = data.make_split(mnist, "test", None, device)
+    except (ReplayError, StorageError, data.DataError, ValueError, RuntimeError) as exc:
+        # RuntimeError: torch's word on a device string it can't parse or a GPU that isn't there.
+        print(f"error: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}", file=sys.stderr)
+        return 2
+
+    tune_allocator()
+    if run.threads:  # the search worker's thread count: CPU reductions, and so results, depend on it
+        torch.set_num_threads(run.threads)
+    if is_multi_objective(study):
+        print(front_note(study, trial, picked=args.trial is None))
+    print(f"Replaying trial {trial.number} of study {study.study_name!r}: {run.describe()}, "
+          f"seed {train_config.seed}" + (" (not the stored seed)" if args.seed is not None else ""))
+    print(summary_table(arch))
+    test_acc: list[float] = []
+
+    def report(result: EpochResult, model: nn.Module) -> None:
+        print(epoch_line(result, split.eval_name))
+        if not args.full_train:
+            _, correct = evaluate(model, test.eval_x, test.eval_y)
+            test_acc.append(100.0 * correct / len(test.eval_y))
+            print(f"Test set: Accuracy: {correct}/{len(test.eval_y)} ({test_acc[-1]:.2f}%)")
+        if not args.quiet:
+            print()
+
+    result = train(arch, train_config, split, run, on_epoch=report, progress=not args.quiet)
+    accuracies = [e.eval_acc for e in result.history]
+    replayed = score(accuracies, config.score_epochs)
+    if args.full_train:
+        test_acc = accuracies
+        print(f"Full-train test accuracy, mean of last {config.score_epochs} epochs: {replayed:.2f}%")
+    else:
+        stored = trial.values[0]
+        print(f"Validation score (mean of last {config.score_epochs} epochs): stored {stored:.4f}, "
+              f"replayed {replayed:.4f}, difference {replayed - stored:+.4f}"
+              + (" (identical)" if replayed == stored else ""))
+        print(f"Test accuracy, mean of last {config.score_epochs} epochs: {score(test_acc, config.score_epochs):.2f}% "
+              f"(best {max(test_acc):.2f}%, holds >= 99.4% from epoch {epochs_to_target(test_acc) or '-'})")
+    suffix = ("-full" if args.full_train else "") + ("" if args.seed is None else f"-seed{args.seed}")
+    out = args.out or Path("runs") / f"{study.study_name}-trial{trial.number}{suffix}.pt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint(arch, train_config, run, result.model,
+                          {"study": study.study_name, "trial": trial.number, "params": count_params(arch),
+                           "eval_acc": accuracies, "test_acc": test_acc}), out)
+    print(f"Saved model (state_dict + spec + training config) to {out}")
+    return 0
+
+
+def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
+    """Rebuild a saved model without the study that produced it."""
+    from nas.model import build_model
+
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(ArchSpec.from_dict(saved["arch"]))
+    model.load_state_dict(saved["state_dict"])
+    return model, saved
+
+
+if __name__ == "__main__":
+    sys.exit(main())

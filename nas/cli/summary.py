@@ -1,0 +1,26 @@
+"""Layer table of an architecture in the seed study's style, measured on the built model by torchinfo.
+
+    python -m nas.summary model3          # or model1, model2, or a spec JSON file
+"""
+
+from __future__ import annotations
+
+from nas.cli.args import ArgumentParser, fail
+from nas.model import summary_table
+from nas.spec import SpecError, load_arch
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m nas.summary", description=__doc__.splitlines()[0])
+    parser.add_argument("spec", help="preset name (model1, model2, model3) or a spec JSON file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        arch, _ = load_arch(args.spec)
+    except SpecError as exc:
+        return fail(exc)
+    print(summary_table(arch))
+    return 0

@@ -1,0 +1,68 @@
+"""python -m nas.train: train a preset or spec file on MNIST, reporting test accuracy per epoch and,
+at the end, the score the results tables use: the mean of the last 3 epochs."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from nas import data
+from nas.cli.args import ArgumentParser, add_data_dir, add_run_flags, fail, positive_int, run_settings
+from nas.cpu import tune_allocator
+from nas.run.setup import resolve_run
+from nas.spec import SpecError, TrainConfig, count_params, load_arch
+from nas.study.trials import score
+from nas.train import DivergedError, EpochResult, epoch_line, train
+
+SCORE_EPOCHS = 3  # as every study file and results table: the mean of the last 3 epochs
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m nas.train",
+                            description="Train a preset or spec file on MNIST and report test accuracy.")
+    parser.add_argument("--model", default="model3", help="model1, model2, model3 or a spec JSON file "
+                        "(a nas.confirm results file trains its winner)")
+    parser.add_argument("--epochs", type=positive_int, help="override the preset's epochs")
+    parser.add_argument("--subset", type=positive_int, help="train on the first N training images")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    add_data_dir(parser)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_flags(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = run_settings(args)
+    try:
+        arch, config = load_arch(args.model)
+        device = settings.resolve_device()  # an impossible device or precision fails before the data
+        root = data.resolve_data_dir(args.data_dir)
+        data.prepare(root, progress=not args.quiet, notify=lambda line: print(line, file=sys.stderr))
+        split = data.make_split(data.load_mnist(root), "test", args.subset, device)
+    except (SpecError, ValueError, data.DataError) as exc:
+        return fail(exc)
+    tune_allocator()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    config = replace(config or TrainConfig(), seed=args.seed)
+    if args.epochs:
+        config = replace(config, epochs=args.epochs)
+    run = resolve_run(arch, config, settings, device, len(split.train_x), args.subset)
+    print(f"{args.model}: {count_params(arch):,} params, {config.epochs} epochs, seed {config.seed}, {run.describe()}")
+
+    def report(result: EpochResult, model: nn.Module) -> None:
+        print(epoch_line(result, split.eval_name), flush=True)
+
+    try:
+        result = train(arch, config, split, run, on_epoch=report, progress=not args.quiet)
+    except DivergedError as exc:
+        return fail(exc, status=1)
+    accuracies = [e.eval_acc for e in result.history]
+    last = min(SCORE_EPOCHS, len(accuracies))
+    print(f"Test accuracy, mean of the last {last} epoch{'s' * (last > 1)}: {score(accuracies, SCORE_EPOCHS):.3f}% "
+          f"(best {max(accuracies):.2f}% at epoch {accuracies.index(max(accuracies)) + 1})")
+    return 0

@@ -1,0 +1,140 @@
+"""Creating a study, or loading it: its stored description checked against the study file, the
+presets queued once, and a warm start from another study's export."""
+
+from __future__ import annotations
+
+import sys
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from nas.space import express, params_for, params_of
+from nas.spec import PRESETS, ArchSpec, TrainConfig, count_params
+from nas.study.export import trial_from_dict
+from nas.study.sampling import make_pruner, make_sampler
+from nas.study.stored import config_from_study
+from nas.studyfile import ConfigError, StudyConfig, differences
+
+def create_or_load(storage: optuna.storages.BaseStorage, name: str, config: StudyConfig, seed: int, epochs: int,
+                   enqueue: tuple[str, ...], warm: dict | None = None) -> optuna.Study:
+    """Load the study `name`, or create it and enqueue the presets; its sampler is seeded by `seed`
+    and its pruner spans `epochs`. Creating is atomic in the
+    storage, so exactly one of several workers starting together enqueues. With `warm` (a study
+    export, nas.study.export), its trials that fit this study join the history first, once."""
+    sampler = make_sampler(seed)
+    pruner = make_pruner(config, epochs)
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
+                                    pruner=pruner, directions=config.directions)
+        study.set_user_attr("config", config.to_stored())
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner)
+        created = False
+        if [d.name.lower() for d in study.directions] != config.directions:
+            raise ConfigError(
+                f"study {name!r} exists with objectives for {[d.name.lower() for d in study.directions]}; "
+                f"the study file asks for {config.directions}: use another --study name"
+            )
+        if "config" in study.user_attrs:
+            changed = differences(config_from_study(study), config)
+            if changed:
+                raise ConfigError(
+                    f"study {name!r} was made from another version of its study file ({'; '.join(changed)}); "
+                    "rerun with the file it was made from, or give the new version its own --study name "
+                    "(--warm-start from an export of this one carries its trials over)")
+    if warm is not None and created:
+        added, skipped = warm_start(study, warm, config)
+        print(f"Warm start from study {warm['study']!r}: {added} trials added to the history, "
+              f"{skipped} skipped (outside this study's budget or space)", file=sys.stderr)
+        scaled = enqueue_scaled(study, warm, config)
+        if scaled:
+            print(f"Warm start: the shapes of its best trials that do not fit ({', '.join(map(str, scaled))}) "
+                  "are queued, scaled to this budget", file=sys.stderr)
+    enqueue_presets(study, config, enqueue, fresh=created)
+    return study
+
+
+def warm_start(study: optuna.Study, export: dict, config: StudyConfig) -> tuple[int, int]:
+    """Adds the exported trials whose architecture and training config this study's space can
+    express within its budget, re-expressed in this space's params and distributions (a study of
+    another space version or budget words the same net differently), so the sampler starts from
+    them. They are marked `warm_start` and do not count toward --trials. Returns (added, skipped)."""
+    added = []
+    for exported in export["trials"]:
+        stored = trial_from_dict(exported)
+        rebuilt = _reexpress(stored, config)
+        if rebuilt is None or len(stored.values or ()) not in (0, len(config.directions)):
+            continue
+        added.append(optuna.trial.create_trial(
+            state=stored.state, values=stored.values, params=rebuilt.params, distributions=rebuilt.distributions,
+            intermediate_values=stored.intermediate_values,
+            user_attrs={**stored.user_attrs, "warm_start": export["study"]}))
+    study.add_trials(added)
+    return len(added), len(export["trials"]) - len(added)
+
+
+def enqueue_scaled(study: optuna.Study, export: dict, config: StudyConfig, top: int = 3) -> list[int]:
+    """Queues the shapes of the export's `top` best finished trials that are over this study's
+    budget, scaled to it, and returns their numbers. A version-2 space words widths as shares of
+    the budget, so a trial's params rebuild its net narrower (or wider) under another budget, with
+    the same depth, proportions and training config. Between version-2 spaces of one objective
+    only; a params set this space cannot take as it is (a value out of its ranges) is passed over."""
+    exported = export.get("user_attrs", {}).get("config", {}).get("space", {})
+    if config.space.version != 2 or exported.get("version") != 2 or len(config.directions) != 1:
+        return []
+    over = []
+    for t in map(trial_from_dict, export["trials"]):
+        if (t.state == TrialState.COMPLETE and len(t.values or ()) == 1 and "arch" in t.user_attrs
+                and count_params(ArchSpec.from_dict(t.user_attrs["arch"])) >= config.budget):
+            over.append(t)
+    over.sort(key=lambda t: t.values[0], reverse=config.directions[0] == "maximize")
+    chosen = []
+    for t in over:
+        if len(chosen) == top:
+            break
+        if express(t.params, config.space, config.budget, config.epochs, 0) is None:
+            continue
+        number = t.user_attrs["exported_number"]
+        study.enqueue_trial(t.params, user_attrs={"scaled_from": f"{export['study']}#{number}"}, skip_if_exists=True)
+        chosen.append(number)
+    return chosen
+
+
+def _reexpress(stored: FrozenTrial, config: StudyConfig) -> optuna.trial.FixedTrial | None:
+    """A trial whose params make this study's space rebuild `stored`'s architecture and training
+    config (epochs and seed aside) within the budget, or None: its own params where this space takes
+    them, else the net worded afresh in this space (params_of)."""
+    if "arch" not in stored.user_attrs or "train" not in stored.user_attrs:
+        return None
+    arch, train_config = ArchSpec.from_dict(stored.user_attrs["arch"]), TrainConfig.from_dict(stored.user_attrs["train"])
+    if count_params(arch) >= config.budget:
+        return None
+    for params in (stored.params, None):
+        try:
+            params = params if params is not None else params_of(arch, train_config, config.space, config.budget)
+        except ValueError:
+            continue
+        taken = express(params, config.space, config.budget, train_config.epochs, train_config.seed)
+        if taken is not None and taken[1:] == (arch, train_config):
+            return taken[0]
+    return None
+
+
+def enqueue_presets(study: optuna.Study, config: StudyConfig, names: tuple[str, ...], fresh: bool) -> None:
+    """Run each named preset once per study. A preset whose trial failed (interrupted) is queued
+    again; one whose trial is waiting, running, finished or was retried is not."""
+    trials = study.get_trials(deepcopy=False)
+    if not fresh and not trials:
+        return  # another worker created the study a moment ago and is enqueueing
+    present = {t.user_attrs.get("preset") for t in trials if t.state != TrialState.FAIL}
+    for name in names:
+        if name in present:
+            continue
+        preset = PRESETS[name]
+        params = params_for(preset, config.space, config.budget)
+        taken = express(params, config.space, config.budget, preset.train.epochs, preset.train.seed)
+        if taken is None or taken[1:] != (preset.arch, preset.train):
+            print(f"note: {name} lies outside this study's search space; not enqueued", file=sys.stderr)
+            continue
+        study.enqueue_trial(params, user_attrs={"preset": name})

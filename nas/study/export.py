@@ -1,0 +1,113 @@
+"""A study's finished trials as a small JSON file that can be committed, and back: the study
+outlives its database file, a lost database is rebuilt from it, and a new study starts from it
+(python -m nas.export; nas.study.create's warm start).
+
+The file holds the study's config and directions, and for each completed or pruned trial its
+params with their distributions, values, intermediate values, user attributes (the run record,
+accuracies per epoch, confirm results) and times. Rejected candidates (never trained) are counted,
+not listed; failed and running trials are left out and counted.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import distribution_to_json, json_to_distribution
+from optuna.trial import FrozenTrial, TrialState
+
+from nas.study.trials import FINISHED, is_rejected
+
+FORMAT = "nas-study-export"
+VERSION = 1
+
+
+class ExportError(ValueError):
+    """A file that is not a study export this version can read."""
+
+
+def _time(value: datetime.datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def trial_to_dict(trial: FrozenTrial) -> dict[str, Any]:
+    return {
+        "number": trial.number,
+        "state": trial.state.name,
+        "values": trial.values,
+        "params": trial.params,
+        "distributions": {name: json.loads(distribution_to_json(d)) for name, d in trial.distributions.items()},
+        "intermediate_values": {str(step): value for step, value in trial.intermediate_values.items()},
+        "user_attrs": trial.user_attrs,
+        "system_attrs": {k: v for k, v in trial.system_attrs.items() if k == "constraints"},
+        "datetime_start": _time(trial.datetime_start),
+        "datetime_complete": _time(trial.datetime_complete),
+    }
+
+
+def trial_from_dict(data: dict[str, Any]) -> FrozenTrial:
+    """An Optuna trial ready for Study.add_trial (the study it joins numbers it; the exported
+    number is kept as the `exported_number` user attribute)."""
+    user_attrs = {**data["user_attrs"], "exported_number": data["user_attrs"].get("exported_number", data["number"])}
+    trial = optuna.trial.create_trial(
+        state=TrialState[data["state"]],
+        values=data["values"],
+        params=data["params"],
+        distributions={name: json_to_distribution(json.dumps(d)) for name, d in data["distributions"].items()},
+        intermediate_values={int(step): value for step, value in data["intermediate_values"].items()},
+        user_attrs=user_attrs,
+        system_attrs=data.get("system_attrs", {}),
+    )
+    for key in ("datetime_start", "datetime_complete"):
+        if data.get(key):
+            setattr(trial, key, datetime.datetime.fromisoformat(data[key]))
+    return trial
+
+
+def export_study(study: optuna.Study) -> dict[str, Any]:
+    trials = study.get_trials(deepcopy=False)
+    kept = [t for t in trials if t.state in FINISHED and not is_rejected(t)]
+    left_out = Counter("rejected" if is_rejected(t) else t.state.name.lower() for t in trials
+                       if t not in kept)
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "study": study.study_name,
+        "directions": [d.name.lower() for d in study.directions],
+        "user_attrs": study.user_attrs,
+        "left_out": dict(sorted(left_out.items())),
+        "trials": [trial_to_dict(t) for t in kept],
+    }
+
+
+def load_export(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ExportError(f"{path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ExportError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ExportError(f"{path}: not a nas study export")
+    if data.get("version", 0) > VERSION:
+        raise ExportError(f"{path}: export version {data['version']} is newer than this nas reads ({VERSION})")
+    return data
+
+
+def restore(export: dict[str, Any], storage: optuna.storages.BaseStorage, name: str | None = None) -> optuna.Study:
+    """A new study holding the export's trials, config and attributes; refuses to touch an
+    existing study of that name."""
+    name = name or export["study"]
+    try:
+        study = optuna.create_study(storage=storage, study_name=name,
+                                    directions=[d for d in export["directions"]])
+    except optuna.exceptions.DuplicatedStudyError:
+        raise ExportError(f"a study named {name!r} already exists there; restore under another --study") from None
+    for key, value in export["user_attrs"].items():
+        study.set_user_attr(key, value)
+    study.add_trials([trial_from_dict(t) for t in export["trials"]])
+    return study

@@ -1,0 +1,178 @@
+"""The objective: one trial's candidate drawn from the space, held to the budget, screened at the
+rung, trained, scored on validation, and stored with its run record, layer table and weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from tqdm import tqdm
+
+from nas.data import Split
+from nas.model import summary_table
+from nas.run.record import RUN_ATTR, RunRecord
+from nas.run.setup import RunSettings, resolve_run
+from nas.space import suggest
+from nas.spec import ArchSpec, SpecError, TrainConfig, count_params, layer_string, receptive_field
+from nas.study.sampling import RUNG_STEP, rung_pays
+from nas.study.trials import epochs_to_target, score
+from nas.studyfile import StudyConfig
+from nas.train import DivergedError, EpochResult, epoch_line, train
+from nas.train.checkpoint import checkpoint
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """What one search run was asked for on the command line, beyond the study file."""
+
+    storage: str
+    study: str
+    trials: int  # finished trials the study should hold, earlier runs included
+    epochs: int
+    subset: int | None
+    seed: int
+    data_dir: str
+    run: RunSettings = RunSettings()  # how to train (run.threads: this worker's share of the CPU)
+    timeout: float | None = None
+    quiet: bool = False
+    worker: int = 0  # which of the run's worker processes this is; worker 0's lines carry no prefix
+    artifact_dir: str | None = None  # None: beside the SQLite/journal file, else studies/artifacts
+
+
+class Objective:
+    def __init__(self, config: StudyConfig, options: SearchOptions, split: Split, device: torch.device,
+                 artifact_dir: Path | None):
+        self.config, self.options, self.split, self.device = config, options, split, device
+        self.artifact_dir = artifact_dir
+        self.multi = len(config.objectives) > 1
+        self.nested = False  # True while a study bar is drawn above the epoch bars (run_worker)
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        arch, train_config = suggest(trial, self.config.space, self.options.epochs, self.options.seed,
+                                     budget=self.config.budget)
+        try:
+            params = count_params(arch)
+        except SpecError as exc:
+            return self.reject(trial, f"invalid: {exc}", over=1.0)
+        trial.set_user_attr("params", params)
+        if params >= self.config.budget:
+            return self.reject(trial, f"over budget: {params:,} >= {self.config.budget:,}",
+                               over=float(params - self.config.budget + 1))
+        set_constraint(trial, float(params - self.config.budget + 1))
+        trial.set_user_attr("receptive_field", receptive_field(arch))
+        trial.set_user_attr("arch", arch.to_dict())
+        trial.set_user_attr("train", train_config.to_dict())
+        trial.set_user_attr("worker", self.options.worker)
+        run = resolve_run(arch, train_config, self.options.run, self.device, len(self.split.train_x),
+                          self.options.subset)
+        trial.set_user_attr(RUN_ATTR, run.to_dict())
+        self.say(f"Trial {trial.number}: {params:,} params, {layer_string(arch)}; {train_config.optimizer} "
+                 f"lr {train_config.lr:.3g}, batch {train_config.batch_size}, {train_config.scheduler}, "
+                 f"augment {train_config.augment:.2f}")
+        if self.config.pruner == "rung" and not self.multi and rung_pays(self.config, train_config.epochs,
+                                                                            len(self.split.train_x)):
+            self.run_rung(trial, arch, train_config, run)
+        accuracies: list[float] = []
+
+        def on_epoch(result: EpochResult, model: torch.nn.Module) -> None:
+            accuracies.append(result.eval_acc)
+            trial.set_user_attr("epoch_acc", accuracies)
+            if not self.options.quiet:
+                tqdm.write(f"Epoch {result.epoch}: {epoch_line(result, 'valid')}", file=sys.stdout)
+            if self.multi:
+                return
+            trial.report(result.eval_acc, result.epoch)
+            if trial.should_prune():
+                trial.set_user_attr("pruned_at", result.epoch)
+                self.say(f"Trial {trial.number}: pruned after epoch {result.epoch} at {result.eval_acc:.2f}%")
+                raise optuna.TrialPruned(f"pruned after epoch {result.epoch}")
+
+        try:
+            result = train(arch, train_config, self.split, run, on_epoch=on_epoch, progress=not self.options.quiet,
+                           nested=self.nested)
+        except DivergedError as exc:
+            trial.set_user_attr("failed_reason", str(exc))
+            self.say(f"Trial {trial.number}: stopped, {exc}")
+            raise optuna.TrialPruned(str(exc)) from None
+        value = score(accuracies, self.config.score_epochs)
+        last = min(self.config.score_epochs, len(accuracies))
+        self.say(f"Trial {trial.number}: {value:.2f}% validation (mean of the last {last} "
+                 f"epoch{'s' if last > 1 else ''}), {result.seconds:.0f} s")
+        trial.set_user_attr("best_epoch", max(range(len(accuracies)), key=accuracies.__getitem__) + 1)
+        trial.set_user_attr("epochs_to_99_4", epochs_to_target(accuracies))
+        trial.set_user_attr("train_seconds", round(result.seconds, 2))
+        self.save_weights(trial, arch, train_config, run, result.model)
+        save_layer_note(trial, arch, train_config)
+        return (value, float(params)) if self.multi else value
+
+    def run_rung(self, trial: optuna.Trial, arch: ArchSpec, train_config: TrainConfig, run: RunRecord) -> None:
+        """The cheap first rung (config.rung): a short run on the first images, scored on the
+        validation split and reported at step RUNG_STEP; the pruner decides whether full training follows."""
+        rung = self.config.rung
+        short = dataclasses.replace(train_config, epochs=rung.epochs)
+        split = self.split.head(rung.subset)
+        try:
+            result = train(arch, short, split, run, progress=not self.options.quiet, nested=self.nested)
+            value = result.history[-1].eval_acc
+        except DivergedError:
+            value = 0.0
+        trial.set_user_attr("rung_acc", value)
+        trial.report(value, RUNG_STEP)
+        if trial.should_prune():
+            trial.set_user_attr("pruned_at", RUNG_STEP)
+            self.say(f"Trial {trial.number}: stopped at the rung, {value:.2f}% validation after {rung.epochs} "
+                     f"epochs on {len(split.train_x):,} images")
+            raise optuna.TrialPruned("not among the rung's best")
+        self.say(f"Trial {trial.number}: rung {value:.2f}% validation, moves on to full training")
+
+    def reject(self, trial: optuna.Trial, reason: str, over: float) -> Any:
+        """Never train it, but tell the sampler how far out it was (Optuna's constraints)."""
+        trial.set_user_attr("rejected", reason)
+        set_constraint(trial, over)
+        self.say(f"Trial {trial.number}: rejected, {reason} (never trained)")
+        raise optuna.TrialPruned(reason)
+
+    def say(self, line: str) -> None:
+        """One line per trial event, above any progress bars (kept under --quiet)."""
+        tqdm.write(line if self.options.worker == 0 else f"[worker {self.options.worker}] {line}", file=sys.stdout)
+
+    def save_weights(self, trial: optuna.Trial, arch: ArchSpec, config: TrainConfig, run: RunRecord,
+                     model: torch.nn.Module) -> None:
+        if self.artifact_dir is None:
+            return
+        from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+        self.artifact_dir.mkdir(parents=True, exist_ok=True)
+        store = FileSystemArtifactStore(str(self.artifact_dir))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"trial-{trial.number}.pt"
+            torch.save(checkpoint(arch, config, run, model, {"trial": trial.number}), path)
+            artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)
+        trial.set_user_attr("weights_artifact", artifact_id)
+
+
+def set_constraint(trial: optuna.Trial, over: float) -> None:
+    """How far over budget the candidate is (<= 0: within), for the sampler. A retried trial
+    inherits the value from the trial it retries; Optuna then warns that it keeps the old one,
+    which is the same."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The constraint value is ignored")
+        trial.set_constraint("params_over_budget", over)
+
+
+def save_layer_note(trial: optuna.Trial, arch: ArchSpec, config: TrainConfig) -> None:
+    """The trial's layer table and config as an optuna-dashboard note."""
+    from optuna_dashboard import save_note
+
+    body = (
+        f"## Trial {trial.number}\n\n```\n{summary_table(arch)}\n```\n\n"
+        f"Training config:\n\n```json\n{json.dumps(config.to_dict(), indent=2)}\n```\n"
+    )
+    save_note(trial, body)

@@ -1,0 +1,98 @@
+"""The sampler and the pruner a study runs with: Optuna's TPE, seeded per trial, and the rung
+pruner, which screens every candidate with a short run before full training."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from nas.studyfile import StudyConfig
+
+RUNG_STEP = 0  # the rung's score is the trial's intermediate value at step 0; epochs are steps 1..N
+
+
+def make_pruner(config: StudyConfig, epochs: int) -> optuna.pruners.BasePruner:
+    if config.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
+    if config.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
+    if config.pruner == "rung":
+        return RungPruner(config.rung.keep, config.rung.startup)
+    return optuna.pruners.NopPruner()
+
+
+def rung_pays(config: StudyConfig, epochs: int, train_images: int) -> bool:
+    """Whether the study's rung is cheaper than the full training it screens for (it is not in a
+    quick look such as --epochs 1 --subset 256): where it is not, trials skip it and train in full."""
+    rung = config.rung
+    return rung.epochs * min(rung.subset, train_images) < epochs * train_images
+
+
+class RungPruner(optuna.pruners.BasePruner):
+    """Prunes at the cheap first rung (step RUNG_STEP) a trial whose rung score is not within the
+    top `keep` share of the rung scores of every trial that ran the rung, whatever became of it
+    (completed, pruned there, still training); the first `startup` trials always go on. It never
+    prunes during full training. Optuna's own pruners don't fit a rung that is a separate, cheaper
+    run: Median and Percentile compare against completed trials only, so the bar would rise with
+    each promotion, and successive halving's rungs sit at steps >= 1 of the same run."""
+
+    def __init__(self, keep: float, startup: int):
+        self.keep, self.startup = keep, startup
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        if trial.last_step != RUNG_STEP:
+            return False
+        others = [t.intermediate_values[RUNG_STEP] for t in study.get_trials(deepcopy=False)
+                  if t.number != trial.number and RUNG_STEP in t.intermediate_values]
+        if len(others) < self.startup:
+            return False
+        better = sum(score > trial.intermediate_values[RUNG_STEP] for score in others)
+        return better >= self.keep * (len(others) + 1)
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """Optuna's TPE sampler, its random draws seeded by (seed, trial number).
+
+    Every process that joins a study (a scaled compose worker, a worker on another machine, a rerun
+    that resumes) starts its own sampler. Seeded once per process they would all draw the same
+    candidates in the same order, and the random startup trials would repeat across processes.
+    Trial numbers are unique within a study, so each trial gets its own draws, and the same study
+    history gives the same ones."""
+
+    def __init__(self, seed: int, **tpe_options: Any):
+        self.seed, self.tpe_options = seed, tpe_options
+        self.number: int | None = None  # the trial self.tpe was made for
+        self.tpe: optuna.samplers.TPESampler | None = None
+
+    def for_trial(self, number: int) -> optuna.samplers.TPESampler:
+        if self.tpe is None or number != self.number:
+            seed = (self.seed * 1_000_003 + number) % 2**32
+            with warnings.catch_warnings():
+                # multivariate, group and constant_liar are marked experimental; they are chosen.
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self.tpe = optuna.samplers.TPESampler(seed=seed, **self.tpe_options)
+            self.number = number
+        return self.tpe
+
+    def infer_relative_search_space(self, study, trial):
+        return self.for_trial(trial.number).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.for_trial(trial.number).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.for_trial(trial.number).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self.for_trial(trial.number).before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.for_trial(trial.number).after_trial(study, trial, state, values)
+
+
+def make_sampler(seed: int) -> optuna.samplers.BaseSampler:
+    # constant_liar keeps parallel workers from sampling the same point while trials run.
+    return TrialSeededSampler(seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=10)

@@ -1,0 +1,128 @@
+"""One process's share of a search: trials until the study holds the target, with the study's bar
+above the epoch bars; and the lines that sum a study up at the end."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import torch
+from tqdm import tqdm
+
+from nas import data
+from nas.cpu import tune_allocator
+from nas.run.device import resolve_device
+from nas.storage import artifact_dir_for, open_storage
+from nas.storage.outage import lost_to_a_peer
+from nas.study.objective import Objective, SearchOptions
+from nas.study.progress import ProgressBar, StopAtTarget
+from nas.study.sampling import make_pruner, make_sampler
+from nas.study.trials import finished_trials, is_multi_objective, results_table, trial_counts
+from nas.studyfile import StudyConfig
+from nas.workers import run_processes
+
+def artifact_dir(options: SearchOptions) -> Path:
+    return Path(options.artifact_dir) if options.artifact_dir else artifact_dir_for(options.storage)
+
+
+def load_split(options: SearchOptions, device: torch.device) -> data.Split:
+    return data.make_split(data.load_mnist(Path(options.data_dir)), "valid", options.subset, device)
+
+
+def quiet_optuna() -> None:
+    # Optuna logs an interrupted trial as a warning with a traceback; the end-of-run summary
+    # counts failed and interrupted trials instead.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+
+def run_search(options: SearchOptions, config: StudyConfig, workers: int, study: optuna.Study,
+               split: data.Split | None = None) -> list[str]:
+    """Trials until `study` holds options.trials: in this process, or in `workers` spawned ones
+    (this one then only draws the bar). Returns a line for each worker that failed."""
+    if workers == 1:
+        run_worker(options, config, split)
+        return []
+    bar = ProgressBar(study, options.trials, disable=options.quiet)
+    try:
+        return run_processes(functools.partial(_worker_entry, options, config), workers,
+                             watch=lambda: bar.update(study))
+    finally:
+        bar.close()
+
+
+def run_worker(options: SearchOptions, config: StudyConfig, split: data.Split | None = None) -> None:
+    """One process's share of the search: trials until the study holds options.trials."""
+    tune_allocator()
+    if options.run.threads:
+        torch.set_num_threads(options.run.threads)
+    device = resolve_device(options.run.device)
+    if split is None:
+        split = load_split(options, device)
+    storage = open_storage(options.storage, wait=True)  # its command has just reached it
+    study = optuna.load_study(storage=storage, study_name=options.study,
+                              sampler=make_sampler(options.seed),
+                              pruner=make_pruner(config, options.epochs))
+    if len(finished_trials(study)) >= options.trials:
+        return
+    objective = Objective(config, options, split, device, artifact_dir(options))
+    callbacks: list = [StopAtTarget(options.trials)]
+    bar = None
+    if not options.quiet:
+        bar = ProgressBar(study, options.trials, disable=False)
+        callbacks.append(bar)
+        objective.nested = True
+    deadline = None if options.timeout is None else time.monotonic() + options.timeout
+    try:
+        while len(finished_trials(study)) < options.trials:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                study.optimize(objective, timeout=timeout, callbacks=callbacks, catch=(), gc_after_trial=False)
+                break
+            except (optuna.exceptions.UpdateFinishedTrialError, ValueError, AssertionError) as exc:
+                if not lost_to_a_peer(exc):
+                    raise
+                print(f"worker {options.worker}: a peer failed this worker's trial as stale while the storage "
+                      "was unreachable, and queued its retry; this result is dropped", file=sys.stderr, flush=True)
+    finally:
+        if bar:
+            bar.close()
+
+
+def _worker_entry(options: SearchOptions, config: StudyConfig, worker: int, threads: int) -> None:
+    """One spawned worker process (run_search)."""
+    # tqdm's default lock is a multiprocessing semaphore that no one releases at exit, and the
+    # resource tracker then warns of a leak; bars in one process need only a thread lock.
+    tqdm.set_lock(threading.RLock())
+    quiet_optuna()
+    run = dataclasses.replace(options.run, threads=options.run.threads or threads)
+    try:
+        run_worker(dataclasses.replace(options, worker=worker, run=run, quiet=True), config)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+# --- reporting ----------------------------------------------------------------------------------
+
+
+def summary_lines(study: optuna.Study, storage_url: str) -> list[str]:
+    counts = trial_counts(study)
+    lines = [f"Study {study.study_name!r}: " + ", ".join(f"{v} {k}" for k, v in counts.items()), ""]
+    replay = f"python -m nas.replay --storage {storage_url} --study {study.study_name}"
+    if is_multi_objective(study):
+        lines += ["Pareto front (validation accuracy up, params down), most accurate first:", ""]
+    lines += [results_table(study), ""]
+    dashboard = f"optuna-dashboard {storage_url}"
+    dashboard += f" --artifact-dir {artifact_dir_for(storage_url)}"
+    lines.append(f"Browse it:  {dashboard}")
+    if is_multi_objective(study):
+        lines.append(f"Replay a trial of the front:  {replay} --trial N   (no --trial: its most accurate)")
+    else:
+        lines.append(f"Replay the best trial:  {replay}")
+        confirm = f"python -m nas.confirm --storage {storage_url} --study {study.study_name}"
+        lines.append(f"Confirm the top 3 against Model 3 over 3 seeds:  {confirm}")
+    return lines
