@@ -12,7 +12,7 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
-from nas.search import build_parser
+from nas.cli.search import build_parser
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

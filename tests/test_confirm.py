@@ -8,7 +8,11 @@ import json
 import optuna
 import pytest
 
-from nas import confirm, export, search, trials
+import nas.space
+from nas.cli import confirm, export, search
+from nas.study import confirm as confirming
+from nas.study import create, stored, trials
+from nas.study.export import load_export
 from nas.spec import ArchSpec, TrainConfig, load_arch
 from nas.workers import available_cpus
 
@@ -23,9 +27,9 @@ def study_url(tmp_path_factory, data_dir) -> str:
 
 
 def test_paired_difference_and_its_interval():
-    mean, half = confirm.paired_difference([99.5, 99.6, 99.7], [99.4, 99.4, 99.4])
+    mean, half = confirming.paired_difference([99.5, 99.6, 99.7], [99.4, 99.4, 99.4])
     assert mean == pytest.approx(0.2) and half == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
-    assert confirm.paired_difference([99.5], [99.4]) is None
+    assert confirming.paired_difference([99.5], [99.4]) is None
 
 
 def test_confirm_stores_each_run_and_resumes_without_retraining(study_url, data_dir, capsys, monkeypatch, tmp_path):
@@ -33,12 +37,12 @@ def test_confirm_stores_each_run_and_resumes_without_retraining(study_url, data_
     assert confirm.main(args) == 0
     out = capsys.readouterr().out
     study = optuna.load_study(study_name="mnist-8k", storage=study_url)
-    runs = trials.confirm_runs(study)
+    runs = stored.confirm_runs(study)
     best = [t for t in trials.ranked_trials(study) if t.user_attrs.get("preset") != "model3"][0]
     assert set(runs) == {f"trial{best.number}", "model3"}
     assert all(sorted(r["seed"] for r in rs) == [1, 2] and all(r["subset"] == 256 for r in rs) for rs in runs.values())
     assert "| candidate |" in out and "beats Model 3" in out
-    assert trials.confirmed_best(study) == best.number
+    assert stored.confirmed_best(study) == best.number
 
     def no_training(*args, **kwargs):
         raise AssertionError("a stored run was trained again")
@@ -56,7 +60,7 @@ def test_confirm_stores_each_run_and_resumes_without_retraining(study_url, data_
                                    TrainConfig.from_dict(by_label[written["winner"]]["train"]))
     # A file written before that rule (winner: Model 3) gets its winner back from its own runs.
     out.write_text(json.dumps({**written, "winner": "model3", "arch": by_label["model3"]["arch"]}))
-    assert confirm.rewinner(out) == f"trial{best.number}"
+    assert confirming.rewinner(out) == f"trial{best.number}"
     assert json.loads(out.read_text()) == written
     for label, stored in runs.items():
         assert [r["eval_acc"] for r in by_label[label]["runs"]] == [r["eval_acc"] for r in stored]
@@ -71,7 +75,7 @@ def test_confirm_of_a_missing_study_is_one_line(tmp_path, capsys):
 def test_warm_start_brings_in_what_fits_and_does_not_count_it(study_url, data_dir, tmp_path, capsys):
     out = tmp_path / "e.json"
     assert export.main(["--storage", study_url, "--out", str(out)]) == 0
-    exported = export.load_export(out)["trials"]
+    exported = load_export(out)["trials"]
     fitting = sorted(t["number"] for t in exported if t["user_attrs"]["params"] < 7900)
     small = tmp_path / "small.toml"
     small.write_text('name = "small"\nbudget = 7900\nepochs = 1\nenqueue = []\n')
@@ -88,24 +92,24 @@ def test_warm_start_brings_in_what_fits_and_does_not_count_it(study_url, data_di
 
 
 def test_warm_start_queues_the_best_shapes_that_do_not_fit_scaled_to_the_budget(study_url, tmp_path):
-    from nas.config import parse_study_config
+    from nas.studyfile import parse_study_config
     from nas.spec import count_params
 
     out = tmp_path / "e.json"
     assert export.main(["--storage", study_url, "--out", str(out)]) == 0
-    exported = export.load_export(out)
+    exported = load_export(out)
     over = sorted((t for t in exported["trials"] if t["state"] == "COMPLETE" and t["user_attrs"]["params"] >= 5000),
                   key=lambda t: -t["values"][0])
     assert over, "the tiny study should hold a net over 5,000 params (Model 3 at least)"
     config = parse_study_config({"name": "small", "budget": 5000, "enqueue": []})
     study = optuna.create_study(directions=config.directions)
-    assert search.enqueue_scaled(study, exported, config, top=2) == [t["number"] for t in over[:2]]
-    assert search.enqueue_scaled(study, exported, config, top=2) == [t["number"] for t in over[:2]]
+    assert create.enqueue_scaled(study, exported, config, top=2) == [t["number"] for t in over[:2]]
+    assert create.enqueue_scaled(study, exported, config, top=2) == [t["number"] for t in over[:2]]
     queued = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
     assert len(queued) == len(over[:2])  # queued once, however often the export is offered
     for t, source in zip(queued, over):
         assert t.user_attrs["scaled_from"] == f"mnist-8k#{source['number']}"
-        scaled, train_config = search.suggest(optuna.trial.FixedTrial(t.system_attrs["fixed_params"]), config.space,
+        scaled, train_config = nas.space.suggest(optuna.trial.FixedTrial(t.system_attrs["fixed_params"]), config.space,
                                               15, 0, budget=config.budget)
         original = ArchSpec.from_dict(source["user_attrs"]["arch"])
         assert count_params(scaled) < 5000 <= count_params(original)
@@ -114,7 +118,7 @@ def test_warm_start_queues_the_best_shapes_that_do_not_fit_scaled_to_the_budget(
         assert train_config.lr == TrainConfig.from_dict(source["user_attrs"]["train"]).lr
     # A version-1 space words absolute widths: nothing to scale.
     v1 = parse_study_config({"name": "v1", "budget": 5000, "enqueue": [], "space": {"version": 1}})
-    assert search.enqueue_scaled(optuna.create_study(directions=v1.directions), exported, v1) == []
+    assert create.enqueue_scaled(optuna.create_study(directions=v1.directions), exported, v1) == []
 
 
 def test_warm_start_re_expresses_an_older_space_versions_trials(tmp_path, capsys):
@@ -124,16 +128,16 @@ def test_warm_start_re_expresses_an_older_space_versions_trials(tmp_path, capsys
     the budget)."""
     from pathlib import Path
 
-    from nas.config import load_study_config
+    from nas.studyfile import load_study_config
     from nas.spec import ArchSpec
 
-    fixture = export.load_export(Path(__file__).parent / "fixtures" / "study-v0.json")
+    fixture = load_export(Path(__file__).parent / "fixtures" / "study-v0.json")
     config = load_study_config(Path("studies/mnist-8k.toml"))
     study = optuna.create_study(directions=config.directions)
-    assert search.warm_start(study, fixture, config) == (1, 2)
+    assert create.warm_start(study, fixture, config) == (1, 2)
     assert [t.user_attrs["exported_number"] for t in study.trials] == [0]
     for t in study.trials:
-        rebuilt, _ = search.suggest(optuna.trial.FixedTrial(t.params), config.space, 15, 0, budget=config.budget)
+        rebuilt, _ = nas.space.suggest(optuna.trial.FixedTrial(t.params), config.space, 15, 0, budget=config.budget)
         assert rebuilt == ArchSpec.from_dict(t.user_attrs["arch"]) and "budget_fraction" in t.params
 
 
@@ -144,7 +148,7 @@ def test_confirm_in_two_workers_stores_every_run_once_and_test_takes_the_validat
             "--quiet"]
     assert confirm.main(args + ["--workers", "2"]) == 0
     study = optuna.load_study(study_name="mnist-8k", storage=study_url)
-    runs = trials.confirm_runs(study)
+    runs = stored.confirm_runs(study)
     top = [t.number for t in trials.ranked_trials(study) if t.user_attrs.get("preset") != "model3"][:1]
     assert set(runs) == {*(f"trial{n}" for n in top), "model3"}
     assert all(sorted(r["seed"] for r in rs) == [1, 2] and {r["subset"] for r in rs} == {128} for rs in runs.values())
@@ -153,8 +157,8 @@ def test_confirm_in_two_workers_stores_every_run_once_and_test_takes_the_validat
     # --test without --trials: the validation confirm's best and Model 3, nothing else
     assert confirm.main(["--storage", study_url, "--test", "--seeds", "1", "--subset", "256", "--data-dir",
                          str(data_dir), "--quiet"]) == 0
-    best = trials.confirmed_best(optuna.load_study(study_name="mnist-8k", storage=study_url))
-    tested = trials.confirm_runs(optuna.load_study(study_name="mnist-8k", storage=study_url), "confirm-test")
+    best = stored.confirmed_best(optuna.load_study(study_name="mnist-8k", storage=study_url))
+    tested = stored.confirm_runs(optuna.load_study(study_name="mnist-8k", storage=study_url), "confirm-test")
     assert set(tested) == {f"trial{best}", "model3"}
     assert "(the best of its validation confirm)" in capsys.readouterr().out
 

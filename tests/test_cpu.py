@@ -6,8 +6,10 @@ import sys
 import pytest
 import torch
 
-from nas.cpu import KernelUnavailable, Setup, bf16_supported, choose_setup, native, resolve_precision
-from nas.cpu import setup as cpu_setup
+from nas.cpu import KernelUnavailable, native
+from nas.run import setup as cpu_setup
+from nas.run.device import bf16_supported, resolve_precision
+from nas.run.setup import Setup, choose_setup
 from nas.model import build_model
 from nas.spec import ArchSpec, BlockSpec
 

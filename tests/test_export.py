@@ -9,8 +9,9 @@ from pathlib import Path
 import optuna
 import pytest
 
-from nas import export, replay
-from nas.run import RunRecord, record_of
+from nas.cli import export, replay
+from nas.study.export import export_study
+from nas.run.record import RunRecord, record_of
 from nas.cpu import cpu_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "study-v0.json"
@@ -41,7 +42,7 @@ def test_rejected_and_failed_trials_are_counted_not_listed(tmp_path):
     study.add_trial(optuna.trial.create_trial(value=90.0, user_attrs={"params": 100}))
     study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, user_attrs={"rejected": "over"}))
     study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL))
-    data = export.export_study(study)
+    data = export_study(study)
     assert [t["values"] for t in data["trials"]] == [[90.0]]
     assert data["left_out"] == {"fail": 1, "rejected": 1}
 

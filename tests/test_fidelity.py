@@ -10,7 +10,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from nas import fidelity, search
-from nas.config import ConfigError, RungConfig, StudyConfig, parse_study_config
+from nas.studyfile import ConfigError, RungConfig, StudyConfig, parse_study_config
 from nas.trials import config_from_study, trial_counts
 
 from tests.conftest import REPO_ROOT

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from nas import search, storage
 from nas.storage import outage
-from nas.config import StudyConfig
+from nas.studyfile import StudyConfig
 from nas.storage.outage import CREATE_KEY, StorageUnavailable, is_outage, reason
 from nas.storage import open_storage
 from nas.trials import finished_trials

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nas.run import RunRecord, record_of
+from nas.run.record import RunRecord, record_of
 
 
 def test_a_record_round_trips_through_a_dict():

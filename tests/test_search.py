@@ -5,11 +5,13 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from nas import search, trials
-from nas.config import ConfigError, parse_study_config
+import nas.study.objective
+from nas.cli import search
+from nas.study import trials
+from nas.studyfile import ConfigError, parse_study_config
 from nas.space import params_for
 from nas.spec import PRESETS
-from nas.run import RunRecord
+from nas.run.record import RunRecord
 
 STUDY_FILE = "studies/mnist-8k.toml"
 
@@ -55,7 +57,7 @@ def test_trained_trials_are_under_budget_and_rejected_ones_never_trained(searche
 
 def test_interrupted_trial_is_failed_and_rerun_resumes(tmp_path, data_dir, monkeypatch):
     url = f"sqlite:///{tmp_path / 'i.db'}"
-    real_train = search.train
+    real_train = nas.study.objective.train
     calls = {"n": 0}
 
     def interrupt_second(*args, **kwargs):

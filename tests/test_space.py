@@ -13,8 +13,8 @@ import optuna
 import pytest
 from optuna.trial import FixedTrial
 
-from nas import space
-from nas.config import DEFAULT_STUDY_FILE, ConfigError, load_study_config, parse_study_config
+from nas.cli import space
+from nas.studyfile import DEFAULT_STUDY_FILE, ConfigError, load_study_config, parse_study_config
 from nas.space import SpaceConfig, draw, params_for, sample_report, suggest
 from nas.spec import PRESETS, ArchSpec, BlockSpec, SpecError, count_params
 
@@ -72,7 +72,7 @@ def test_random_draws_fit_the_budget(tmp_path, budget):
 
 @pytest.mark.parametrize("budget", [8000, 5000])
 def test_tpe_draws_fit_the_budget_even_when_rewarded_for_size(tmp_path, budget):
-    from nas.search import make_sampler
+    from nas.study.sampling import make_sampler
 
     config = load_study_config(study_file(tmp_path, budget))
     archs = []

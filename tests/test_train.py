@@ -4,10 +4,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from nas.cpu import bf16_supported
+from nas.run.device import bf16_supported, resolve_device
 from nas.data import Split
 from nas.model import BatchNormAct2d
-from nas.run import RunRecord
+from nas.run.record import RunRecord
 from nas.spec import PRESETS, ArchSpec, BlockSpec, TrainConfig
 from nas.train import (
     DivergedError,
@@ -15,7 +15,6 @@ from nas.train import (
     augment_batch,
     evaluate,
     lr_factor,
-    resolve_device,
     train,
 )
 

@@ -1,4 +1,4 @@
-"""nas.trials: scores, ranking and the Pareto front, on hand-made trials."""
+"""nas.study.trials: scores, ranking and the Pareto front, on hand-made trials."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from nas.trials import epochs_to_target, non_dominated, score
+from nas.study.trials import epochs_to_target, non_dominated, score
 
 
 def dominates(a, b):

@@ -16,9 +16,11 @@ from optuna.trial import TrialState
 import pytest
 import torch
 
-from nas import search, workers
-from nas.search import make_sampler
-from nas.trials import finished_trials
+from nas import workers
+from nas.cli import search
+from nas.study.progress import ProgressBar
+from nas.study.sampling import make_sampler
+from nas.study.trials import finished_trials
 from nas.workers import available_cpus
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -151,7 +153,7 @@ def test_the_study_bar_counts_earlier_trials_and_its_clock_ticks_until_closed(ca
     study = optuna.create_study(direction="maximize")
     for value in (97.0, 98.5):
         study.add_trial(optuna.trial.create_trial(value=value, params={}, distributions={}))
-    bar = workers.ProgressBar(study, 5, disable=False)
+    bar = ProgressBar(study, 5, disable=False)
     assert (bar.bar.n, bar.bar.initial, bar.bar.total) == (2, 2, 5)  # the ETA's rate counts this run only
     time.sleep(2.5)
     bar.close()

@@ -19,15 +19,14 @@ lies above zero.
 
 from __future__ import annotations
 
-import argparse
 import datetime
+import functools
 import json
 import math
-import multiprocessing
 import queue
 import statistics
 import sys
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -37,16 +36,16 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from nas import data
-from nas.cli import ArgumentParser, non_negative_int, positive_int
-from nas.config import StudyConfig
-from nas.spec import PRESETS, ArchSpec, TrainConfig, count_params
-from nas.storage import StorageError, default_url
 from nas.cpu import cpu_model, tune_allocator
-from nas.train import DivergedError, resolve_run, train
-from nas.run import RunRecord
-from nas.trials import (BASELINE, ReplayError, config_from_study, confirm_key, confirmed_best, epochs_to_target,
-                        open_study, ranked_trials, rebuild, score, stored_run)
-from nas.workers import available_cpus, resolve_workers, workers_arg
+from nas.run.record import RunRecord
+from nas.run.setup import RunSettings, resolve_run
+from nas.spec import PRESETS, ArchSpec, TrainConfig, count_params
+from nas.study.stored import (BASELINE, config_from_study, confirm_key, confirmed_best, open_study, rebuild,
+                              stored_run)
+from nas.study.trials import epochs_to_target, ranked_trials, score
+from nas.studyfile import StudyConfig
+from nas.train import train
+from nas.workers import SPAWN, run_processes
 
 # Student's t, two-sided 95% (0.975 quantile), by degrees of freedom.
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
@@ -55,6 +54,28 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 class ConfirmError(RuntimeError):
     """A study that cannot be confirmed as asked."""
+
+
+@dataclass(frozen=True)
+class ConfirmPlan:
+    """What a confirm was asked for: which candidates, how many seeds, on which split and fidelity."""
+
+    storage: str
+    study: str
+    top: int = 3  # the best trials to confirm, unless `trials` names them
+    trials: tuple[int, ...] | None = None
+    seeds: int = 3  # runs per candidate, seeds 1..seeds
+    epochs: int | None = None  # None: each trial's own
+    subset: int | None = None  # None: as the search trained (with `test`: all training images)
+    test: bool = False  # train on all training images and score on the test set
+    device: str | None = None  # None: the device each trial ran on, where it exists here
+    data_dir: str = "data"
+    quiet: bool = False
+
+    @property
+    def prefix(self) -> str:
+        """The prefix of the study user attributes that hold its runs (confirm_key)."""
+        return "confirm-test" if self.test else "confirm"
 
 
 @dataclass(frozen=True)
@@ -133,201 +154,123 @@ def leaderboard(candidates: list[Candidate], results: dict[str, list[dict]]) -> 
     return rows
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m nas.confirm", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--study", default="mnist-8k", help="study name (default mnist-8k)")
-    parser.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>.db)")
-    parser.add_argument("--top", type=positive_int, default=3, help="how many of the best trials (default 3)")
-    parser.add_argument("--trials", type=non_negative_int, nargs="+", metavar="N",
-                        help="confirm these trial numbers (and Model 3) instead of the top; with --test the "
-                        "default is the trial its validation confirm found best, where one was run")
-    parser.add_argument("--seeds", type=positive_int, default=3, help="runs per candidate, seeds 1..S (default 3)")
-    parser.add_argument("--epochs", type=positive_int, help="epochs per run (default: each trial's own)")
-    parser.add_argument("--subset", type=positive_int, help="train on the first N images (default: as the "
-                        "search did; with --test, all of them)")
-    parser.add_argument("--test", action="store_true", help="train on all 60,000 training images and score "
-                        "on the test set (the final figure; the search never sees the test set)")
-    parser.add_argument("--out", type=Path, metavar="F.json",
-                        help="also write the results: every candidate's spec, training config and per-seed "
-                        "accuracy per epoch, the winner's spec and config on top (python -m nas.train --model F.json "
-                        "trains it)")
-    parser.add_argument("--device", help="default: the device each trial ran on, where it exists here")
-    parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
-    parser.add_argument("--workers", type=workers_arg, default=1,
-                        help="runs at a time, the CPUs split between them, or auto: one single-thread run per "
-                        "CPU core on CPU (as nas.search --workers), 1 on CUDA")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage_url = args.storage or default_url(args.study)
-    try:
-        study = open_study(storage_url, args.study)
-        config = config_from_study(study)
-        numbers, why = chosen_numbers(study, args)
-        candidates = pick_candidates(study, config, args.top, args.device, numbers)
-        root = data.resolve_data_dir(args.data_dir)
-        data.prepare(root, progress=not args.quiet)
-        mnist = data.load_mnist(root)
-        workers = resolve_workers(args.workers, torch.device(candidates[0].run.device))
-    except (ConfirmError, ReplayError, StorageError, data.DataError, ValueError, RuntimeError) as exc:
-        print(f"error: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}", file=sys.stderr)
-        return 2
-    tune_allocator()
-    seeds = range(1, args.seeds + 1)
-    print(f"Confirming {', '.join(c.label for c in candidates)} of study {args.study!r}{why} over seeds "
-          f"{seeds[0]}-{seeds[-1]}, " + ("on all training images, scored on test" if args.test else
-                                         "on the search's split, scored on validation")
-          + (f", {workers} runs at a time" if workers > 1 else ""), flush=True)
-    try:
-        todo = [(c.label, seed) for c in candidates for seed in seeds if stored_run_of(study, c, seed, args) is None]
-        if workers > 1 and len(todo) > 1:
-            code = run_in_workers(args, storage_url, todo, min(workers, len(todo)), len(candidates) * len(seeds))
-            if code:
-                return code
-            study = open_study(storage_url, args.study)
-        results: dict[str, list[dict]] = {c.label: [] for c in candidates}
-        splits: dict = {}
-        for candidate in candidates:
-            for seed in seeds:
-                stored = stored_run_of(study, candidate, seed, args)
-                if stored is None:
-                    stored = run_and_store(study, candidate, seed, args, mnist, splits, config.score_epochs, None)
-                results[candidate.label].append(stored)
-                say_run(stored, args.test, config.score_epochs)
-    except DivergedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished runs are stored; rerun the same command to resume", file=sys.stderr)
-        return 130
-    rows = leaderboard(candidates, results)
-    what = "test accuracy, all training images" if args.test else "validation score"
-    title = f"Confirmed over seeds {seeds[0]}-{seeds[-1]} ({what}; paired Student-t over seeds against Model 3)"
-    print("\n" + title + "\n\n" + "\n".join(rows))
-    _save_note(study, title, rows)
-    if args.out:
-        write_results(args.out, study, candidates, results, title, rows, args.test)
-        print(f"results: {args.out}")
-    return 0
-
-
-def chosen_numbers(study: optuna.Study, args) -> tuple[list[int] | None, str]:
-    """The trials to confirm besides Model 3, and why: --trials; for --test the trial that the
-    validation confirm found best; else None (the top --top)."""
-    if args.trials:
-        return args.trials, ""
-    if args.test and confirmed_best(study) is not None:
+def chosen_numbers(study: optuna.Study, plan: ConfirmPlan) -> tuple[list[int] | None, str]:
+    """The trials to confirm besides Model 3, and why: plan.trials; for a test confirm the trial
+    that the validation confirm found best; else None (the top plan.top)."""
+    if plan.trials:
+        return list(plan.trials), ""
+    if plan.test and confirmed_best(study) is not None:
         return [confirmed_best(study)], " (the best of its validation confirm)"
     return None, ""
 
 
-def prefix_of(args) -> str:
-    return "confirm-test" if args.test else "confirm"
+def candidates_of(study: optuna.Study, plan: ConfirmPlan) -> list[Candidate]:
+    numbers, _ = chosen_numbers(study, plan)
+    return pick_candidates(study, config_from_study(study), plan.top, plan.device, numbers)
 
 
-def run_settings(candidate: Candidate, seed: int, args) -> tuple[RunRecord, TrainConfig]:
-    # --test trains on all training images unless --subset says otherwise (a quick look)
-    subset = args.subset if args.test else (args.subset or candidate.run.subset)
+def settings_for(candidate: Candidate, seed: int, plan: ConfirmPlan) -> tuple[RunRecord, TrainConfig]:
+    # a test confirm trains on all training images unless plan.subset says otherwise (a quick look)
+    subset = plan.subset if plan.test else (plan.subset or candidate.run.subset)
     run = replace(candidate.run, seed=seed, subset=subset)
-    return run, replace(candidate.train, seed=seed, epochs=args.epochs or candidate.train.epochs)
+    return run, replace(candidate.train, seed=seed, epochs=plan.epochs or candidate.train.epochs)
 
 
-def stored_run_of(study: optuna.Study, candidate: Candidate, seed: int, args) -> dict | None:
+def stored_run_of(study: optuna.Study, candidate: Candidate, seed: int, plan: ConfirmPlan) -> dict | None:
     """The stored run of this candidate and seed, if one was trained with these epochs and subset."""
-    run, config = run_settings(candidate, seed, args)
-    stored = study.user_attrs.get(confirm_key(prefix_of(args), candidate.label, seed))
+    run, config = settings_for(candidate, seed, plan)
+    stored = study.user_attrs.get(confirm_key(plan.prefix, candidate.label, seed))
     if stored is None or stored["epochs"] != config.epochs or stored["subset"] != run.subset:
         return None
     return stored
 
 
-def run_and_store(study: optuna.Study, candidate: Candidate, seed: int, args, mnist: data.Mnist, splits: dict,
-                  score_epochs: int, threads: int | None) -> dict:
-    run, config = run_settings(candidate, seed, args)
+def run_and_store(study: optuna.Study, candidate: Candidate, seed: int, plan: ConfirmPlan, mnist: data.Mnist,
+                  splits: dict, score_epochs: int, threads: int | None, progress: bool) -> dict:
+    run, config = settings_for(candidate, seed, plan)
     # threads: this process's share of the CPU, whatever the trial's worker had (None: all of it)
-    stored = confirm_one(candidate, config, replace(run, threads=threads), mnist, args, splits, score_epochs)
-    study.set_user_attr(confirm_key(prefix_of(args), candidate.label, seed), stored)
+    stored = confirm_one(candidate, config, replace(run, threads=threads), mnist, plan.test, splits, score_epochs,
+                         progress)
+    study.set_user_attr(confirm_key(plan.prefix, candidate.label, seed), stored)
     return stored
 
 
-def say_run(stored: dict, test: bool, score_epochs: int, who: str = "") -> None:
+def run_line(stored: dict, test: bool, score_epochs: int, who: str = "") -> str:
     last = min(score_epochs, stored["epochs"])
-    print(f"{who}{stored['candidate']} seed {stored['seed']}: {stored['score']:.3f}% "
-          f"({'test' if test else 'validation'}, mean of the last {last} epoch{'s' * (last > 1)})", flush=True)
+    return (f"{who}{stored['candidate']} seed {stored['seed']}: {stored['score']:.3f}% "
+            f"({'test' if test else 'validation'}, mean of the last {last} epoch{'s' * (last > 1)})")
 
 
-def run_in_workers(args, storage_url: str, todo: list[tuple[str, int]], workers: int, total: int) -> int:
-    """The runs `todo` shared out to `workers` spawned processes, the CPUs split between them; each
-    stores its runs in the study as it finishes them. A bar counts the stored runs."""
-    context = multiprocessing.get_context("spawn")
-    jobs = context.Queue()
+def confirm(study: optuna.Study, plan: ConfirmPlan, candidates: list[Candidate], mnist: data.Mnist, workers: int,
+            say: Callable[[str], None]) -> tuple[optuna.Study, dict[str, list[dict]]]:
+    """Every candidate's run for every seed: read back where stored, else trained and stored, in
+    this process or shared out to `workers` spawned ones. `say` hears one line per run. Returns the
+    study as read back after the runs and the runs by candidate label. A worker that fails ends it
+    with ConfirmError; the runs finished so far stay stored."""
+    seeds = range(1, plan.seeds + 1)
+    config = config_from_study(study)
+    todo = [(c.label, seed) for c in candidates for seed in seeds if stored_run_of(study, c, seed, plan) is None]
+    if workers > 1 and len(todo) > 1:
+        run_in_workers(plan, todo, min(workers, len(todo)), len(candidates) * len(seeds))
+        study = open_study(plan.storage, plan.study)
+    results: dict[str, list[dict]] = {c.label: [] for c in candidates}
+    splits: dict = {}
+    for candidate in candidates:
+        for seed in seeds:
+            stored = stored_run_of(study, candidate, seed, plan)
+            if stored is None:
+                stored = run_and_store(study, candidate, seed, plan, mnist, splits, config.score_epochs, None,
+                                       progress=not plan.quiet)
+            results[candidate.label].append(stored)
+            say(run_line(stored, plan.test, config.score_epochs))
+    return study, results
+
+
+def run_in_workers(plan: ConfirmPlan, todo: list[tuple[str, int]], workers: int, total: int) -> None:
+    """The runs `todo` shared out to `workers` spawned processes (nas.workers), each storing its
+    runs in the study as it finishes them; a bar counts the stored runs."""
+    jobs = SPAWN.Queue()
     for job in todo:
         jobs.put(job)
-    threads = max(1, available_cpus() // workers)
-    procs = [context.Process(target=_worker_entry, args=(args, storage_url, jobs, threads, i)) for i in range(workers)]
-    for p in procs:
-        p.start()
-    bar = tqdm(total=total, initial=total - len(todo), desc="Runs", unit="run", disable=args.quiet, file=sys.stdout,
+    bar = tqdm(total=total, initial=total - len(todo), desc="Runs", unit="run", disable=plan.quiet, file=sys.stdout,
                dynamic_ncols=True)
-    study = open_study(storage_url, args.study)
+    study = open_study(plan.storage, plan.study)
+
+    def watch() -> None:
+        attrs = study.user_attrs  # read from the storage each time
+        bar.n = total - sum(1 for label, seed in todo if confirm_key(plan.prefix, label, seed) not in attrs)
+        bar.refresh()
+
     try:
-        while any(p.is_alive() for p in procs):
-            time.sleep(5)
-            bar.n = total - jobs_left(args, study, todo)
-            bar.refresh()
-    except KeyboardInterrupt:
-        for p in procs:
-            p.join(timeout=30)
-        raise
+        failed = run_processes(functools.partial(_worker_entry, plan, jobs), workers, watch=watch, every=5.0)
     finally:
         bar.close()
-    failed = [i for i, p in enumerate(procs) if p.exitcode != 0]
     if failed:
-        print(f"error: confirm worker{'s' * (len(failed) > 1)} {', '.join(map(str, failed))} failed; "
-              "finished runs are stored, rerun the same command to resume", file=sys.stderr)
-        return 1
-    return 0
+        raise ConfirmError(f"{'; '.join(failed)}; finished runs are stored, rerun the same command to resume")
 
 
-def jobs_left(args, study: optuna.Study, todo: list[tuple[str, int]]) -> int:
-    prefix = prefix_of(args)
-    attrs = study.user_attrs  # read from the storage each time
-    return sum(1 for label, seed in todo if confirm_key(prefix, label, seed) not in attrs)
-
-
-def _worker_entry(args, storage_url: str, jobs, threads: int, worker: int) -> None:
+def _worker_entry(plan: ConfirmPlan, jobs, worker: int, threads: int) -> None:
     """One spawned confirm worker: takes (candidate, seed) runs off the queue until it is empty."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tune_allocator()
     torch.set_num_threads(threads)
-    study = open_study(storage_url, args.study)
+    study = open_study(plan.storage, plan.study)
     config = config_from_study(study)
-    numbers, _ = chosen_numbers(study, args)
-    by_label = {c.label: c for c in pick_candidates(study, config, args.top, args.device, numbers)}
-    mnist = data.load_mnist(data.resolve_data_dir(args.data_dir))
+    by_label = {c.label: c for c in candidates_of(study, plan)}
+    mnist = data.load_mnist(Path(plan.data_dir))
     splits: dict = {}
-    quiet = replace_namespace(args, quiet=True)  # the parent's bar counts runs; no epoch bars
     try:
         while True:
             try:
                 label, seed = jobs.get(timeout=1)
             except queue.Empty:
                 return
-            stored = run_and_store(study, by_label[label], seed, quiet, mnist, splits, config.score_epochs, threads)
-            say_run(stored, args.test, config.score_epochs, who=f"[worker {worker}] ")
-    except DivergedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+            # the parent's bar counts runs; no epoch bars
+            stored = run_and_store(study, by_label[label], seed, plan, mnist, splits, config.score_epochs, threads,
+                                   progress=False)
+            print(run_line(stored, plan.test, config.score_epochs, who=f"[worker {worker}] "), flush=True)
     except KeyboardInterrupt:
         sys.exit(130)
-
-
-def replace_namespace(args, **changes):
-    return argparse.Namespace(**{**vars(args), **changes})
 
 
 def winner_of(summaries: list[dict]) -> dict:
@@ -373,30 +316,28 @@ def write_results(path: Path, study: optuna.Study, candidates: list[Candidate], 
     path.write_text(json.dumps(body, indent=1) + "\n")
 
 
-def confirm_one(candidate: Candidate, config: TrainConfig, run: RunRecord, mnist: data.Mnist, args,
-                splits: dict, score_epochs: int) -> dict:
+def confirm_one(candidate: Candidate, config: TrainConfig, run: RunRecord, mnist: data.Mnist, test: bool,
+                splits: dict, score_epochs: int, progress: bool) -> dict:
     device = torch.device(run.device)
-    which = ("test", run.subset) if args.test else ("valid", run.subset)
+    which = ("test", run.subset) if test else ("valid", run.subset)
     if (which, run.device) not in splits:
         splits[(which, run.device)] = data.make_split(mnist, which[0], which[1], device)
     if run.threads:
         torch.set_num_threads(run.threads)
     if candidate.trial is None:  # Model 3 from its preset: set up for this machine
-        run = replace(resolve_run(candidate.arch, config, device, len(splits[(which, run.device)].train_x),
-                                  run.precision, run.batchnorm, run.weight_average, run.compiled, run.subset),
-                      seed=config.seed)
-    result = train(candidate.arch, config, splits[(which, run.device)], run, progress=not args.quiet)
+        settings = RunSettings(device=run.device, precision=run.precision, batchnorm=run.batchnorm,
+                               compile=run.compiled, ema=run.weight_average)
+        run = resolve_run(candidate.arch, config, settings, device, len(splits[(which, run.device)].train_x),
+                          run.subset)
+    result = train(candidate.arch, config, splits[(which, run.device)], run, progress=progress)
     accuracies = [e.eval_acc for e in result.history]
     return {"candidate": candidate.label, "trial": candidate.trial.number if candidate.trial else None,
             "seed": config.seed, "epochs": config.epochs, "subset": run.subset, "split": which[0],
             "eval_acc": accuracies, "score": score(accuracies, score_epochs), "run": run.to_dict()}
 
 
-def _save_note(study: optuna.Study, title: str, rows: list[str]) -> None:
+def save_note(study: optuna.Study, title: str, rows: list[str]) -> None:
     from optuna_dashboard import save_note
 
     save_note(study, f"## {title}\n\n" + "\n".join(rows) + "\n\nRuns: the study's `confirm:*` user attributes.\n")
 
-
-if __name__ == "__main__":
-    sys.exit(main())

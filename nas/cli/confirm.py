@@ -1,0 +1,102 @@
+"""Finalists confirmed over seeds: the study's top trials and Model 3, each re-trained with fresh
+seeds, so that the winner is picked on more than one run's luck.
+
+    python -m nas.confirm                 # top 3 and Model 3, 3 seeds each, on validation
+    python -m nas.confirm --test          # the same on all 60,000 training images, scored on test
+
+Each run trains a trial again through the search's own code path (its stored params through the
+space function, its stored run record) with seed 1, 2, ..., on the search's split and fidelity: the
+trial's epochs and training subset, scored on the validation split as the search scored it. A
+finished run is stored in the study as a user attribute (`confirm:<candidate>:seed<N>`, or
+`confirm-test:...`), so a killed confirm resumes without redoing it; the leaderboard is also
+saved as the study's optuna-dashboard note.
+
+Whether a candidate beats Model 3 is a paired comparison over seeds: run k of both uses seed k
+(the same data order and augmentation draws), the difference of their scores is taken per seed,
+and the candidate beats Model 3 when the two-sided 95% Student-t interval of the mean difference
+lies above zero.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import optuna
+import torch
+
+from nas import data
+from nas.cli.args import ArgumentParser, add_data_dir, fail, non_negative_int, positive_int, workers_arg
+from nas.cpu import tune_allocator
+from nas.storage import StorageError, default_url
+from nas.study.confirm import (ConfirmError, ConfirmPlan, chosen_numbers, confirm, leaderboard, pick_candidates,
+                               save_note, write_results)
+from nas.study.stored import DEFAULT_STUDY, ReplayError, config_from_study, open_study
+from nas.train import DivergedError
+from nas.workers import resolve_workers
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m nas.confirm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", default=DEFAULT_STUDY, help=f"study name (default {DEFAULT_STUDY})")
+    parser.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>.db)")
+    parser.add_argument("--top", type=positive_int, default=3, help="how many of the best trials (default 3)")
+    parser.add_argument("--trials", type=non_negative_int, nargs="+", metavar="N",
+                        help="confirm these trial numbers (and Model 3) instead of the top; with --test the "
+                        "default is the trial its validation confirm found best, where one was run")
+    parser.add_argument("--seeds", type=positive_int, default=3, help="runs per candidate, seeds 1..S (default 3)")
+    parser.add_argument("--epochs", type=positive_int, help="epochs per run (default: each trial's own)")
+    parser.add_argument("--subset", type=positive_int, help="train on the first N images (default: as the "
+                        "search did; with --test, all of them)")
+    parser.add_argument("--test", action="store_true", help="train on all 60,000 training images and score "
+                        "on the test set (the final figure; the search never sees the test set)")
+    parser.add_argument("--out", type=Path, metavar="F.json",
+                        help="also write the results: every candidate's spec, training config and per-seed "
+                        "accuracy per epoch, the winner's spec and config on top (python -m nas.train --model F.json "
+                        "trains it)")
+    parser.add_argument("--device", help="default: the device each trial ran on, where it exists here")
+    add_data_dir(parser)
+    parser.add_argument("--workers", type=workers_arg, default=1,
+                        help="runs at a time, the CPUs split between them, or auto: one single-thread run per "
+                        "CPU core on CPU (as nas.search --workers), 1 on CUDA")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    root = data.resolve_data_dir(args.data_dir)
+    plan = ConfirmPlan(storage=args.storage or default_url(args.study), study=args.study, top=args.top,
+                       trials=tuple(args.trials) if args.trials else None, seeds=args.seeds, epochs=args.epochs,
+                       subset=args.subset, test=args.test, device=args.device, data_dir=str(root), quiet=args.quiet)
+    try:
+        study = open_study(plan.storage, plan.study)
+        numbers, why = chosen_numbers(study, plan)
+        candidates = pick_candidates(study, config_from_study(study), plan.top, plan.device, numbers)
+        data.prepare(root, progress=not args.quiet, notify=lambda line: print(line, file=sys.stderr))
+        mnist = data.load_mnist(root)
+        workers = resolve_workers(args.workers, torch.device(candidates[0].run.device))
+    except (ConfirmError, ReplayError, StorageError, data.DataError, ValueError, RuntimeError) as exc:
+        return fail(exc)
+    tune_allocator()
+    print(f"Confirming {', '.join(c.label for c in candidates)} of study {plan.study!r}{why} over seeds "
+          f"1-{plan.seeds}, " + ("on all training images, scored on test" if plan.test else
+                                 "on the search's split, scored on validation")
+          + (f", {workers} runs at a time" if workers > 1 else ""), flush=True)
+    try:
+        study, results = confirm(study, plan, candidates, mnist, workers, say=lambda line: print(line, flush=True))
+    except (DivergedError, ConfirmError) as exc:
+        return fail(exc, status=1)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished runs are stored; rerun the same command to resume", file=sys.stderr)
+        return 130
+    rows = leaderboard(candidates, results)
+    what = "test accuracy, all training images" if plan.test else "validation score"
+    title = f"Confirmed over seeds 1-{plan.seeds} ({what}; paired Student-t over seeds against Model 3)"
+    print("\n" + title + "\n\n" + "\n".join(rows))
+    save_note(study, title, rows)
+    if args.out:
+        write_results(args.out, study, candidates, results, title, rows, plan.test)
+        print(f"results: {args.out}")
+    return 0
