@@ -1,4 +1,4 @@
-"""nas.replay: a stored trial trained again exactly, errors that leave the study untouched, and a
+"""nas.cli.replay: a stored trial trained again exactly, errors that leave the study untouched, and a
 two-objective study end to end (the search keeps a Pareto front, replay takes a trial from it, the
 report draws it)."""
 
@@ -7,8 +7,11 @@ import hashlib
 import optuna
 import pytest
 
-from nas import replay, report, search, trials
-from nas.trials import pareto_trials, ranked_trials
+from nas.cli import replay, report, search
+from nas.study.search import summary_lines
+from nas.study.stored import pick_trial
+from nas.study.trials import best_trial, front_note, pareto_trials, ranked_trials
+from nas.train.checkpoint import load_checkpoint
 
 STUDY_FILE = """
 name = "pareto"
@@ -48,12 +51,12 @@ def test_search_creates_a_two_objective_study_with_a_front(pareto_study):
     for a in front:
         for b in completed:
             assert not (b.values[0] >= a.values[0] and b.values[1] <= a.values[1] and b.values != a.values)
-    assert trials.best_trial(study).number == front[0].number
+    assert best_trial(study).number == front[0].number
 
 
 def test_search_summary_shows_the_front(pareto_study):
     url, study = pareto_study
-    lines = search.summary_lines(study, url)
+    lines = summary_lines(study, url)
     assert any("Pareto front" in line for line in lines)
     assert any("--trial N" in line for line in lines)
 
@@ -68,17 +71,17 @@ def test_replay_takes_a_trial_from_the_front(pareto_study, data_dir, tmp_path, c
     printed = capsys.readouterr().out
     assert f"Trial {chosen.number} is on the Pareto front" in printed
     assert "difference +0.0000 (identical)" in printed
-    _, saved = replay.load_checkpoint(out)
+    _, saved = load_checkpoint(out)
     assert saved["trial"] == chosen.number and saved["params"] == chosen.user_attrs["params"]
 
 
 def test_replay_without_a_trial_picks_the_most_accurate_of_the_front(pareto_study):
     _, study = pareto_study
-    trial = replay.pick_trial(study, None)
+    trial = pick_trial(study, None)
     front = pareto_trials(study)
     assert trial.number == front[0].number
     assert trial.values[0] == max(t.values[0] for t in ranked_trials(study))
-    assert "is the most accurate of the Pareto front" in replay.front_note(study, trial, picked=True)
+    assert "is the most accurate of the Pareto front" in front_note(study, trial, picked=True)
 
 
 def test_report_on_a_two_objective_study(pareto_study, tmp_path):
@@ -112,8 +115,8 @@ def test_replay_reproduces_the_stored_value_exactly(searched, data_dir, capsys, 
     assert replay.main(["--storage", url, "--data-dir", str(data_dir), "--quiet", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "difference +0.0000 (identical)" in printed
-    model, saved = replay.load_checkpoint(out)
-    assert saved["trial"] == trials.best_trial(load(url)).number
+    model, saved = load_checkpoint(out)
+    assert saved["trial"] == best_trial(load(url)).number
     assert sum(p.numel() for p in model.parameters()) == saved["params"]
 
 
@@ -123,8 +126,8 @@ def test_replay_with_another_seed_trains_differently(searched, data_dir, capsys,
     assert replay.main(["--storage", url, "--data-dir", str(data_dir), "--quiet", "--seed", "7"]) == 0
     printed = capsys.readouterr().out
     assert "seed 7 (not the stored seed)" in printed and "(identical)" not in printed
-    best = trials.best_trial(load(url)).number
-    assert replay.load_checkpoint(tmp_path / "runs" / f"mnist-8k-trial{best}-seed7.pt")[1]["train"]["seed"] == 7
+    best = best_trial(load(url)).number
+    assert load_checkpoint(tmp_path / "runs" / f"mnist-8k-trial{best}-seed7.pt")[1]["train"]["seed"] == 7
 
 
 def test_replay_errors_leave_the_database_untouched(searched, tmp_path, data_dir, capsys):

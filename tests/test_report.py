@@ -6,13 +6,18 @@ import pytest
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from nas import report
-from nas.trials import pareto_trials, ranked_trials
-from tests.test_trials import dominates
+from nas.cli import report
+from nas.study.report import error_ticks, history_figure, intermediate_figure, pareto_figure
+from nas.study.trials import pareto_trials, ranked_trials
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DISTRIBUTIONS = {"lr": FloatDistribution(1e-3, 1e-1, log=True), "width": IntDistribution(4, 32)}
 FIGURES = ("optimization_history.png", "param_importances.png", "intermediate_values.png", "pareto.png")
+
+
+def dominates(a, b):
+    """(accuracy, params) a is at least as good as b on both and better on one."""
+    return a[0] >= b[0] and a[1] <= b[1] and a != b
 
 
 def point(trial):
@@ -152,7 +157,7 @@ def test_out_that_is_a_file_is_one_line(tiny_study, tmp_path, capsys):
 
 def test_pareto_accuracy_axis_spans_the_trials_with_ticks_a_tenth_of_a_point_apart_there(tiny_study):
     _, study = tiny_study
-    fig = report.pareto_figure(study)
+    fig = pareto_figure(study)
     ax = fig.axes[0]
     errors = [100 - t.values[0] for t in study.trials if t.state == TrialState.COMPLETE]
     low, high = ax.get_ylim()
@@ -164,10 +169,10 @@ def test_pareto_accuracy_axis_spans_the_trials_with_ticks_a_tenth_of_a_point_apa
 
 
 def test_error_ticks_keep_the_dense_low_end_over_a_wide_range():
-    ticks = report.error_ticks(0.5, 60)
+    ticks = error_ticks(0.5, 60)
     assert len(ticks) <= 12
     assert ticks[:6] == [0.5, 0.6, 0.7, 0.8, 0.9, 1]
-    assert report.error_ticks(0.62, 0.68) == [0.62, 0.68]  # no tick inside: the ends are labelled
+    assert error_ticks(0.62, 0.68) == [0.62, 0.68]  # no tick inside: the ends are labelled
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # write_report silences it
@@ -175,7 +180,7 @@ def test_history_axis_leaves_a_hopeless_trial_off_and_says_so(tiny_study):
     _, study = tiny_study
     study.add_trial(create_trial(params={"lr": 0.01, "width": 8}, distributions=DISTRIBUTIONS, values=[11.35],
                                  user_attrs={"params": 4000, "train": {"optimizer": "sgd", "lr": 0.01}}))
-    ax = report.history_figure(study).axes[0]
+    ax = history_figure(study).axes[0]
     low, high = ax.get_ylim()
     best = max(t.values[0] for t in study.trials if t.state == TrialState.COMPLETE)
     assert 90 < low < 99.5 and best < high
@@ -185,11 +190,11 @@ def test_history_axis_leaves_a_hopeless_trial_off_and_says_so(tiny_study):
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # write_report silences it
 def test_per_epoch_axis_zooms_on_the_better_half_and_drops_a_crowded_legend(tmp_path):
     study = fill(optuna.create_study(), completed=20)
-    fig, text = report.intermediate_figure(study)
+    fig, text = intermediate_figure(study)
     ax = fig.axes[0]
     finals = sorted(t.intermediate_values[2] for t in study.trials if t.state == TrialState.COMPLETE)
     low, high = ax.get_ylim()
     assert low == pytest.approx(finals[(len(finals) - 1) // 2] - 1.0) and high > finals[-1]
     assert ax.get_legend() is None and "off the axis" in text
-    few = report.intermediate_figure(fill(optuna.create_study(), completed=6))[0].axes[0]
+    few = intermediate_figure(fill(optuna.create_study(), completed=6))[0].axes[0]
     assert few.get_legend() is not None  # 7 lines: still named

@@ -10,76 +10,31 @@ it, the front's most accurate trial is replayed.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from nas import data
-from nas.cli import ArgumentParser
-from nas.run import BATCHNORM_PATHS
-from nas.trials import (
-    ReplayError,
-    best_trial,
-    rebuild,
-    stored_run,
-    checkpoint,
-    open_study,
-    confirmed_best,
-    config_from_study,
-    epochs_to_target,
-    is_multi_objective,
-    pareto_trials,
-    score,
-)
-from nas.spec import ArchSpec, count_params
-from nas.storage import StorageError, default_url
-from nas.summary import summary_table
+from nas.cli.args import ArgumentParser, add_data_dir, fail
 from nas.cpu import tune_allocator
+from nas.model import summary_table
+from nas.run.record import BATCHNORM_PATHS
+from nas.spec import count_params
+from nas.storage import StorageError, default_url
+from nas.study.stored import DEFAULT_STUDY, ReplayError, config_from_study, open_study, pick_trial, rebuild, stored_run
+from nas.study.trials import epochs_to_target, front_note, is_multi_objective, score
 from nas.train import EpochResult, epoch_line, evaluate, train
+from nas.train.checkpoint import checkpoint
 
 
-def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
-    """Trial `number`; else the confirmed best (nas.confirm) where there is one; else the most
-    accurate completed trial (in a two-objective study, the most accurate of the Pareto front)."""
-    if number is None and confirmed_best(study) is not None:
-        number = confirmed_best(study)
-    if number is None:
-        best = best_trial(study)
-        if best is None:
-            raise ReplayError(f"study {study.study_name!r} has no completed trial to replay")
-        return best
-    matches = [t for t in study.get_trials(deepcopy=False) if t.number == number]
-    if not matches:
-        raise ReplayError(f"study {study.study_name!r} has no trial {number}")
-    trial = matches[0]
-    if trial.state != TrialState.COMPLETE or "rejected" in trial.user_attrs:
-        raise ReplayError(f"trial {number} is {trial.state.name.lower()}, not a completed trial")
-    return trial
-
-
-def front_note(study: optuna.Study, trial: FrozenTrial, picked: bool) -> str:
-    """Where the trial sits on a two-objective study's Pareto front."""
-    front = pareto_trials(study)
-    numbers = ", ".join(str(t.number) for t in front)
-    size = f"{trial.values[0]:.2f}% validation accuracy, {trial.user_attrs.get('params', 0):,} params"
-    if picked:
-        return (f"Trial {trial.number} is the most accurate of the Pareto front ({size}); "
-                f"front trials: {numbers} (pick one with --trial N)")
-    if any(t.number == trial.number for t in front):
-        return f"Trial {trial.number} is on the Pareto front ({size}); front trials: {numbers}"
-    return f"note: trial {trial.number} is not on the Pareto front ({size}); front trials: {numbers}"
-
-
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m nas.replay", description=__doc__.split("\n\n")[0])
     parser.add_argument("--trial", type=int, help="trial number (default: the best completed trial; "
                         "in a two-objective study, the most accurate of the Pareto front)")
-    parser.add_argument("--study", default="mnist-8k", help="study name (default mnist-8k)")
+    parser.add_argument("--study", default=DEFAULT_STUDY, help=f"study name (default {DEFAULT_STUDY})")
     parser.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>.db)")
     parser.add_argument("--full-train", action="store_true",
                         help="retrain on all 60,000 training images and report the test set only")
@@ -89,9 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="default: the device the trial ran on, if present")
     parser.add_argument("--batchnorm", choices=BATCHNORM_PATHS,
                         help="run BatchNorm on this path instead of the stored one (then not bit for bit)")
-    parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
+    add_data_dir(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage_url = args.storage or default_url(args.study)
     try:
@@ -114,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         test = data.make_split(mnist, "test", None, device)
     except (ReplayError, StorageError, data.DataError, ValueError, RuntimeError) as exc:
         # RuntimeError: torch's word on a device string it can't parse or a GPU that isn't there.
-        print(f"error: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}", file=sys.stderr)
-        return 2
+        return fail(exc)
 
     tune_allocator()
     if run.threads:  # the search worker's thread count: CPU reductions, and so results, depend on it
@@ -158,16 +116,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Saved model (state_dict + spec + training config) to {out}")
     return 0
 
-
-def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
-    """Rebuild a saved model without the study that produced it."""
-    from nas.model import build_model
-
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(ArchSpec.from_dict(saved["arch"]))
-    model.load_state_dict(saved["state_dict"])
-    return model, saved
-
-
-if __name__ == "__main__":
-    sys.exit(main())

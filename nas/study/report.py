@@ -1,8 +1,7 @@
 """Figures and an index page for a stored study: optimization history, parameter importances,
 per-epoch values (what the pruner saw), and validation accuracy against size with the Pareto front.
-
-    python -m nas.report                                  # studies/mnist-8k.db -> runs/report/mnist-8k/
-    python -m nas.report --study mo --storage sqlite:///studies/mo.db --out reports/mo
+The command is nas/cli/report.py: it opens the study and picks matplotlib's backend before any
+figure is drawn (Optuna's plots go through pyplot); this module does neither.
 
 Only trained trials carry an accuracy: rejected candidates (over budget or shape-invalid, never
 trained) and pruned trials (stopped early, no final score) are counted but not plotted as results.
@@ -10,7 +9,6 @@ trained) and pruned trials (stopped early, no final score) are counted but not p
 
 from __future__ import annotations
 
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,17 +18,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 from optuna.trial import FrozenTrial
 
-from nas.cli import ArgumentParser, positive_int
-from nas.trials import (
-    DEFAULT_STUDY,
-    open_study,
+from nas.study.trials import (
     is_multi_objective,
     pareto_trials,
     ranked_trials,
     trial_counts,
     trials_table,
 )
-from nas.storage import StorageError, default_url
 
 ACCURACY_LABEL = "validation accuracy (%)"
 
@@ -46,11 +40,11 @@ class Section:
     text: str  # what the figure shows, or why it is missing
 
 
-# --- loading ------------------------------------------------------------------------------------
+# --- the study's description ---------------------------------------------------------------------
 
 
 def budget_of(study: optuna.Study) -> int | None:
-    """The parameter budget the study was created with, if nas.search created it."""
+    """The parameter budget the study was created with, if the search created it."""
     return study.user_attrs.get("config", {}).get("budget")
 
 
@@ -279,7 +273,9 @@ def figure_sections(study: optuna.Study, save) -> list[Section]:
 
 
 def write_report(study: optuna.Study, url: str, out: Path, top: int = 10) -> list[Path]:
-    """Every PNG and the index.md, in `out`; returns the paths written."""
+    """Every PNG and the index.md, in `out`; returns the paths written. Raises ReportError for a
+    study without a completed trial (before writing anything) and OSError where `out` can't be
+    written. Uses pyplot's current backend: a command picks a non-interactive one first."""
     import matplotlib.pyplot as plt
 
     if not ranked_trials(study):
@@ -303,38 +299,3 @@ def write_report(study: optuna.Study, url: str, out: Path, top: int = 10) -> lis
     index.write_text(index_markdown(study, url, sections, top))
     written.append(index)
     return written
-
-
-# --- command line -------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    parser = ArgumentParser(prog="python -m nas.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--study", help="study name (default: the storage's only study, else mnist-8k)")
-    parser.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>.db)")
-    parser.add_argument("--out", type=Path, help="output directory (default runs/report/<study>)")
-    parser.add_argument("--top", type=positive_int, default=10, help="trials in the top table (default 10)")
-    args = parser.parse_args(argv)
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    url = args.storage or default_url(args.study or DEFAULT_STUDY)
-    try:
-        study = open_study(url, args.study)
-        out = args.out or Path("runs") / "report" / study.study_name
-        written = write_report(study, url, out, args.top)
-    except (ReportError, StorageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: cannot write the report: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
-        return 2
-    print(f"Report on study {study.study_name!r} ({len(ranked_trials(study))} completed trials):")
-    for path in written:
-        print(f"  {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -75,6 +75,20 @@ def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
     return [sized[i] for i in keep]
 
 
+def front_note(study: optuna.Study, trial: FrozenTrial, picked: bool) -> str:
+    """Where `trial` sits on a two-objective study's Pareto front, naming the front's trials;
+    `picked`: it was chosen by default (the front's most accurate), not asked for by number."""
+    front = pareto_trials(study)
+    numbers = ", ".join(str(t.number) for t in front)
+    size = f"{trial.values[0]:.2f}% validation accuracy, {trial.user_attrs.get('params', 0):,} params"
+    if picked:
+        return (f"Trial {trial.number} is the most accurate of the Pareto front ({size}); "
+                f"front trials: {numbers} (pick one with --trial N)")
+    if any(t.number == trial.number for t in front):
+        return f"Trial {trial.number} is on the Pareto front ({size}); front trials: {numbers}"
+    return f"note: trial {trial.number} is not on the Pareto front ({size}); front trials: {numbers}"
+
+
 def trials_table(trials: list[FrozenTrial]) -> str:
     """Markdown rows of completed trials, in the order given."""
     rows = ["| # | val acc (mean last) | params | RF | epochs to 99.4 | optimizer | lr | batch | scheduler | augment |",
