@@ -47,7 +47,7 @@ class StudyConfig:
     epochs: int = 15
     objectives: tuple[str, ...] = ("accuracy",)  # ("accuracy", "params") asks for a Pareto front
     score_epochs: int = 3  # the accuracy objective is the mean of the last N epochs' validation accuracy
-    pruner: str = "median"
+    pruner: str = "rung"  # measured best of the four (docs/fidelity.md)
     enqueue: tuple[str, ...] = ("model3",)  # presets run first, once per study
     space: SpaceConfig = field(default_factory=SpaceConfig)
     rung: RungConfig = field(default_factory=RungConfig)  # used by pruner = "rung"

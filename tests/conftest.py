@@ -75,3 +75,18 @@ def searched(tmp_path_factory, data_dir):
                             "--study-file", str(REPO_ROOT / "studies" / "mnist-8k.toml"), "--data-dir",
                             str(data_dir), "--quiet"]) == 0
     return url, db
+
+
+# Markers by what a test needs, so the fast subset (-m "not slow") is every test that touches
+# neither real MNIST nor a database server. CI runs everything.
+SLOW_FIXTURES = {"data_dir", "mnist", "searched", "postgres", "own_postgres"}
+POSTGRES_FIXTURES = {"postgres", "own_postgres"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & POSTGRES_FIXTURES:
+            item.add_marker(pytest.mark.postgres)
+        if used & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)

@@ -9,9 +9,10 @@ import optuna
 import pytest
 
 import nas.space
-from nas.cli import confirm, export, search
+from nas.cli import confirm, export, search, train
 from nas.study import confirm as confirming
-from nas.study import create, stored, trials
+from nas.study import create, trials
+from nas.study.stored import confirm_runs, confirmed_best
 from nas.study.export import load_export
 from nas.spec import ArchSpec, TrainConfig, load_arch
 from nas.workers import available_cpus
@@ -37,17 +38,17 @@ def test_confirm_stores_each_run_and_resumes_without_retraining(study_url, data_
     assert confirm.main(args) == 0
     out = capsys.readouterr().out
     study = optuna.load_study(study_name="mnist-8k", storage=study_url)
-    runs = stored.confirm_runs(study)
+    runs = confirm_runs(study)
     best = [t for t in trials.ranked_trials(study) if t.user_attrs.get("preset") != "model3"][0]
     assert set(runs) == {f"trial{best.number}", "model3"}
     assert all(sorted(r["seed"] for r in rs) == [1, 2] and all(r["subset"] == 256 for r in rs) for rs in runs.values())
     assert "| candidate |" in out and "beats Model 3" in out
-    assert stored.confirmed_best(study) == best.number
+    assert confirmed_best(study) == best.number
 
     def no_training(*args, **kwargs):
         raise AssertionError("a stored run was trained again")
 
-    monkeypatch.setattr(confirm, "train", no_training)
+    monkeypatch.setattr(confirming, "train", no_training)
     out = tmp_path / "results.json"
     assert confirm.main(args + ["--out", str(out)]) == 0
     assert capsys.readouterr().out.count("seed 1:") == 2
@@ -148,19 +149,27 @@ def test_confirm_in_two_workers_stores_every_run_once_and_test_takes_the_validat
             "--quiet"]
     assert confirm.main(args + ["--workers", "2"]) == 0
     study = optuna.load_study(study_name="mnist-8k", storage=study_url)
-    runs = stored.confirm_runs(study)
+    runs = confirm_runs(study)
     top = [t.number for t in trials.ranked_trials(study) if t.user_attrs.get("preset") != "model3"][:1]
     assert set(runs) == {*(f"trial{n}" for n in top), "model3"}
     assert all(sorted(r["seed"] for r in rs) == [1, 2] and {r["subset"] for r in rs} == {128} for rs in runs.values())
     assert all(r["run"]["threads"] == max(1, available_cpus() // 2) for rs in runs.values() for r in rs)
     capsys.readouterr()
     # --test without --trials: the validation confirm's best and Model 3, nothing else
+    out = tmp_path / "test.json"
     assert confirm.main(["--storage", study_url, "--test", "--seeds", "1", "--subset", "256", "--data-dir",
-                         str(data_dir), "--quiet"]) == 0
-    best = stored.confirmed_best(optuna.load_study(study_name="mnist-8k", storage=study_url))
-    tested = stored.confirm_runs(optuna.load_study(study_name="mnist-8k", storage=study_url), "confirm-test")
+                         str(data_dir), "--quiet", "--out", str(out)]) == 0
+    best = confirmed_best(optuna.load_study(study_name="mnist-8k", storage=study_url))
+    tested = confirm_runs(optuna.load_study(study_name="mnist-8k", storage=study_url), "confirm-test")
     assert set(tested) == {f"trial{best}", "model3"}
     assert "(the best of its validation confirm)" in capsys.readouterr().out
+    # The results table's reproduce command: nas.train trains a recorded run again, to the digit
+    for label, extra in ((f"trial{best}", []), ("model3", ["--candidate", "model3"])):
+        assert train.main(["--model", str(out), "--seed", "1", "--subset", "256", "--data-dir", str(data_dir),
+                           "--quiet", *extra]) == 0
+        printed = capsys.readouterr().out
+        assert f"({label}, trained as its seed-1 run was)" in printed
+        assert f"mean of the last 1 epoch: {tested[label][0]['score']:.3f}%" in printed
 
 
 def test_confirm_of_a_trial_that_is_not_complete_is_one_line(study_url, data_dir, capsys):

@@ -66,11 +66,11 @@ def test_interrupted_trial_is_failed_and_rerun_resumes(tmp_path, data_dir, monke
             raise KeyboardInterrupt
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(search, "train", interrupt_second)
+    monkeypatch.setattr(nas.study.objective, "train", interrupt_second)
     assert run_search(url, data_dir, 3) == 130
     study = load(url)
     assert [t.state for t in study.trials if "rejected" not in t.user_attrs][-1] == TrialState.FAIL
-    monkeypatch.setattr(search, "train", real_train)
+    monkeypatch.setattr(nas.study.objective, "train", real_train)
     assert run_search(url, data_dir, 3) == 0
     assert len(trials.finished_trials(load(url))) == 3
 

@@ -10,11 +10,12 @@ it, the front's most accurate trial is replayed.
 
 from __future__ import annotations
 
-from dataclasses import replace
+import sys
 from pathlib import Path
 
 import optuna
 import torch
+from optuna.trial import FrozenTrial
 from torch import nn
 
 from nas import data
@@ -24,7 +25,7 @@ from nas.model import summary_table
 from nas.run.record import BATCHNORM_PATHS
 from nas.spec import count_params
 from nas.storage import StorageError, default_url
-from nas.study.stored import DEFAULT_STUDY, ReplayError, config_from_study, open_study, pick_trial, rebuild, stored_run
+from nas.study.stored import DEFAULT_STUDY, ReplayError, config_from_study, open_study, pick_trial, replay_setup
 from nas.study.trials import epochs_to_target, front_note, is_multi_objective, score
 from nas.train import EpochResult, epoch_line, evaluate, train
 from nas.train.checkpoint import checkpoint
@@ -49,6 +50,19 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def score_lines(trial: FrozenTrial, accuracies: list[float], test_acc: list[float], score_epochs: int,
+                full_train: bool) -> list[str]:
+    """The replay's verdict: the replayed validation score against the stored one, and test accuracy."""
+    replayed = score(accuracies, score_epochs)
+    if full_train:
+        return [f"Full-train test accuracy, mean of last {score_epochs} epochs: {replayed:.2f}%"]
+    stored = trial.values[0]
+    return [f"Validation score (mean of last {score_epochs} epochs): stored {stored:.4f}, replayed {replayed:.4f}, "
+            f"difference {replayed - stored:+.4f}" + (" (identical)" if replayed == stored else ""),
+            f"Test accuracy, mean of last {score_epochs} epochs: {score(test_acc, score_epochs):.2f}% "
+            f"(best {max(test_acc):.2f}%, holds >= 99.4% from epoch {epochs_to_target(test_acc) or '-'})"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -57,17 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         study = open_study(storage_url, args.study)
         trial = pick_trial(study, args.trial)
         config = config_from_study(study)
-        arch, train_config = rebuild(trial, config)
-        if args.seed is not None:
-            train_config = replace(train_config, seed=args.seed)
-        run = stored_run(trial, args.device, args.batchnorm)
-        if args.seed is not None:
-            run = replace(run, seed=args.seed)
-        if args.full_train:
-            run = replace(run, subset=None)
+        arch, train_config, run = replay_setup(trial, config, args.seed, args.device, args.batchnorm, args.full_train)
         device = torch.device(run.device)
         root = data.resolve_data_dir(args.data_dir)
-        data.prepare(root, progress=not args.quiet)
+        data.prepare(root, progress=not args.quiet, notify=lambda line: print(line, file=sys.stderr))
         mnist = data.load_mnist(root)
         split = data.make_split(mnist, "test" if args.full_train else "valid", run.subset, device)
         test = data.make_split(mnist, "test", None, device)
@@ -96,17 +103,9 @@ def main(argv: list[str] | None = None) -> int:
 
     result = train(arch, train_config, split, run, on_epoch=report, progress=not args.quiet)
     accuracies = [e.eval_acc for e in result.history]
-    replayed = score(accuracies, config.score_epochs)
     if args.full_train:
         test_acc = accuracies
-        print(f"Full-train test accuracy, mean of last {config.score_epochs} epochs: {replayed:.2f}%")
-    else:
-        stored = trial.values[0]
-        print(f"Validation score (mean of last {config.score_epochs} epochs): stored {stored:.4f}, "
-              f"replayed {replayed:.4f}, difference {replayed - stored:+.4f}"
-              + (" (identical)" if replayed == stored else ""))
-        print(f"Test accuracy, mean of last {config.score_epochs} epochs: {score(test_acc, config.score_epochs):.2f}% "
-              f"(best {max(test_acc):.2f}%, holds >= 99.4% from epoch {epochs_to_target(test_acc) or '-'})")
+    print("\n".join(score_lines(trial, accuracies, test_acc, config.score_epochs, args.full_train)))
     suffix = ("-full" if args.full_train else "") + ("" if args.seed is None else f"-seed{args.seed}")
     out = args.out or Path("runs") / f"{study.study_name}-trial{trial.number}{suffix}.pt"
     out.parent.mkdir(parents=True, exist_ok=True)

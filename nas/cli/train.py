@@ -1,10 +1,15 @@
 """python -m nas.train: train a preset or spec file on MNIST, reporting test accuracy per epoch and,
-at the end, the score the results tables use: the mean of the last 3 epochs."""
+at the end, the score the results tables use: the mean of the last 3 epochs.
+
+A nas.confirm results file (--out) as --model trains its winner (or --candidate), and where the file
+holds a run of that --seed, trains it as that run was trained (precision, memory format, threads,
+BatchNorm path, weight average): the command a results table's row gives to reproduce it."""
 
 from __future__ import annotations
 
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -14,6 +19,7 @@ from nas.cli.args import ArgumentParser, add_data_dir, add_run_flags, fail, posi
 from nas.cpu import tune_allocator
 from nas.run.setup import resolve_run
 from nas.spec import SpecError, TrainConfig, count_params, load_arch
+from nas.study.confirm import ConfirmError, recorded_run
 from nas.study.trials import score
 from nas.train import DivergedError, EpochResult, epoch_line, train
 
@@ -25,6 +31,8 @@ def build_parser() -> ArgumentParser:
                             description="Train a preset or spec file on MNIST and report test accuracy.")
     parser.add_argument("--model", default="model3", help="model1, model2, model3 or a spec JSON file "
                         "(a nas.confirm results file trains its winner)")
+    parser.add_argument("--candidate", metavar="LABEL", help="with a results file as --model: train this "
+                        "candidate (e.g. model3, trial147) instead of its winner")
     parser.add_argument("--epochs", type=positive_int, help="override the preset's epochs")
     parser.add_argument("--subset", type=positive_int, help="train on the first N training images")
     parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
@@ -38,21 +46,33 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = run_settings(args)
     try:
-        arch, config = load_arch(args.model)
+        recorded = recorded_run(Path(args.model), args.seed, args.candidate)
+        if recorded is not None:
+            label, arch, config, run = recorded
+            settings = replace(settings, device=run.device, precision=run.precision, threads=run.threads)
+        else:
+            arch, config = load_arch(args.model)
         device = settings.resolve_device()  # an impossible device or precision fails before the data
         root = data.resolve_data_dir(args.data_dir)
         data.prepare(root, progress=not args.quiet, notify=lambda line: print(line, file=sys.stderr))
         split = data.make_split(data.load_mnist(root), "test", args.subset, device)
-    except (SpecError, ValueError, data.DataError) as exc:
+    except (SpecError, ConfirmError, ValueError, data.DataError) as exc:
         return fail(exc)
     tune_allocator()
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    config = replace(config or TrainConfig(), seed=args.seed)
-    if args.epochs:
-        config = replace(config, epochs=args.epochs)
-    run = resolve_run(arch, config, settings, device, len(split.train_x), args.subset)
-    print(f"{args.model}: {count_params(arch):,} params, {config.epochs} epochs, seed {config.seed}, {run.describe()}")
+    if recorded is not None:
+        name = f"{args.model} ({label}, trained as its seed-{args.seed} run was)"
+        if args.epochs:
+            config = replace(config, epochs=args.epochs)
+        run = replace(run, subset=args.subset)
+    else:
+        name = args.model
+        config = replace(config or TrainConfig(), seed=args.seed)
+        if args.epochs:
+            config = replace(config, epochs=args.epochs)
+        run = resolve_run(arch, config, settings, device, len(split.train_x), args.subset)
+    print(f"{name}: {count_params(arch):,} params, {config.epochs} epochs, seed {config.seed}, {run.describe()}")
 
     def report(result: EpochResult, model: nn.Module) -> None:
         print(epoch_line(result, split.eval_name), flush=True)

@@ -47,6 +47,8 @@ from nas.studyfile import StudyConfig
 from nas.train import train
 from nas.workers import SPAWN, run_processes
 
+RESULTS_FORMAT = "nas-confirm-results"  # the "format" of a results file (write_results)
+
 # Student's t, two-sided 95% (0.975 quantile), by degrees of freedom.
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
          10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 19: 2.093, 29: 2.045}
@@ -306,7 +308,7 @@ def write_results(path: Path, study: optuna.Study, candidates: list[Candidate], 
 
     summaries = sorted((summary(c) for c in candidates), key=lambda s: -s["score_mean"])
     winner = winner_of(summaries)
-    body = {"format": "nas-confirm-results", "study": study.study_name, "cpu": cpu_model(),
+    body = {"format": RESULTS_FORMAT, "study": study.study_name, "cpu": cpu_model(),
             "date": datetime.date.today().isoformat(),
             "evaluated_on": "test (trained on all 60,000 training images)" if test else "validation",
             "score": "mean of the last score_epochs epochs", "winner": winner["label"],
@@ -341,3 +343,28 @@ def save_note(study: optuna.Study, title: str, rows: list[str]) -> None:
 
     save_note(study, f"## {title}\n\n" + "\n".join(rows) + "\n\nRuns: the study's `confirm:*` user attributes.\n")
 
+
+
+
+def recorded_run(path: Path, seed: int, label: str | None = None) -> tuple[str, ArchSpec, TrainConfig, RunRecord] | None:
+    """From a confirm results file (write_results): the candidate `label` (default: the winner),
+    its spec and training config, and the run record its run with `seed` trained with, so that
+    `nas.train` trains that run again. None where `path` is not a results file or holds no run of
+    that seed; ConfirmError where it has no such candidate."""
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(body, dict) or body.get("format") != RESULTS_FORMAT:
+        return None
+    label = label or body["winner"]
+    found = [c for c in body["candidates"] if c["label"] == label]
+    if not found:
+        raise ConfirmError(f"{path} has no candidate {label!r}; it holds "
+                           f"{', '.join(c['label'] for c in body['candidates'])}")
+    candidate = found[0]
+    runs = [r for r in candidate["runs"] if r["seed"] == seed]
+    if not runs:
+        return None
+    arch, train_config = ArchSpec.from_dict(candidate["arch"]), TrainConfig.from_dict(candidate["train"])
+    return label, arch, replace(train_config, seed=seed), RunRecord.from_dict(runs[0]["run"])

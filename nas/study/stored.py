@@ -106,3 +106,17 @@ def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
     if trial.state != TrialState.COMPLETE or "rejected" in trial.user_attrs:
         raise ReplayError(f"trial {number} is {trial.state.name.lower()}, not a completed trial")
     return trial
+
+
+def replay_setup(trial: FrozenTrial, config: StudyConfig, seed: int | None, device: str | None,
+                 batchnorm: str | None, full_train: bool) -> tuple[ArchSpec, TrainConfig, RunRecord]:
+    """What replaying `trial` trains: its net and training config rebuilt through the space, and its
+    run record, with another `seed`, device or BatchNorm path where asked, and on all training
+    images for `full_train`."""
+    arch, train_config = rebuild(trial, config)
+    run = stored_run(trial, device, batchnorm)
+    if seed is not None:
+        train_config, run = replace(train_config, seed=seed), replace(run, seed=seed)
+    if full_train:
+        run = replace(run, subset=None)
+    return arch, train_config, run

@@ -11,7 +11,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import chain
 
 import torch
@@ -155,6 +155,48 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tu
     return loss_sum.item() / len(images), int(correct.item())
 
 
+def _forward_of(model: nn.Module, compiled: bool, device: torch.device) -> nn.Module:
+    """The module each training batch goes through: the model, or its torch.compile."""
+    if device.type == "cuda":
+        # Shapes are fixed for a whole trial: cuDNN times its algorithms once and keeps the fastest
+        # (at the price of bit-exact reruns on GPU; CPU runs stay bit-exact).
+        torch.backends.cudnn.benchmark = True
+    if not compiled:
+        return model
+    # Inductor fuses each BatchNorm+ReLU into the convolution's neighbours; the graph is compiled
+    # once per architecture, on the first batch (seconds on CPU, counted in epoch 1's time).
+    # On CUDA, "reduce-overhead" also captures CUDA graphs: a tiny net is launch-bound there.
+    return torch.compile(model, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else "default")
+
+
+def _train_epoch(forward: nn.Module, optimizer: torch.optim.Optimizer, scheduler, average: WeightAverage | None,
+                 train_x: torch.Tensor, train_y: torch.Tensor, order: torch.Tensor, config: TrainConfig,
+                 precision: str, generator: torch.Generator, background: float,
+                 bar: tqdm) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over (train_x, train_y) in `order`, a batch per optimizer step. Returns the summed
+    loss and the number of correct predictions, both still on the device (no host sync per step)."""
+    loss_sum = torch.zeros((), device=train_x.device)
+    correct = torch.zeros((), device=train_x.device, dtype=torch.long)
+    for b in range(0, len(order), config.batch_size):
+        index = order[b : b + config.batch_size]
+        images, labels = train_x[index], train_y[index]
+        if config.augment > 0:
+            images = augment_batch(images, config.augment, generator, background)
+        with autocast(train_x.device, precision):
+            out = forward(images)
+        loss = F.cross_entropy(out.float(), labels, label_smoothing=config.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if average is not None:
+            average.update()
+        loss_sum += loss.detach() * len(labels)
+        correct += (out.argmax(1) == labels).sum()
+        bar.update()
+    return loss_sum, correct
+
+
 def train(
     arch: ArchSpec,
     config: TrainConfig,
@@ -186,15 +228,7 @@ def train(
     optimizer = make_optimizer(model, config)
     average = WeightAverage(model, config.batch_size) if run.weight_average else None
     eval_model = average.model if average else model
-    # Inductor fuses each BatchNorm+ReLU into the convolution's neighbours; the graph is compiled
-    # once per architecture, on the first batch (seconds on CPU, counted in epoch 1's time).
-    # On CUDA, "reduce-overhead" also captures CUDA graphs: a tiny net is launch-bound there.
-    mode = "reduce-overhead" if device.type == "cuda" else "default"
-    forward = torch.compile(model, dynamic=False, mode=mode) if run.compiled else model
-    if device.type == "cuda":
-        # Shapes are fixed for a whole trial: cuDNN times its algorithms once and keeps the fastest
-        # (at the price of bit-exact reruns on GPU; CPU runs stay bit-exact).
-        torch.backends.cudnn.benchmark = True
+    forward = _forward_of(model, run.compiled, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(config, step, steps_per_epoch)
     )
@@ -204,29 +238,13 @@ def train(
     for epoch in range(1, config.epochs + 1):
         model.train()
         start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
         order = torch.randperm(n, device=device, generator=generator)
         bar = tqdm(total=steps_per_epoch, disable=not progress, file=sys.stdout,
                    desc=f"Epoch {epoch} train",
                    **({"position": 1, "leave": False} if nested else {}))
-        for b in range(steps_per_epoch):
-            index = order[b * config.batch_size : (b + 1) * config.batch_size]
-            images, labels = train_x[index], train_y[index]
-            if config.augment > 0:
-                images = augment_batch(images, config.augment, generator, background)
-            with autocast(device, precision):
-                out = forward(images)
-            loss = F.cross_entropy(out.float(), labels, label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if average is not None:
-                average.update()
-            loss_sum += loss.detach() * len(index)
-            correct += (out.argmax(1) == labels).sum()
-            bar.update()
+        loss_sum, correct = _train_epoch(
+            forward, optimizer, scheduler, average, train_x, train_y, order, config, precision, generator,
+            background, bar)
         train_loss = loss_sum.item() / n
         train_acc = 100.0 * correct.item() / n
         seconds = time.perf_counter() - start
