@@ -11,14 +11,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nas import bench
-from nas.bench import (
+from nas import workers
+from nas.cli.args import non_negative_int, run_settings
+from nas.cli.bench import build_parser, concurrency_list, main, study_size
+from nas.experiments import bench
+from nas.run.setup import RunSettings
+from nas.experiments.bench import (
     GPU_CONCURRENCY,
     OURS,
     SEED_STYLE,
     StudySize,
     Timing,
-    concurrency_list,
     extrapolate,
     fastest,
     format_concurrency,
@@ -27,18 +30,15 @@ from nas.bench import (
     gather,
     loader_workers,
     machine_line,
-    main,
     planned,
+    process_threads,
     ratio,
     ratio_line,
     report,
     schedule,
     study_command,
-    study_size,
-    threads_each,
     time_study,
 )
-from nas.cli import non_negative_int
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,6 +150,14 @@ def test_missing_data_is_one_error_line_without_traceback(tmp_path):
     assert "missing" in one_error_line(result.stderr)
 
 
+def test_the_shared_run_flags_reach_our_pipelines_run_settings():
+    args = build_parser().parse_args(["--no-ema", "--compile", "--batchnorm", "native", "--threads", "2",
+                                      "--precision", "fp32", "--device", "cpu"])
+    assert run_settings(args) == RunSettings(device="cpu", precision="fp32", batchnorm="native", compile=True,
+                                             ema=False, threads=2)
+    assert run_settings(build_parser().parse_args([])) == RunSettings()
+
+
 def test_concurrency_list_and_study_size_parse_what_the_flags_take():
     assert concurrency_list("1,2,4,8") == [1, 2, 4, 8] and concurrency_list("3") == [3]
     assert study_size("10x15") == StudySize(10, 15) and study_size("2X1") == StudySize(2, 1)
@@ -173,10 +181,12 @@ def test_concurrency_and_study_are_opt_in_on_cpu_and_default_on_gpu():
 
 
 def test_cpu_threads_are_split_between_concurrent_processes(monkeypatch):
-    monkeypatch.setattr(bench.os, "cpu_count", lambda: 8)
+    # The CPUs this process may run on (a taskset's share), not the machine's: nas.workers' split.
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 64)
     cpu = torch.device("cpu")
-    assert [threads_each(n, cpu) for n in (1, 2, 4, 8, 16)] == [8, 4, 2, 1, 1]
-    assert threads_each(4, torch.device("cuda")) == 1
+    assert [process_threads(n, cpu) for n in (1, 2, 4, 8, 16)] == [8, 4, 2, 1, 1]
+    assert process_threads(4, torch.device("cuda")) == 1
 
 
 def test_gather_fails_at_once_when_a_process_dies_without_reporting(monkeypatch):
@@ -203,7 +213,7 @@ def test_concurrent_trainings_report_aggregate_and_per_process_throughput(data_d
     assert [(r["processes"], len(r["per_process"])) for r in rows] == [(1, 1), (2, 2)]
     cpu = torch.device("cpu")
     for row in rows:
-        assert row["threads_each"] == threads_each(row["processes"], cpu)
+        assert row["threads_each"] == process_threads(row["processes"], cpu)
         assert row["images_per_process"] == 192 and row["seconds"] > 0
         assert all(rate > 0 for rate in row["per_process"])
         assert row["images_per_second"] == pytest.approx(row["processes"] * 192 / row["seconds"])

@@ -9,9 +9,13 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from nas import fidelity, search
+from nas.cli import fidelity as fidelity_command
+from nas.cli import search as search_command
+from nas.experiments import fidelity
+from nas.study.sampling import RUNG_STEP, RungPruner, rung_pays
+from nas.study.stored import config_from_study
+from nas.study.trials import trial_counts
 from nas.studyfile import ConfigError, RungConfig, StudyConfig, parse_study_config
-from nas.trials import config_from_study, trial_counts
 
 from tests.conftest import REPO_ROOT
 
@@ -27,8 +31,9 @@ def tiny_study_file(tmp_path, pruner):
 def test_each_fidelity_scheme_runs_end_to_end(pruner, tmp_path, data_dir):
     url = f"sqlite:///{tmp_path / 's.db'}"
     trials = 4 if pruner == "rung" else 3
-    assert search.main(["--trials", str(trials), "--subset", "256", "--storage", url, "--data-dir", str(data_dir),
-                        "--study-file", str(tiny_study_file(tmp_path, pruner)), "--quiet"]) == 0
+    assert search_command.main(["--trials", str(trials), "--subset", "256", "--storage", url,
+                                "--data-dir", str(data_dir), "--study-file", str(tiny_study_file(tmp_path, pruner)),
+                                "--quiet"]) == 0
     study = optuna.load_study(study_name="f", storage=url)
     trained = [t for t in study.trials if "rejected" not in t.user_attrs]
     assert len([t for t in trained if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == trials
@@ -36,7 +41,7 @@ def test_each_fidelity_scheme_runs_end_to_end(pruner, tmp_path, data_dir):
     for t in trained:
         if t.state == TrialState.COMPLETE:
             epochs = [1, 2]
-            assert sorted(t.intermediate_values) == ([search.RUNG_STEP] if pruner == "rung" else []) + epochs
+            assert sorted(t.intermediate_values) == ([RUNG_STEP] if pruner == "rung" else []) + epochs
     counts = trial_counts(study)
     if pruner != "rung":
         assert all("rung_acc" not in t.user_attrs for t in trained) and "stopped at the rung" not in counts
@@ -46,27 +51,27 @@ def test_each_fidelity_scheme_runs_end_to_end(pruner, tmp_path, data_dir):
     rungs: list[float] = []
     for t in sorted(trained, key=lambda t: t.number):
         value = t.user_attrs["rung_acc"]
-        assert t.intermediate_values[search.RUNG_STEP] == value
+        assert t.intermediate_values[RUNG_STEP] == value
         better = sum(r > value for r in rungs)
         stopped = len(rungs) >= 1 and better >= (len(rungs) + 1) / 3
-        assert (t.state == TrialState.PRUNED and t.user_attrs.get("pruned_at") == search.RUNG_STEP) == stopped
+        assert (t.state == TrialState.PRUNED and t.user_attrs.get("pruned_at") == RUNG_STEP) == stopped
         rungs.append(value)
 
 
 def test_a_quick_look_skips_a_rung_that_costs_as_much_as_the_trial(searched):
     # The default study's rung is 2 epochs on 10,000 images; the fixture's trials are 1 epoch on 256.
     config = parse_study_config({"pruner": "rung"})
-    assert not search.rung_pays(config, epochs=1, train_images=256)
-    assert search.rung_pays(config, epochs=15, train_images=50_000)
-    assert not search.rung_pays(config, epochs=2, train_images=10_000)  # the same cost: no saving
+    assert not rung_pays(config, epochs=1, train_images=256)
+    assert rung_pays(config, epochs=15, train_images=50_000)
+    assert not rung_pays(config, epochs=2, train_images=10_000)  # the same cost: no saving
     study = optuna.load_study(study_name="mnist-8k", storage=searched[0])
     trained = [t for t in study.trials if "rejected" not in t.user_attrs]
-    assert trained and all(search.RUNG_STEP not in t.intermediate_values and "rung_acc" not in t.user_attrs
+    assert trained and all(RUNG_STEP not in t.intermediate_values and "rung_acc" not in t.user_attrs
                            for t in trained)
 
 
 def rung_study(scores):
-    study = optuna.create_study(direction="maximize", pruner=search.RungPruner(keep=1 / 3, startup=3))
+    study = optuna.create_study(direction="maximize", pruner=RungPruner(keep=1 / 3, startup=3))
     for state, value in scores:
         study.add_trial(optuna.trial.create_trial(
             state=state, value=value if state == TrialState.COMPLETE else None,
@@ -74,7 +79,7 @@ def rung_study(scores):
     return study
 
 
-def prunes(study, value, step=search.RUNG_STEP):
+def prunes(study, value, step=RUNG_STEP):
     trial = study.ask()
     trial.report(value, step)
     return trial.should_prune()
@@ -99,8 +104,8 @@ def test_the_study_file_sets_the_rung_and_the_study_keeps_it(tmp_path):
             parse_study_config({"rung": bad})
     with pytest.raises(ConfigError, match="colour"):
         parse_study_config({"rung": {"colour": 1}})
-    study = optuna.create_study()  # the study stores its config as nas.search.create_or_load does
-    study.set_user_attr("config", dataclasses.asdict(config))
+    study = optuna.create_study()  # the study stores its config as nas.study.create.create_or_load does
+    study.set_user_attr("config", config.to_stored())
     assert config_from_study(study) == config
     old = dataclasses.asdict(StudyConfig())
     del old["rung"]  # a study created before the rung existed
@@ -118,6 +123,24 @@ def test_rank_correlations_match_hand_computed_values():
     assert math.isnan(fidelity.spearman([1], [2])) and math.isnan(fidelity.kendall([1], [2]))  # one net ranks nothing
 
 
+def test_compare_runs_only_the_jobs_the_results_lack():
+    plan = fidelity.Plan(schemes=("median", "rung"), repeats=2, archs=3)
+    assert [job.name for job in fidelity.pending_jobs(plan, {})] == [
+        "rank", "median-seed1", "rung-seed1", "median-seed2", "rung-seed2"]
+    done = {"rank": [], "runs": {"median-seed1": {}, "rung-seed2": {}}}
+    assert fidelity.pending_jobs(plan, done) == [fidelity.Job("rung-seed1", "rung", 1),
+                                                 fidelity.Job("median-seed2", "median", 2)]
+    assert [job.name for job in fidelity.pending_jobs(dataclasses.replace(plan, archs=0), {})][0] == "median-seed1"
+
+
+def test_compare_refuses_more_pinned_jobs_than_cpus(tmp_path, monkeypatch):
+    monkeypatch.setattr(fidelity, "available_cpus", lambda: 1)
+    plan = fidelity.Plan(schemes=("rung",), repeats=1, archs=1, parallel=2, work_dir=tmp_path / "w")
+    with pytest.raises(fidelity.FidelityError, match="--parallel 2"):
+        fidelity.compare(plan, StudyConfig(), tmp_path / "f.json", "", print, print)
+    assert not (tmp_path / "w").exists()
+
+
 def test_compare_runs_each_job_once_and_draws_the_curves(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("NAS_DATA_DIR", str(data_dir))
     monkeypatch.chdir(REPO_ROOT)  # the default study file
@@ -125,7 +148,7 @@ def test_compare_runs_each_job_once_and_draws_the_curves(tmp_path, data_dir, mon
     args = ["compare", "--minutes", "0.15", "--repeats", "1", "--schemes", "rung", "--archs", "1",
             "--subset", "200", "--epochs", "1", "--rung-subset", "100", "--rung-epochs", "1",
             "--work-dir", str(tmp_path / "w"), "--out", str(out), "--figure", str(figure)]
-    assert fidelity.main(args) == 0
+    assert fidelity_command.main(args) == 0
     results = json.loads(out.read_text())
     assert set(results["runs"]) == {"rung-seed1"}
     assert len(results["rank"]) == 1 and results["rank"][0]["model3"]
@@ -133,8 +156,19 @@ def test_compare_runs_each_job_once_and_draws_the_curves(tmp_path, data_dir, mon
         assert run["trials"], "a run of 9 s finishes trials of one epoch on 200 images"
         assert all(t["seconds"] <= 9 + 3 for t in run["trials"])
     assert figure.read_bytes()[:4] == b"\x89PNG"
+    # Each job's own output went to its log, not to the command's.
+    assert "rank 1/1: " in (tmp_path / "w" / "rank.log").read_text()
+    assert "Trial 0: " in (tmp_path / "w" / "rung-seed1.log").read_text()
     figure.unlink()
-    assert fidelity.main(args) == 0  # nothing left to run: same results, figure redrawn
+    assert fidelity_command.main(args) == 0  # nothing left to run: same results, figure redrawn
     assert json.loads(out.read_text())["runs"] == results["runs"] and figure.is_file()
     other = [a if a != "0.15" else "0.3" for a in args]
-    assert fidelity.main(other) == 2  # another budget into the same file is refused
+    assert fidelity_command.main(other) == 2  # another budget into the same file is refused
+
+
+def test_plot_without_results_is_one_error_line(tmp_path, capsys):
+    assert fidelity_command.main(["plot", "--out", str(tmp_path / "none.json"), "--figure",
+                                  str(tmp_path / "f.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "holds no runs" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "f.png").exists()

@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from nas import reproduce
-from nas.reproduce import SEED_RUNS, Run, Settings, best_epoch, mean_std, results_table
-from nas.search import epochs_to_target
+from nas.cli import reproduce
+from nas.experiments.reproduce import SEED_RUNS, Run, Settings, best_epoch, mean_std, parse_models, results_table
 from nas.spec import PRESETS, count_params
+from nas.study.trials import epochs_to_target
 from nas.train import EpochResult
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -44,6 +44,15 @@ def test_best_epoch_and_mean_std():
     assert mean_std([99.0, 99.5]) == "99.25 ± 0.35%"
 
 
+def test_models_take_the_presets_names_and_their_short_forms():
+    assert parse_models("model1,model2,model3") == ("model1", "model2", "model3")
+    assert parse_models("m1,m2,m3") == ("model1", "model2", "model3")  # the README's spelling
+    assert parse_models(" m3 , model1,model3") == ("model3", "model1")  # once each, in order
+    for bad in ("m9", "model9", ",", "", "mm1"):
+        with pytest.raises(ValueError, match="--models: unknown"):
+            parse_models(bad)
+
+
 def test_table_aggregates_over_seeds():
     runs = [fake_run("model3", 0, [99.0, 99.3, 99.45, 99.5, 99.4]),
             fake_run("model3", 1, [99.1, 99.6, 99.2, 99.3, 99.35], wall=20.0)]
@@ -61,8 +70,8 @@ def test_table_aggregates_over_seeds():
 
 def test_reproduce_writes_table_json_and_png(tmp_path, data_dir, capsys):
     out = tmp_path / "rep"
-    code = reproduce.main(["--epochs", "1", "--subset", "128", "--seeds", "1", "--out", str(out),
-                           "--data-dir", str(data_dir), "--quiet"])
+    code = reproduce.main(["--models", "m1,m2,m3", "--epochs", "1", "--subset", "128", "--seeds", "1",
+                           "--out", str(out), "--data-dir", str(data_dir), "--quiet"])
     assert code == 0
     printed = capsys.readouterr().out
     table = (out / "reproduce.md").read_text()
@@ -91,6 +100,7 @@ def exit_code(argv):
 
 @pytest.mark.parametrize("argv", [
     ["--models", "model9"],
+    ["--models", "m1,m9"],
     ["--models", ","],
     ["--seeds", "0"],
     ["--epochs", "x"],

@@ -8,18 +8,15 @@ ToTensor + Normalize, a shuffling DataLoader, and a loop that reads the loss and
 back to the host every batch for its progress bar. Both train the same model from the same
 initialization with the same optimizer and batch size.
 
-Two more measurements answer what a search feels: `--concurrency` times N Model 3 trainings
-started together (the aggregate images/s N search workers get from the machine), and `--study`
-times a real `nas.search` run end to end (trials per hour).
+Two more measurements answer what a search feels: time_concurrent times N Model 3 trainings
+started together (the aggregate images/s N search workers get from the machine), and time_study
+times a real `nas.search` run end to end (trials per hour). The command is nas/cli/bench.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import math
-import multiprocessing
 import os
 import platform
 import queue
@@ -39,14 +36,15 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from nas import data
-from nas.cli import ArgumentParser, non_negative_int, positive_int
+from nas.cpu import cpu_model, tune_allocator
 from nas.model import build_model
-from nas.trials import finished_trials, trial_counts
+from nas.run.record import RunRecord
+from nas.run.setup import RunSettings, resolve_run
 from nas.spec import PRESETS, ArchSpec, TrainConfig, count_params
 from nas.storage import open_storage
-from nas.run import BATCHNORM_PATHS, RunRecord
-from nas.cpu import PRECISIONS, cpu_model, resolve_precision, tune_allocator
-from nas.train import resolve_device, resolve_run, train
+from nas.study.trials import finished_trials, trial_counts
+from nas.train import train
+from nas.workers import SPAWN, threads_each
 
 MODEL = "model3"
 QUICK_BATCHES = 200
@@ -228,7 +226,7 @@ def _time_ours_in_process(data_dir: str, images: int, epoch_images: int, run: Ru
 
 def ours_process(threads: int) -> ProcessPoolExecutor:
     """One worker process that stays up for the whole benchmark (data loaded, kernels warm)."""
-    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_ours,
+    return ProcessPoolExecutor(1, mp_context=SPAWN, initializer=_start_ours,
                                initargs=(threads,))
 
 
@@ -287,32 +285,118 @@ def report(machine: dict[str, Any], setup: dict[str, Any], runs: list[Timing]) -
     }
 
 
+# --- the ratio -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a benchmark runs on, checked before any timing."""
+
+    device: torch.device
+    data_dir: Path
+    dataset: Dataset  # the seed-style pipeline's
+    epoch_images: int
+    images: int  # timed per pipeline run: a full epoch, or the first `batches` batches of one (quick)
+    batches: int
+    warmup: int  # untimed batches each pipeline runs first
+    concurrency: list[int]  # process counts to time together (none: no concurrency table)
+    study: StudySize | None  # the study to time (None: none)
+
+
+def prepare(settings: RunSettings, data_dir: Path, quick: bool, batches: int, warmup: int,
+            concurrency: list[int] | None, study: StudySize | None, study_subset: int | None) -> Inputs:
+    """The device, the data and the plan, each checked now rather than after minutes of timing:
+    ValueError, RuntimeError (torch's word on a device) or data.DataError says what can't run. The
+    data is verified, never downloaded: a benchmark should not quietly spend minutes on the network."""
+    config = PRESETS[MODEL].train
+    device = settings.resolve_device()  # an impossible precision fails before the data
+    mnist = data.load_mnist(data_dir)
+    epoch_images = len(mnist.train_images)
+    images = min(batches * config.batch_size, epoch_images) if quick else epoch_images
+    dataset = seed_dataset(data_dir)
+    concurrency, study = planned(concurrency, study, device, quick)
+    search_images = epoch_images - data.VALID_SIZE
+    if study and study_subset is not None and study_subset > search_images:
+        # As the search would refuse it.
+        raise ValueError(f"--study-subset must be at most {search_images:,}, the images a search trains on")
+    timed = math.ceil(images / config.batch_size)
+    return Inputs(device, data_dir, dataset, epoch_images, images, timed, min(warmup, timed), concurrency, study)
+
+
+def resolve_ours(ours: ProcessPoolExecutor, settings: RunSettings, inputs: Inputs) -> RunRecord:
+    """Our pipeline's run record, resolved in its own process (ours_process) as the trainer would
+    there: in the precision and memory format it measures fastest."""
+    preset = PRESETS[MODEL]
+    return ours.submit(resolve_run, preset.arch, preset.train, settings, inputs.device, inputs.images).result()
+
+
+def header_lines(run: RunRecord, inputs: Inputs, loader: int, repeats: int) -> list[str]:
+    """What is about to be timed, and how."""
+    preset = PRESETS[MODEL]
+    return [f"{MODEL}: {count_params(preset.arch):,} params, batch {preset.train.batch_size}, Adam lr "
+            f"{preset.train.lr}, on {inputs.device} with {torch.get_num_threads()} threads; ours in {run.describe()} "
+            f"(own process, allocator tuned), seed-style in fp32 NCHW with {loader} DataLoader workers",
+            f"timing {inputs.batches} batches per pipeline, best of {repeats}, "
+            f"after {inputs.warmup} warm-up batches each ..."]
+
+
+def time_pipelines(ours: ProcessPoolExecutor, run: RunRecord, inputs: Inputs, repeats: int,
+                   loader: int) -> list[Timing]:
+    """Both pipelines warmed up, then each timed `repeats` times in schedule's order: ours in its
+    process (ours_process), seed-style in this one with `loader` DataLoader workers."""
+    preset = PRESETS[MODEL]
+
+    def measure(pipeline: str, count: int) -> Timing:
+        if pipeline == OURS:
+            return ours.submit(_time_ours_in_process, str(inputs.data_dir),
+                               min(count * preset.train.batch_size, inputs.images), inputs.epoch_images,
+                               run).result()
+        return time_seed_style(preset.arch, preset.train, inputs.dataset, count, inputs.device, loader)
+
+    # Both warm up before either is timed, so neither pays one-off allocation and kernel set-up.
+    for pipeline in (SEED_STYLE, OURS):
+        measure(pipeline, inputs.warmup)
+    return [measure(pipeline, inputs.batches) for pipeline in schedule(repeats)]
+
+
+def setup_record(run: RunRecord, inputs: Inputs, quick: bool, repeats: int, loader: int) -> dict[str, Any]:
+    """How the ratio was measured, for the JSON record."""
+    preset = PRESETS[MODEL]
+    return {"model": MODEL, "params": count_params(preset.arch), "batch_size": preset.train.batch_size,
+            "lr": preset.train.lr, "mode": "quick" if quick else "full", "batches": inputs.batches,
+            "warmup_batches": inputs.warmup, "repeats": repeats, "seed_style_workers": loader,
+            "precision": run.precision, "channels_last": run.channels_last, "batchnorm": run.batchnorm,
+            "weight_average": run.weight_average, "compiled": run.compiled}
+
+
 # --- concurrent trainings -----------------------------------------------------------------------
 
 
-def concurrency_list(text: str) -> list[int]:
+def parse_concurrency(text: str) -> list[int]:
+    """Comma-separated process counts, e.g. 1,2,4,8; ValueError says what is wrong."""
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of process counts") from None
+        raise ValueError(f"{text!r} is not a comma-separated list of process counts") from None
     if min(values) < 1:
-        raise argparse.ArgumentTypeError(f"process counts must be at least 1, got {text!r}")
+        raise ValueError(f"process counts must be at least 1, got {text!r}")
     return values
 
 
-def threads_each(processes: int, device: torch.device) -> int:
-    """On CPU the cores are split between the processes, as `nas.search --workers` splits them; on a
-    GPU the device does the work and one host thread each feeds it."""
-    return max(1, (os.cpu_count() or 1) // processes) if device.type == "cpu" else 1
+def process_threads(processes: int, device: torch.device) -> int:
+    """On CPU the CPUs this process may use are split between the processes, as `nas.search
+    --workers` splits them (nas.workers.threads_each); on a GPU the device does the work and one
+    host thread each feeds it."""
+    return threads_each(processes) if device.type == "cpu" else 1
 
 
-def _concurrent_training(device: str, threads: int, images: int, warmup: int, precision: str, data_dir: str,
-                         ready: Any, start: Any, results: Any) -> None:
+def _concurrent_training(settings: RunSettings, device: str, threads: int, images: int, warmup: int,
+                         data_dir: str, ready: Any, start: Any, results: Any) -> None:
     """One of N processes training Model 3 at once, as N search workers would."""
     _start_ours(threads)
     preset = PRESETS[MODEL]
     split = data.make_split(data.load_mnist(Path(data_dir)), "test", images, torch.device(device))
-    run = resolve_run(preset.arch, preset.train, torch.device(device), images, precision)
+    run = resolve_run(preset.arch, preset.train, replace(settings, threads=threads), torch.device(device), images)
     # A few untimed batches first, so one-off kernel set-up isn't counted.
     time_ours(preset.arch, preset.train, split, warmup * preset.train.batch_size, images, run)
     ready.put(None)
@@ -334,18 +418,22 @@ def gather(messages: Any, procs: list, what: str) -> list:
     return received
 
 
-def time_concurrent(processes: int, device: torch.device, images: int, warmup: int, precision: str,
+def time_concurrent(processes: int, device: torch.device, images: int, warmup: int, settings: RunSettings,
                     data_dir: Path) -> dict[str, Any]:
-    """`processes` Model 3 trainings of `images` images each, released together once all have loaded
-    the data and warmed up. The aggregate is all their images over the parent's clock from the
-    release to the last result (model set-up and one evaluation batch included, so it errs low);
-    each process's own rate is its images over the training time nas.train measured."""
-    context = multiprocessing.get_context("spawn")
-    threads = threads_each(processes, device)
-    ready, start, results = context.Queue(), context.Event(), context.Queue()
-    procs = [context.Process(target=_concurrent_training, daemon=True,
-                             args=(str(device), threads, images, warmup, precision, str(data_dir),
-                                   ready, start, results))
+    """`processes` Model 3 trainings of `images` images each, as `settings` ask (give the precision
+    the ratio's run measured, so that each need not measure it again), released together once all
+    have loaded the data and warmed up. The aggregate is all their images over the parent's clock
+    from the release to the last result (model set-up and one evaluation batch included, so it errs
+    low); each process's own rate is its images over the training time nas.train measured.
+
+    Not nas.workers.run_processes: the release is a barrier the parent opens once every process has
+    reported ready, and a process that dies before it must fail the measurement at once (gather),
+    where run_processes would wait for the others, which would wait at the barrier for ever."""
+    threads = process_threads(processes, device)
+    ready, start, results = SPAWN.Queue(), SPAWN.Event(), SPAWN.Queue()
+    procs = [SPAWN.Process(target=_concurrent_training, daemon=True,
+                           args=(settings, str(device), threads, images, warmup, str(data_dir),
+                                 ready, start, results))
              for _ in range(processes)]
     for p in procs:
         p.start()
@@ -390,17 +478,17 @@ class StudySize:
     def __str__(self) -> str:
         return f"{self.trials}x{self.epochs}"
 
-
-def study_size(text: str) -> StudySize:
-    """TRIALSxEPOCHS, e.g. 10x15."""
-    parts = text.lower().split("x")
-    try:
-        trials, epochs = (int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not TRIALSxEPOCHS, e.g. 10x15") from None
-    if trials < 1 or epochs < 1:
-        raise argparse.ArgumentTypeError(f"trials and epochs must be at least 1, got {text!r}")
-    return StudySize(trials, epochs)
+    @classmethod
+    def parse(cls, text: str) -> StudySize:
+        """TRIALSxEPOCHS, e.g. 10x15; ValueError says what is wrong."""
+        parts = text.lower().split("x")
+        try:
+            trials, epochs = (int(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"{text!r} is not TRIALSxEPOCHS, e.g. 10x15") from None
+        if trials < 1 or epochs < 1:
+            raise ValueError(f"trials and epochs must be at least 1, got {text!r}")
+        return cls(trials, epochs)
 
 
 def study_command(size: StudySize, storage: str, workers: int, device: torch.device, precision: str,
@@ -464,138 +552,5 @@ def planned(concurrency: list[int] | None, study: StudySize | None, device: torc
     if concurrency is None:
         concurrency = list(GPU_CONCURRENCY) if on_gpu else []
     if study is None and on_gpu and not quick:
-        study = study_size(GPU_STUDY)
+        study = StudySize.parse(GPU_STUDY)
     return concurrency, study
-
-
-# --- command line -------------------------------------------------------------------------------
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = ArgumentParser(
-        prog="python -m nas.bench",
-        description=f"Time one {MODEL} training epoch in our pipeline and in the seed study's DataLoader pipeline.",
-    )
-    parser.add_argument("--quick", action="store_true",
-                        help="time --batches batches per pipeline and extrapolate to a full epoch")
-    parser.add_argument("--batches", type=positive_int, default=QUICK_BATCHES,
-                        help=f"batches timed per pipeline and per concurrent training with --quick "
-                        f"(default {QUICK_BATCHES})")
-    parser.add_argument("--warmup", type=positive_int, default=WARMUP_BATCHES,
-                        help=f"untimed batches each pipeline runs first (default {WARMUP_BATCHES})")
-    parser.add_argument("--repeats", type=positive_int, default=REPEATS,
-                        help="timed runs per pipeline, alternating which goes first; the fastest counts "
-                        f"(default {REPEATS})")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's own)")
-    parser.add_argument("--workers", type=non_negative_int,
-                        help="seed-style DataLoader workers (default: the seed's, 2 on CUDA, 0 otherwise)")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="our trainer's precision (default auto: whichever of fp32 and native bf16 measures "
-                        "faster here, as the search runs)")
-    parser.add_argument("--batchnorm", default="pytorch", choices=BATCHNORM_PATHS,
-                        help="our trainer's BatchNorm: PyTorch's (default) or nas's C kernel (native)")
-    parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
-    parser.add_argument("--concurrency", type=concurrency_list,
-                        help="also time N Model 3 trainings at once for each N in this list, e.g. 1,2,4,8 "
-                        "(aggregate images/s: what N search workers get from the machine; "
-                        f"default {','.join(map(str, GPU_CONCURRENCY))} on CUDA, none on CPU)")
-    parser.add_argument("--study", type=study_size, metavar="TRIALSxEPOCHS",
-                        help="also time a fresh `nas.search` study of this size, e.g. 10x15 "
-                        f"(default {GPU_STUDY} on CUDA without --quick, none on CPU)")
-    parser.add_argument("--study-workers", type=positive_int, default=1,
-                        help="the study's --workers (default 1)")
-    parser.add_argument("--study-subset", type=positive_int, help="the study's --subset: train on the first N images")
-    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.json and not args.json.parent.is_dir():
-        # Checked now rather than after minutes of timing.
-        print(f"error: {args.json}: no such directory {args.json.parent}", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    preset = PRESETS[MODEL]
-    arch, config = preset.arch, preset.train
-    try:
-        device = resolve_device(args.device)
-        resolve_precision(args.precision, device)  # an impossible precision fails before the data
-        root = data.resolve_data_dir(args.data_dir)
-        # Verifies without downloading: a benchmark should not quietly spend minutes on the network.
-        mnist = data.load_mnist(root)
-        epoch_images = len(mnist.train_images)
-        images = min(args.batches * config.batch_size, epoch_images) if args.quick else epoch_images
-        dataset = seed_dataset(root)
-        concurrency, study = planned(args.concurrency, args.study, device, args.quick)
-        search_images = epoch_images - data.VALID_SIZE
-        if study and args.study_subset is not None and args.study_subset > search_images:
-            # Checked now rather than after minutes of timing, as the search would refuse it.
-            raise ValueError(f"--study-subset must be at most {search_images:,}, the images a search trains on")
-    except (ValueError, RuntimeError, data.DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    machine = machine_info(device)
-    workers = loader_workers(device) if args.workers is None else args.workers
-    batches = math.ceil(images / config.batch_size)
-    warmup = min(args.warmup, batches)
-    with ours_process(torch.get_num_threads()) as ours:
-        # Ours runs as the trainer would: in the precision and memory format it measures fastest there.
-        run = ours.submit(resolve_run, arch, config, device, images, args.precision, args.batchnorm).result()
-        precision = run.precision
-        print(f"{MODEL}: {count_params(arch):,} params, batch {config.batch_size}, Adam lr {config.lr}, "
-              f"on {device} with {torch.get_num_threads()} threads; ours in {run.describe()} (own process, allocator "
-              f"tuned), seed-style in fp32 NCHW with {workers} DataLoader workers")
-        print(f"timing {batches} batches per pipeline, best of {args.repeats}, "
-              f"after {warmup} warm-up batches each ...", flush=True)
-
-        def measure(pipeline: str, count: int) -> Timing:
-            if pipeline == OURS:
-                return ours.submit(_time_ours_in_process, str(root), min(count * config.batch_size, images),
-                                   epoch_images, run).result()
-            return time_seed_style(arch, config, dataset, count, device, workers)
-
-        # Both warm up before either is timed, so neither pays one-off allocation and kernel set-up.
-        for pipeline in (SEED_STYLE, OURS):
-            measure(pipeline, warmup)
-        runs = [measure(pipeline, batches) for pipeline in schedule(args.repeats)]
-
-    best = fastest(runs)
-    print(format_table([best[SEED_STYLE], best[OURS]]))
-    results = report(machine, {
-        "model": MODEL, "params": count_params(arch), "batch_size": config.batch_size, "lr": config.lr,
-        "mode": "quick" if args.quick else "full", "batches": batches, "warmup_batches": warmup,
-        "repeats": args.repeats, "seed_style_workers": workers, "precision": precision,
-        "channels_last": run.channels_last, "batchnorm": run.batchnorm,
-    }, runs)
-    print(ratio_line(results["ratio"]))
-    try:
-        if concurrency:
-            print(f"\n{MODEL} trainings at once, {images:,} images each, released together ...", flush=True)
-            results["concurrency"] = [time_concurrent(n, device, images, warmup, precision, root)
-                                      for n in concurrency]
-            print(format_concurrency(results["concurrency"]))
-        if study:
-            subset = "all" if args.study_subset is None else f"{args.study_subset:,}"
-            print(f"\nstudy {study}: {study.trials} trials of {study.epochs} epochs each on {subset} training images, "
-                  f"{args.study_workers} worker(s), fresh journal storage ...", flush=True)
-            results["study"] = time_study(study, args.study_workers, device, args.precision, root,
-                                          args.study_subset)
-            print(format_study(results["study"]))
-    except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"\n{machine_line(machine)}")
-    if args.json:
-        try:
-            args.json.write_text(json.dumps(results, indent=2) + "\n")
-        except OSError as exc:
-            print(f"error: {args.json}: cannot write: {exc.strerror or exc}", file=sys.stderr)
-            return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,28 +1,32 @@
-"""Which multi-fidelity scheme finds good nets soonest: a benchmark of the study file's pruners.
+"""Which multi-fidelity scheme finds good nets soonest: a benchmark of the study file's pruners
+(the command is nas/cli/fidelity.py).
 
-    python -m nas.fidelity compare --minutes 14          # 3 schemes x 3 sampler seeds, then the figure
-    python -m nas.fidelity plot                          # redraw the figure and table from the results
-
-Each run is a search of the default study scaled to fit a small machine (--subset images, --epochs
-epochs; the rung on its first --rung-subset images), on one CPU core, for --minutes of wall clock,
-with no preset enqueued, so what it measures is how soon each scheme finds on its own. Two runs go
-at a time, one per core. Anytime performance is the best validation score among completed trials
-against the seconds since the run started. The `rank` job (run by compare too) trains --archs
-random candidates, the seed's Model 3 first, at both the rung's and full fidelity and reports how
-well the rung ranks them (Spearman and Kendall). Results go to one JSON file (each finished job is
-kept, so a rerun only runs what is missing) and a PNG.
+Each run is a search of the default study scaled to fit a small machine (Scale: subset images and
+epochs at full fidelity, the rung on its first rung_subset images), on one CPU core, for `minutes`
+of wall clock, with no preset enqueued, so what it measures is how soon each scheme finds on its
+own. compare runs the jobs in nas.workers processes, `parallel` at a time, each pinned to a core of
+its own. Anytime performance is the best validation score among completed trials against the
+seconds since the run started. The rank job (run by compare too) trains `archs` random candidates,
+the seed's Model 3 first, at both the rung's and full fidelity, and says how well the rung ranks
+them (Spearman and Kendall). Results go to one JSON file (each finished job is kept, so a rerun
+only runs what is missing) and a PNG.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import gc
 import json
 import math
 import os
-import subprocess
+import queue
+import signal
 import sys
-import threading
 import time
+import traceback
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from statistics import mean, stdev
@@ -32,19 +36,33 @@ import torch
 from optuna.trial import TrialState
 
 from nas import data
-from nas.cli import ArgumentParser, positive_int
-from nas.config import ConfigError, RungConfig, StudyConfig
 from nas.cpu import cpu_model, tune_allocator
-from nas.space import suggest
+from nas.run.setup import RunSettings, resolve_run
+from nas.space import params_for, suggest
 from nas.spec import PRESETS, count_params, layer_string
 from nas.storage import open_storage
-from nas.train import DivergedError, resolve_run, train
-from nas.trials import score
+from nas.study.create import create_or_load
+from nas.study.objective import SearchOptions
+from nas.study.search import load_split, quiet_optuna, run_worker
+from nas.study.trials import score
+from nas.studyfile import RungConfig, StudyConfig
+from nas.train import DivergedError, train
+from nas.workers import SPAWN, available_cpus, run_processes
 
 SCHEMES = ("median", "hyperband", "rung")
 RESULTS = Path("studies/results/fidelity.json")
 FIGURE = Path("docs/images/fidelity-anytime.png")
+WORK_DIR = Path("studies/fidelity")
 T0_ATTR = "fidelity_t0"  # the study user attribute holding the run's start (ISO 8601, UTC)
+STUDY = "fidelity"
+# A run stops starting trials at its deadline; the trial under way then is abandoned this long
+# after it (it would only add seconds past the budget), left unfinished in the storage.
+GRACE_SECONDS = 2
+WATCH_SECONDS = 2.0  # how often compare looks at its jobs' progress
+
+
+class FidelityError(ValueError):
+    """compare or plot can't do what was asked (another run's results file, no results yet)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,31 +80,50 @@ class Scale:
                                                    keep=base.rung.keep, startup=base.rung.startup))
 
 
-# --- one search run (a subprocess of compare) ---------------------------------------------------
+# --- one search run -----------------------------------------------------------------------------
 
 
-def run_search(scheme: str, seed: int, minutes: float, storage_url: str, scale: Scale, base: StudyConfig) -> None:
-    from nas import search
+class _Deadline(BaseException):
+    """Raised in a search job's main thread at its deadline. A BaseException, and neither an
+    Exception nor a KeyboardInterrupt, so that Optuna neither catches it nor records the trial it
+    interrupts: that trial stays unfinished (RUNNING) in the storage, as if the process had ended,
+    and its storage session is closed on the way out."""
 
+
+def _deadline(signum, frame) -> None:
+    raise _Deadline
+
+
+def run_search(scheme: str, seed: int, minutes: float, storage_url: str, scale: Scale, base: StudyConfig,
+               data_dir: Path) -> None:
+    """One run: a fresh study `scheme` in `storage_url` searched single-threaded on the CPU for
+    `minutes`, its start stored as T0_ATTR. The trial under way at the deadline is abandoned
+    GRACE_SECONDS later (SIGALRM: call it in a process's main thread, where nothing else uses it)."""
     config = scale.config(base, scheme)
-    options = search.RunOptions(storage=storage_url, study="fidelity", trials=10_000, epochs=scale.epochs,
-                                subset=scale.subset, seed=seed, device="cpu",
-                                data_dir=str(data.resolve_data_dir(None)), timeout=minutes * 60, quiet=True,
-                                threads=1)
-    search.quiet_optuna()
+    options = SearchOptions(storage=storage_url, study=STUDY, trials=10_000, epochs=scale.epochs,
+                            subset=scale.subset, seed=seed, data_dir=str(data_dir),
+                            run=RunSettings(device="cpu", threads=1), timeout=minutes * 60, quiet=True)
+    quiet_optuna()
     storage = open_storage(storage_url)
-    split = search.load_split(options, torch.device("cpu"))
-    study = search.create_or_load(storage, options, config, enqueue=())
+    split = load_split(options, torch.device("cpu"))
+    study = create_or_load(storage, STUDY, config, seed, scale.epochs, enqueue=())
     study.set_user_attr(T0_ATTR, datetime.now(timezone.utc).isoformat())
-    # The trial under way at the deadline would only add seconds past the budget: stop there.
-    threading.Timer(minutes * 60 + 2, os._exit, args=(0,)).start()
-    search.run_worker(options, config, split)
-    os._exit(0)
+    previous = signal.signal(signal.SIGALRM, _deadline)
+    try:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, minutes * 60 + GRACE_SECONDS)
+            run_worker(options, config, split)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _Deadline:
+        pass  # also when it fires in the `finally` above, before the timer is stopped
+    finally:
+        signal.signal(signal.SIGALRM, previous)
 
 
 def timeline(storage_url: str) -> dict:
     """A run's trials as seconds since its start: when each finished, its state and value."""
-    study = optuna.load_study(study_name="fidelity", storage=storage_url)
+    study = optuna.load_study(study_name=STUDY, storage=storage_url)
     t0 = datetime.fromisoformat(study.user_attrs[T0_ATTR])
     trials = []
     for t in study.get_trials(deepcopy=False):
@@ -108,24 +145,23 @@ def best_by(run: dict, seconds: float) -> float | None:
 # --- the rank job -------------------------------------------------------------------------------
 
 
-def run_rank(archs: int, seed: int, scale: Scale, base: StudyConfig, out: Path) -> None:
-    """Model 3 and random candidates of the space, each trained at the rung's fidelity and at full."""
-    from nas.space import params_for
-
+def rank_rows(archs: int, seed: int, scale: Scale, base: StudyConfig, data_dir: Path,
+              on_row: Callable[[str], None] | None = None) -> list[dict]:
+    """Model 3 and random candidates of the space (`archs` in all), each trained at the rung's
+    fidelity and at full, single-threaded on the CPU; `on_row` hears a line as each is done."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     torch.set_num_threads(1)
-    tune_allocator()
-    split = data.make_split(data.load_mnist(data.resolve_data_dir(None)), "valid", scale.subset)
+    split = data.make_split(data.load_mnist(data_dir), "valid", scale.subset)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed), direction="maximize")
     study.enqueue_trial(params_for(PRESETS["model3"], base.space, base.budget))
-    rows = []
+    rows: list[dict] = []
     while len(rows) < archs:
         trial = study.ask()
         arch, config = suggest(trial, base.space, scale.epochs, seed, budget=base.budget)
         study.tell(trial, 0.0)
         if count_params(arch) >= base.budget:
             continue
-        run = resolve_run(arch, config, torch.device("cpu"), len(split.train_x))
+        run = resolve_run(arch, config, RunSettings(device="cpu"), torch.device("cpu"), len(split.train_x))
         row = {"arch": layer_string(arch), "params": count_params(arch), "model3": not rows}
         try:
             rung = train(arch, dataclasses.replace(config, epochs=scale.rung_epochs), split.head(scale.rung_subset),
@@ -137,9 +173,9 @@ def run_rank(archs: int, seed: int, scale: Scale, base: StudyConfig, out: Path) 
             row["rung_acc"] = row.get("rung_acc", 0.0)
             row["full_score"] = 0.0
         rows.append(row)
-        print(f"rank {len(rows)}/{archs}: {row['arch']} rung {row['rung_acc']:.2f} full {row['full_score']:.2f}",
-              flush=True)
-    out.write_text(json.dumps(rows, indent=1))
+        if on_row is not None:
+            on_row(f"rank {len(rows)}/{archs}: {row['arch']} rung {row['rung_acc']:.2f} full {row['full_score']:.2f}")
+    return rows
 
 
 def ranks(values: list[float]) -> list[float]:
@@ -186,64 +222,178 @@ def kendall(x: list[float], y: list[float]) -> float:
     return (concordant - discordant) / norm if norm else math.nan
 
 
-# --- compare: the jobs, two at a time -----------------------------------------------------------
+# --- compare: the jobs, `parallel` at a time -----------------------------------------------------
 
 
-def compare(args, scale: Scale) -> int:
-    results = load_results(args.out)
-    if results.get("scale", dataclasses.asdict(scale)) != dataclasses.asdict(scale) or \
-            results.get("minutes", args.minutes) != args.minutes:
-        print(f"error: {args.out} holds runs of another scale or budget; pass another --out", file=sys.stderr)
-        return 2
-    results.update(scale=dataclasses.asdict(scale), minutes=args.minutes, cpu=cpu_model(),
-                   command="python -m nas.fidelity " + " ".join(sys.argv[1:]))
-    work = Path(args.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    jobs = []
-    if args.archs and "rank" not in results:
-        jobs.append(("rank", None, None))
-    for seed in range(1, args.repeats + 1):
-        for scheme in args.schemes:
-            if f"{scheme}-seed{seed}" not in results.get("runs", {}):
-                jobs.append((f"{scheme}-seed{seed}", scheme, seed))
-    running: dict[int, tuple[str, subprocess.Popen]] = {}
-    free = list(range(args.parallel))
-    base = [sys.executable, "-m", "nas.fidelity"]
-    scale_args = ["--subset", str(scale.subset), "--epochs", str(scale.epochs),
-                  "--rung-subset", str(scale.rung_subset), "--rung-epochs", str(scale.rung_epochs)]
-    while jobs or running:
-        while jobs and free:
-            name, scheme, seed = jobs.pop(0)
-            core = free.pop(0)
-            db = work / f"{name}.db"
-            db.unlink(missing_ok=True)
-            if scheme is None:
-                command = base + ["_rank", "--archs", str(args.archs), "--out", str(work / "rank.json")] + scale_args
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One of compare's jobs: a search run of `scheme` with sampler seed `seed`, or (no scheme) the rank job."""
+
+    name: str
+    scheme: str | None = None
+    seed: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What compare was asked for."""
+
+    schemes: tuple[str, ...] = SCHEMES
+    repeats: int = 3  # sampler seeds 1..repeats per scheme
+    minutes: float = 14.0  # wall clock per search run
+    archs: int = 12  # the rank job's architectures (0: no rank job)
+    parallel: int = 2  # jobs at a time; with more than one, each process is pinned to one core
+    scale: Scale = Scale()
+    work_dir: Path = WORK_DIR  # the runs' databases and logs
+    data_dir: Path = Path(data.DEFAULT_DATA_DIR)
+    rank_seed: int = 0
+
+    def log(self, job: str) -> Path:
+        return self.work_dir / f"{job}.log"
+
+    def storage_url(self, job: str) -> str:
+        return f"sqlite:///{self.work_dir / (job + '.db')}"
+
+
+def pending_jobs(plan: Plan, results: dict) -> list[Job]:
+    """The jobs whose results `results` lacks: the rank job first, then each seed's schemes."""
+    jobs = [Job("rank")] if plan.archs and "rank" not in results else []
+    for seed in range(1, plan.repeats + 1):
+        for scheme in plan.schemes:
+            name = f"{scheme}-seed{seed}"
+            if name not in results.get("runs", {}):
+                jobs.append(Job(name, scheme, seed))
+    return jobs
+
+
+def compare(plan: Plan, base: StudyConfig, out: Path, command: str, progress: Callable[[str], None],
+            problem: Callable[[str], None]) -> dict:
+    """Runs the jobs `out` still lacks and returns the results, each finished job's saved to `out`
+    as it ends. `progress` hears a line as each job starts and ends; `problem` one for each job that
+    failed or never finished (the others go on). FidelityError: `out` holds another scale or budget,
+    or more jobs at a time were asked for than there are CPUs to pin them to."""
+    results = load_results(out)
+    scale = dataclasses.asdict(plan.scale)
+    if results.get("scale", scale) != scale or results.get("minutes", plan.minutes) != plan.minutes:
+        raise FidelityError(f"{out} holds runs of another scale or budget; pass another --out")
+    jobs = pending_jobs(plan, results)
+    processes = min(plan.parallel, len(jobs))
+    if plan.parallel > 1 and processes > available_cpus():
+        raise FidelityError(f"--parallel {plan.parallel}: only {available_cpus()} CPUs to pin the jobs to")
+    results.update(scale=scale, minutes=plan.minutes, cpu=cpu_model(), command=command)
+    plan.work_dir.mkdir(parents=True, exist_ok=True)
+    if not jobs:
+        return results
+    for job in jobs:
+        (plan.work_dir / f"{job.name}.db").unlink(missing_ok=True)
+    todo, events = SPAWN.Queue(), SPAWN.Queue()
+    for job in jobs:
+        todo.put(job)
+    for _ in range(processes):
+        todo.put(None)  # one each: the end of the queue
+    running: dict[int, str] = {}  # worker -> its job under way
+
+    def handle(event: tuple) -> None:
+        kind, worker, name, detail, at = event
+        clock = time.strftime("%H:%M:%S", time.localtime(at))
+        if kind == "start":
+            running[worker] = name
+            progress(f"{clock} start {name} on {detail}")
+            return
+        del running[worker]
+        if kind == "failed":
+            problem(f"job {name} failed ({detail}); see {plan.log(name)}")
+            return
+        if name == "rank":
+            results["rank"] = json.loads((plan.work_dir / "rank.json").read_text())
+        else:
+            results.setdefault("runs", {})[name] = timeline(plan.storage_url(name))
+        save_results(out, results)
+        progress(f"{clock} done {name}")
+
+    def collect(wait: float = 0.0) -> None:
+        while True:
+            try:
+                handle(events.get(timeout=wait) if wait else events.get_nowait())
+            except queue.Empty:
+                return
+
+    failed = run_processes(functools.partial(_job_worker, todo, events, plan, base), processes, watch=collect,
+                           every=WATCH_SECONDS)
+    collect(wait=0.5)  # a worker's last events may reach the pipe just after its exit was seen
+    for worker, name in running.items():
+        problem(f"job {name} did not finish (worker {worker} ended under it); see {plan.log(name)}")
+    for line in failed:
+        problem(line)
+    done = set(results.get("runs", {})) | ({"rank"} if "rank" in results else set())
+    never = [job.name for job in jobs if job.name not in done and job.name not in running.values()]
+    if failed and never:
+        problem(f"jobs never started: {', '.join(never)}; rerun to run them")
+    return results
+
+
+def _job_worker(todo, events, plan: Plan, base: StudyConfig, worker: int, threads: int) -> None:
+    """One of compare's processes (nas.workers.run_processes): jobs from `todo` until its end, each
+    single-threaded whatever `threads` says, its output in its log; `events` hears each start and
+    end. With more than one process, this one pins itself to its own CPU of those it may use, first
+    thing, while it has no other thread (a new thread inherits its creator's affinity)."""
+    where = "no core of its own"
+    if plan.parallel > 1:
+        core = sorted(os.sched_getaffinity(0))[worker]
+        os.sched_setaffinity(0, {core})
+        where = f"core {core}"
+    torch.set_num_threads(1)
+    tune_allocator()
+    quiet_optuna()
+    try:
+        while (job := todo.get()) is not None:
+            events.put(("start", worker, job.name, where, time.time()))
+            error = _run_job(job, plan, base)
+            events.put(("failed" if error else "done", worker, job.name, error, time.time()))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _run_job(job: Job, plan: Plan, base: StudyConfig) -> str | None:
+    """Runs `job`, its output (and any traceback) in its log; returns None, or what went wrong in a line."""
+    with _output_to(plan.log(job.name)):
+        try:
+            if job.scheme is None:
+                rows = rank_rows(plan.archs, plan.rank_seed, plan.scale, base, plan.data_dir,
+                                 on_row=lambda line: print(line, flush=True))
+                (plan.work_dir / "rank.json").write_text(json.dumps(rows, indent=1))
             else:
-                command = base + ["_run", scheme, str(seed), str(args.minutes), f"sqlite:///{db}"] + scale_args
-            taskset = ["taskset", "-c", str(core)] if args.parallel > 1 else []
-            log = open(work / f"{name}.log", "w")
-            print(f"{time.strftime('%H:%M:%S')} start {name} on core {core}", flush=True)
-            running[core] = (name, subprocess.Popen(taskset + command, stdout=log, stderr=subprocess.STDOUT))
-        time.sleep(5)
-        for core, (name, proc) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[core]
-            free.append(core)
-            if proc.returncode != 0:
-                print(f"error: job {name} exited with {proc.returncode}; see {work / (name + '.log')}", file=sys.stderr)
-                continue
-            if name == "rank":
-                results["rank"] = json.loads((work / "rank.json").read_text())
-            else:
-                results.setdefault("runs", {})[name] = timeline(f"sqlite:///{work / (name + '.db')}")
-            save_results(args.out, results)
-            print(f"{time.strftime('%H:%M:%S')} done {name}", flush=True)
-    print("\n".join(table_lines(results)))
-    draw(results, args.figure)
-    print(f"figure: {args.figure}")
-    return 0
+                run_search(job.scheme, job.seed, plan.minutes, plan.storage_url(job.name), plan.scale, base,
+                           plan.data_dir)
+        except Exception as exc:
+            traceback.print_exc()
+            lines = str(exc).strip().splitlines()
+            return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+        finally:
+            gc.collect()  # an abandoned trial's storage engine, closed before the parent reads the file
+    return None
+
+
+@contextlib.contextmanager
+def _output_to(path: Path) -> Iterator[None]:
+    """This process's stdout and stderr, file descriptors included, into `path` for a while."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with open(path, "w") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        os.close(saved[0])
+        os.close(saved[1])
 
 
 def load_results(path: Path) -> dict:
@@ -333,75 +483,3 @@ def draw(results: dict, path: Path) -> None:
     ax.legend(loc="upper right", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, bbox_inches="tight")
-
-
-# --- command line -------------------------------------------------------------------------------
-
-
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m nas.fidelity", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def add_scale(p):
-        p.add_argument("--subset", type=positive_int, default=Scale.subset, help="full fidelity: training images")
-        p.add_argument("--epochs", type=positive_int, default=Scale.epochs, help="full fidelity: epochs")
-        p.add_argument("--rung-subset", type=positive_int, default=Scale.rung_subset, help="the rung's images")
-        p.add_argument("--rung-epochs", type=positive_int, default=Scale.rung_epochs, help="the rung's epochs")
-
-    c = sub.add_parser("compare", help="run the schemes and the rank job, then table and figure")
-    c.add_argument("--schemes", nargs="+", choices=SCHEMES + ("none",), default=list(SCHEMES))
-    c.add_argument("--repeats", type=positive_int, default=3, help="sampler seeds 1..N per scheme")
-    c.add_argument("--minutes", type=float, default=14.0, help="wall clock per run")
-    c.add_argument("--archs", type=int, default=12, help="architectures of the rank job (0: none)")
-    c.add_argument("--parallel", type=positive_int, default=2, help="runs at a time, each pinned to one core")
-    c.add_argument("--work-dir", default="studies/fidelity", help="the runs' databases and logs")
-    c.add_argument("--out", type=Path, default=RESULTS)
-    c.add_argument("--figure", type=Path, default=FIGURE)
-    add_scale(c)
-    p = sub.add_parser("plot", help="table and figure from the results file")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--figure", type=Path, default=FIGURE)
-    r = sub.add_parser("_run")
-    r.add_argument("scheme", choices=SCHEMES + ("none",))
-    r.add_argument("seed", type=int)
-    r.add_argument("minutes", type=float)
-    r.add_argument("storage")
-    add_scale(r)
-    k = sub.add_parser("_rank")
-    k.add_argument("--archs", type=positive_int, required=True)
-    k.add_argument("--out", type=Path, required=True)
-    k.add_argument("--seed", type=int, default=0)
-    add_scale(k)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    from nas.search import resolve_config
-
-    args = build_parser().parse_args(argv)
-    try:
-        base = resolve_config(None)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.command == "plot":
-        results = load_results(args.out)
-        if not results.get("runs"):
-            print(f"error: {args.out} holds no runs; run `python -m nas.fidelity compare` first", file=sys.stderr)
-            return 2
-        print("\n".join(table_lines(results)))
-        draw(results, args.figure)
-        print(f"figure: {args.figure}")
-        return 0
-    scale = Scale(args.subset, args.epochs, args.rung_subset, args.rung_epochs)
-    if args.command == "_run":
-        run_search(args.scheme, args.seed, args.minutes, args.storage, scale, base)
-        return 0
-    if args.command == "_rank":
-        run_rank(args.archs, args.seed, scale, base, args.out)
-        return 0
-    return compare(args, scale)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,6 @@
-"""Retrain the seed study's Models 1-3 with their documented configs over several seeds and set our
-test-set figures beside the seed's logged ones: a Markdown table, a PNG of the curves, raw JSON.
-
-    python -m nas.reproduce                               # 3 models x 3 seeds x 15 epochs
-    python -m nas.reproduce --models model3 --seeds 5 --out runs/model3
+"""The seed study's Models 1-3 retrained with their documented configs over several seeds, our
+test-set figures set beside the seed's logged ones: a Markdown table, a PNG of the curves, raw JSON
+(the command is nas/cli/reproduce.py).
 
 The seed's headline (99.52%) is the best of 15 test evaluations of one run; the table shows that
 statistic for us too, but also what holds: the mean of the last 3 epochs, over seeds.
@@ -11,8 +9,8 @@ statistic for us too, but also what holds: the mean of the last 3 epochs, over s
 from __future__ import annotations
 
 import json
+import re
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -21,12 +19,11 @@ import torch
 from matplotlib.figure import Figure
 
 from nas import data
-from nas.cli import ArgumentParser, positive_int
-from nas.trials import TARGET_ACCURACY, epochs_to_target, score
-from nas.spec import PRESETS, count_params
-from nas.run import BATCHNORM_PATHS, RunRecord
-from nas.cpu import PRECISIONS, resolve_precision, tune_allocator
-from nas.train import DivergedError, EpochResult, resolve_device, resolve_run, train
+from nas.run.record import RunRecord
+from nas.run.setup import RunSettings, resolve_run
+from nas.spec import PRESETS, TrainConfig, count_params
+from nas.study.trials import TARGET_ACCURACY, epochs_to_target, score
+from nas.train import EpochResult, train
 
 LAST_EPOCHS = 3  # "accuracy that holds": the mean of the last 3 epochs, as the search scores it
 DEFAULT_OUT = Path("runs/reproduce")
@@ -130,28 +127,65 @@ def model_label(name: str) -> str:
     return name.replace("model", "Model ")
 
 
-def first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+def preset_name(name: str) -> str:
+    """A preset's name as --models takes it: the preset's own (model3) or its short form (m3)."""
+    short = re.fullmatch(r"m(\d+)", name)
+    return f"model{short.group(1)}" if short else name
 
 
 def parse_models(text: str) -> tuple[str, ...]:
-    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    unknown = [n for n in names if n not in PRESETS]
+    """Comma-separated presets, long (model1) or short (m1), in order and once each; ValueError
+    names the unknown ones."""
+    given = [n.strip() for n in text.split(",") if n.strip()]
+    names = tuple(dict.fromkeys(preset_name(n) for n in given))
+    unknown = [n for n in given if preset_name(n) not in PRESETS]
     if unknown or not names:
-        raise ValueError(f"--models: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(PRESETS)}")
+        short = ", ".join(f"m{n.removeprefix('model')}" for n in PRESETS if re.fullmatch(r"model\d+", n))
+        raise ValueError(f"--models: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(PRESETS)}"
+                         + (f" (or {short})" if short else ""))
     return names
 
 
 # --- training -----------------------------------------------------------------------------------
 
 
+def preset_config(name: str, epochs: int | None) -> TrainConfig:
+    """Preset `name`'s documented training config, with `epochs` in place of its own if given."""
+    preset = PRESETS[name]
+    return replace(preset.train, epochs=epochs or preset.train.epochs)
+
+
+def resolve_setups(models: tuple[str, ...], settings: RunSettings, device: torch.device, images: int,
+                   epochs: int | None, subset: int | None) -> dict[str, RunRecord]:
+    """Each model's run record as `settings` ask (precision and memory format measured per net on a
+    CPU); its seed is filled in per run. The thread count must be set before calling."""
+    return {name: resolve_run(PRESETS[name].arch, preset_config(name, epochs), settings, device, images, subset)
+            for name in models}
+
+
+def setup_text(setups: dict[str, RunRecord], ema: bool) -> str:
+    """How the models trained, for the table's preamble: one setup, or one per model."""
+    labels = {s.describe() for s in setups.values()}
+    text = labels.pop() if len(labels) == 1 else "; ".join(f"{model_label(n)} {s.describe()}"
+                                                          for n, s in setups.items())
+    return text + (", weight average evaluated" if ema else ", last-step weights evaluated")
+
+
 def run_preset(name: str, seed: int, split: data.Split, epochs: int | None, run: RunRecord, progress: bool) -> Run:
     """Train preset `name` with its documented config and `seed`, evaluating on split's eval set."""
     preset = PRESETS[name]
-    config = replace(preset.train, seed=seed, epochs=epochs or preset.train.epochs)
+    config = replace(preset_config(name, epochs), seed=seed)
     start = time.perf_counter()
     result = train(preset.arch, config, split, replace(run, seed=seed), progress=progress)
     return Run(name, seed, count_params(preset.arch), tuple(result.history), time.perf_counter() - start)
+
+
+def run_line(run: Run) -> str:
+    """One finished run in a line: its best and holding accuracy and its wall time."""
+    acc, epoch = best_epoch(run.test_acc)
+    return (f"{model_label(run.model)} seed {run.seed}: best test accuracy {acc:.2f}% (epoch {epoch}), "
+            f"mean of last {plural(min(LAST_EPOCHS, len(run.history)), 'epoch')} "
+            f"{holding_score(run.test_acc):.2f}%, {duration(run.wall_seconds)}")
 
 
 # --- outputs ------------------------------------------------------------------------------------
@@ -278,93 +312,3 @@ def write_outputs(runs: list[Run], settings: Settings, out: Path) -> list[Path]:
     accuracy_figure(runs, settings.models).savefig(figure, dpi=120)
     table.write_text(report_markdown(runs, settings, figure.name))
     return [table, figure, raw]
-
-
-# --- command line -------------------------------------------------------------------------------
-
-
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m nas.reproduce", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(PRESETS), help="comma-separated presets (default all three)")
-    parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1 per model (default 3)")
-    parser.add_argument("--epochs", type=positive_int, help="override the presets' 15 epochs (quick checks)")
-    parser.add_argument("--subset", type=positive_int, help="train on the first N training images (quick checks)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="auto: on CUDA bf16 where supported; on CPU whichever of fp32 and native bf16 "
-                        "measures faster")
-    parser.add_argument("--batchnorm", default="pytorch", choices=BATCHNORM_PATHS,
-                        help="native: BatchNorm+ReLU in nas's C kernel on CPU (opt-in; needs a C compiler)")
-    parser.add_argument("--no-ema", dest="ema", action="store_false",
-                        help="evaluate the weights after the last step, as the seed did, not their moving average")
-    parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    args = build_parser().parse_args(argv)
-    try:
-        models = parse_models(args.models)
-        device = resolve_device(args.device)
-        resolve_precision(args.precision, device)  # an impossible precision fails before the data
-        if args.out.exists() and not args.out.is_dir():
-            raise ValueError(f"--out {args.out} is a file, not a directory")
-        root = data.resolve_data_dir(args.data_dir)
-        data.prepare(root, progress=not args.quiet)
-        split = data.make_split(data.load_mnist(root), "test", args.subset, device)
-    except (ValueError, RuntimeError, data.DataError) as exc:
-        # RuntimeError: torch's word on a device string it can't parse or a GPU that isn't there.
-        print(f"error: {first_line(exc)}", file=sys.stderr)
-        return 2
-    tune_allocator()
-    setups = {}
-    for name in models:
-        config = replace(PRESETS[name].train, epochs=args.epochs or PRESETS[name].train.epochs)
-        setups[name] = resolve_run(PRESETS[name].arch, config, device, len(split.train_x), args.precision,
-                                   args.batchnorm, args.ema, subset=args.subset)
-    labels = {s.describe() for s in setups.values()}
-    setup_text = labels.pop() if len(labels) == 1 else "; ".join(f"{model_label(n)} {s.describe()}"
-                                                                 for n, s in setups.items())
-    setup_text += ", weight average evaluated" if args.ema else ", last-step weights evaluated"
-    settings = Settings(models, tuple(range(args.seeds)), args.epochs, args.subset, str(device), setup_text,
-                        torch.get_num_threads(), torch.__version__)
-    runs: list[Run] = []
-    code = 0
-    try:
-        for i, (name, seed) in enumerate((m, s) for m in models for s in settings.seeds):
-            if not args.quiet:
-                print(f"\n== {model_label(name)}, seed {seed} ({i + 1} of {len(models) * args.seeds}) ==")
-            run = run_preset(name, seed, split, args.epochs, setups[name], progress=not args.quiet)
-            runs.append(run)
-            acc, epoch = best_epoch(run.test_acc)
-            print(f"{model_label(name)} seed {seed}: best test accuracy {acc:.2f}% (epoch {epoch}), "
-                  f"mean of last {plural(min(LAST_EPOCHS, len(run.history)), 'epoch')} "
-                  f"{holding_score(run.test_acc):.2f}%, "
-                  f"{duration(run.wall_seconds)}", flush=True)
-    except DivergedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        code = 1
-    except KeyboardInterrupt:
-        print(f"\ninterrupted after {len(runs)} finished runs", file=sys.stderr)
-        code = 130
-    if not runs:
-        return code
-    try:
-        written = write_outputs(runs, settings, args.out)
-    except OSError as exc:
-        print(f"error: cannot write to {args.out}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
-    print()
-    print(results_table(runs, settings))
-    print()
-    print("Wrote " + ", ".join(str(p) for p in written))
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())
