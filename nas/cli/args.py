@@ -72,7 +72,12 @@ def first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def fail(exc: BaseException, status: int = 2) -> int:
-    """Print `exc` as one `error:` line on stderr and return the exit status to end with."""
-    print(f"error: {first_line(exc)}", file=sys.stderr)
+def error(message: str, status: int = 2) -> int:
+    """Print one `error:` line on stderr and return the exit status to end with."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
     return status
+
+
+def fail(exc: BaseException, status: int = 2) -> int:
+    """`exc` as one `error:` line (its first line) on stderr; returns the exit status to end with."""
+    return error(first_line(exc), status)

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from nas import data
-from nas.cli.args import (ArgumentParser, add_data_dir, add_run_flags, fail, non_negative_int, positive_int,
+from nas.cli.args import (ArgumentParser, add_data_dir, add_run_flags, error, fail, non_negative_int, positive_int,
                           run_settings)
 from nas.experiments.bench import (GPU_CONCURRENCY, GPU_STUDY, MODEL, QUICK_BATCHES, REPEATS, SEED_STYLE,
                                    WARMUP_BATCHES, OURS, StudySize, fastest, format_concurrency, format_study,
@@ -121,6 +120,5 @@ def main(argv: list[str] | None = None) -> int:
         try:
             args.json.write_text(json.dumps(results, indent=2) + "\n")
         except OSError as exc:
-            print(f"error: {args.json}: cannot write: {exc.strerror or exc}", file=sys.stderr)
-            return 1
+            return error(f"{args.json}: cannot write: {exc.strerror or exc}", status=1)
     return 0

@@ -13,12 +13,11 @@ not listed; failed and running trials are left out and counted.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import optuna
 
-from nas.cli.args import ArgumentParser, fail
+from nas.cli.args import ArgumentParser, error, fail
 from nas.storage import StorageError, default_url, open_storage
 from nas.study.export import ExportError, export_study, load_export, restore
 from nas.study.stored import DEFAULT_STUDY, open_study
@@ -52,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, StorageError) as exc:
         return fail(exc)
     except OSError as exc:
-        print(f"error: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
+        return error(f"cannot write {args.out}: {exc.strerror or exc}")
     left = ", ".join(f"{n} {k}" for k, n in export["left_out"].items()) or "none"
     print(f"Exported {len(export['trials'])} finished trials of study {name!r} to {args.out} (left out: {left})")
     return 0

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from nas import data
-from nas.cli.args import ArgumentParser, add_data_dir, fail, non_negative_int, positive_int
+from nas.cli.args import ArgumentParser, add_data_dir, error, fail, non_negative_int, positive_int
 from nas.experiments.fidelity import (FIGURE, RESULTS, SCHEMES, WORK_DIR, FidelityError, Plan, Scale, compare, draw,
                                       load_results, table_lines)
 from nas.studyfile import ConfigError, resolve_study_file
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             base = resolve_study_file(None)
             results = compare(plan, base, args.out, command, progress=lambda line: print(line, flush=True),
-                              problem=lambda line: print(f"error: {line}", file=sys.stderr, flush=True))
+                              problem=error)
         except (ConfigError, FidelityError) as exc:
             return fail(exc)
         except KeyboardInterrupt:

@@ -10,12 +10,11 @@ trained) and pruned trials (stopped early, no final score) are counted but not p
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import optuna
 
-from nas.cli.args import ArgumentParser, fail, positive_int
+from nas.cli.args import ArgumentParser, error, fail, positive_int
 from nas.storage import StorageError, default_url
 from nas.study.report import ReportError, write_report
 from nas.study.stored import DEFAULT_STUDY, open_study
@@ -46,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ReportError, StorageError) as exc:
         return fail(exc)
     except OSError as exc:
-        print(f"error: cannot write the report: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
-        return 2
+        return error(f"cannot write the report: {exc.strerror or exc}: {exc.filename or ''}")
     print(f"Report on study {study.study_name!r} ({len(ranked_trials(study))} completed trials):")
     for path in written:
         print(f"  {path}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from nas import data
-from nas.cli.args import ArgumentParser, add_data_dir, add_run_flags, fail, positive_int, run_settings
+from nas.cli.args import ArgumentParser, add_data_dir, add_run_flags, error, fail, positive_int, run_settings
 from nas.cpu import tune_allocator
 from nas.experiments.reproduce import (DEFAULT_OUT, Run, Settings, model_label, parse_models,
                                        resolve_setups, results_table, run_line, run_preset, setup_text,
@@ -72,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run)
             print(run_line(run), flush=True)
     except DivergedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        code = 1
+        code = fail(exc, status=1)
     except KeyboardInterrupt:
         print(f"\ninterrupted after {len(runs)} finished runs", file=sys.stderr)
         code = 130
@@ -82,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         written = write_outputs(runs, described, args.out)
     except OSError as exc:
-        print(f"error: cannot write to {args.out}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
+        return error(f"cannot write to {args.out}: {exc.strerror or exc}")
     print()
     print(results_table(runs, described))
     print()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from nas import data
-from nas.cli.args import (ArgumentParser, add_data_dir, add_run_flags, fail, positive_int, run_settings,
+from nas.cli.args import (ArgumentParser, add_data_dir, add_run_flags, error, fail, positive_int, run_settings,
                           workers_arg)
 from nas.storage import StorageError, default_url, open_storage
 from nas.study.create import create_or_load
@@ -98,6 +98,6 @@ def main(argv: list[str] | None = None) -> int:
               "rerun the same command to resume", file=sys.stderr)
         return 130
     if failed:
-        print(f"error: {'; '.join(failed)}", file=sys.stderr)
+        error("; ".join(failed), status=1)
     print("\n".join(summary_lines(study, storage_url)))
     return 1 if failed else 0
