@@ -24,6 +24,9 @@ from optuna.trial import TrialState
 
 from nas import search, storage
 from nas.storage import outage
+from nas.run.setup import RunSettings
+from nas.study import search as study_search
+from nas.study.objective import SearchOptions
 from nas.studyfile import StudyConfig
 from nas.storage.outage import CREATE_KEY, StorageUnavailable, is_outage, reason
 from nas.storage import open_storage
@@ -196,10 +199,10 @@ def test_a_trial_a_peer_failed_during_the_outage_is_dropped_in_one_line(tmp_path
     url = f"sqlite:///{tmp_path / 's.db'}"
     optuna.create_study(study_name="s", storage=open_storage(url), direction="maximize")
     objective = PeerFailsTheFirstTrial(url, write_after)
-    monkeypatch.setattr(search, "Objective", lambda *args: objective)
-    options = search.RunOptions(storage=url, study="s", trials=2, epochs=1, subset=None, seed=0, device="cpu",
-                                data_dir=str(tmp_path), threads=1, worker=1)
-    search.run_worker(options, StudyConfig(pruner="none"), split="the objective brings its own")
+    monkeypatch.setattr(study_search, "Objective", lambda *args: objective)
+    options = SearchOptions(storage=url, study="s", trials=2, epochs=1, subset=None, seed=0, data_dir=str(tmp_path),
+                            run=RunSettings(device="cpu", threads=1), quiet=True, worker=1)
+    study_search.run_worker(options, StudyConfig(pruner="none"), split="the objective brings its own")
     assert capsys.readouterr().err.splitlines() == [
         "worker 1: a peer failed this worker's trial as stale while the storage was unreachable, "
         "and queued its retry; this result is dropped"]
