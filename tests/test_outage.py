@@ -30,7 +30,7 @@ from nas.study.objective import SearchOptions
 from nas.studyfile import StudyConfig
 from nas.storage.outage import CREATE_KEY, StorageUnavailable, is_outage, reason
 from nas.storage import open_storage
-from nas.trials import finished_trials
+from nas.study.trials import finished_trials
 from tests.pg import USER, Server, server_for_tests
 
 # These tests ask and tell by hand on a storage with heartbeats, which Optuna pairs with optimize().
