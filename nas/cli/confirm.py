@@ -4,17 +4,7 @@ seeds, so that the winner is picked on more than one run's luck.
     python -m nas.confirm                 # top 3 and Model 3, 3 seeds each, on validation
     python -m nas.confirm --test          # the same on all 60,000 training images, scored on test
 
-Each run trains a trial again through the search's own code path (its stored params through the
-space function, its stored run record) with seed 1, 2, ..., on the search's split and fidelity: the
-trial's epochs and training subset, scored on the validation split as the search scored it. A
-finished run is stored in the study as a user attribute (`confirm:<candidate>:seed<N>`, or
-`confirm-test:...`), so a killed confirm resumes without redoing it; the leaderboard is also
-saved as the study's optuna-dashboard note.
-
-Whether a candidate beats Model 3 is a paired comparison over seeds: run k of both uses seed k
-(the same data order and augmentation draws), the difference of their scores is taken per seed,
-and the candidate beats Model 3 when the two-sided 95% Student-t interval of the mean difference
-lies above zero.
+How runs are stored, resumed and compared with Model 3: nas/study/confirm.py.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
 """Finalists confirmed over seeds: the study's top trials and Model 3, each re-trained with fresh
-seeds, so that the winner is picked on more than one run's luck.
-
-    python -m nas.confirm                 # top 3 and Model 3, 3 seeds each, on validation
-    python -m nas.confirm --test          # the same on all 60,000 training images, scored on test
+seeds, so that the winner is picked on more than one run's luck (python -m nas.confirm).
 
 Each run trains a trial again through the search's own code path (its stored params through the
 space function, its stored run record) with seed 1, 2, ..., on the search's split and fidelity: the
