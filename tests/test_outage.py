@@ -4,6 +4,7 @@ study below."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
@@ -28,7 +29,7 @@ from nas.run.setup import RunSettings
 from nas.study import search as study_search
 from nas.study.objective import SearchOptions
 from nas.studyfile import StudyConfig
-from nas.storage.outage import CREATE_KEY, StorageUnavailable, is_outage, reason
+from nas.storage.outage import CREATIONS, StorageUnavailable, is_outage, reason
 from nas.storage import open_storage
 from nas.study.trials import finished_trials
 from tests.pg import USER, Server, server_for_tests
@@ -154,14 +155,26 @@ def test_a_state_change_whose_answer_was_lost_is_not_made_twice(tmp_path, fast, 
     assert lost and [(t.state, t.value) for t in study.trials] == [(TrialState.COMPLETE, 99.0)]
 
 
-def test_a_new_trial_whose_answer_was_lost_is_created_once(tmp_path, fast, monkeypatch):
+@pytest.mark.parametrize("create", ["ask", "enqueue"])
+def test_a_new_trial_whose_answer_was_lost_is_created_once(tmp_path, fast, monkeypatch, create):
+    """The creation lands, its answer is lost, and the repeat finds it: one trial, RUNNING (ask) or
+    queued (enqueue_trial, as the presets and the heartbeat retries are); a blind repeat would
+    make a second. The trial shows nothing of how (no system or user attribute)."""
     study = new_study(f"sqlite:///{tmp_path / 's.db'}")
     lost = answer_lost_once(monkeypatch, RDBStorage, "_create_new_trial")
-    trial = study.ask()
+    if create == "ask":
+        trial = study.ask()
+    else:
+        study.enqueue_trial({"x": 0.5})
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     assert lost and [t.number for t in study.trials] == [trial.number]
-    assert CREATE_KEY in study.trials[0].system_attrs
+    stored = study.trials[0]
+    assert stored.system_attrs == ({} if create == "ask" else {"fixed_params": {"x": 0.5}})
+    assert stored.user_attrs == {}
     study.tell(trial, 1.0)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE]
+    with contextlib.closing(sqlite3.connect(tmp_path / "s.db")) as db:  # where the repeat found it
+        assert db.execute(f"SELECT trial_id FROM {CREATIONS.name}").fetchall() == [(stored._trial_id,)]
 
 
 def test_the_limit_comes_from_the_environment_and_the_storage_pickles(tmp_path, monkeypatch):
@@ -176,6 +189,28 @@ def test_the_limit_comes_from_the_environment_and_the_storage_pickles(tmp_path, 
         open_storage(f"sqlite:///{tmp_path / 's.db'}")
 
 
+@pytest.mark.postgres
+def test_a_connection_the_server_cut_mid_transaction_is_dropped_without_a_traceback(postgres, caplog):
+    """What a restart does to a connection inside a transaction: the pool's rollback, as it takes
+    the connection back, fails; SQLAlchemy logs that with a traceback at ERROR, which a command's
+    stderr would show (Python prints records when no logging is configured)."""
+    url = postgres.create_database("cut")
+    opened = open_storage(url)
+    try:
+        connection = opened.engine.raw_connection()
+        connection.cursor().execute("SELECT 1")  # a transaction is open
+        with psycopg.connect(f"host=127.0.0.1 port={postgres.port} user={USER} dbname=cut", autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = 'cut' AND pid <> pg_backend_pid()")
+        with caplog.at_level("DEBUG", logger="sqlalchemy.pool"):
+            connection.close()  # back to the pool: the rollback fails
+        assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+        study = optuna.create_study(storage=opened)  # the pool opens a new connection
+        assert study.trials == []
+    finally:
+        opened.close()
+
+
 class PeerFailsTheFirstTrial:
     """An objective whose first trial a peer fails as stale while it trains, as happens when this
     worker's heartbeat could not reach the storage for longer than the grace period. The worker
@@ -188,7 +223,9 @@ class PeerFailsTheFirstTrial:
     def __call__(self, trial: optuna.Trial) -> float:
         self.calls += 1
         if self.calls == 1:
-            RDBStorage(self.url).set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            peer = RDBStorage(self.url)
+            peer.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            peer.engine.dispose()
             if self.write_after:
                 trial.set_user_attr("epoch_acc", [1.0])
         return float(self.calls)
@@ -213,7 +250,11 @@ def test_a_trial_a_peer_failed_during_the_outage_is_dropped_in_one_line(tmp_path
 # --- a real PostgreSQL server, restarted and stopped under a running 2-worker study -------------
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Heartbeats every second. The grace: 3 s where a test waits for dead trials to go stale; where
+# none dies, the default 30 s, so that a live trial whose heartbeat waited out a restart (backing
+# off up to outage.MAX_DELAY between attempts) is never taken for dead.
 HEARTBEAT = {"NAS_HEARTBEAT_SECONDS": "1", "NAS_GRACE_SECONDS": "3"}
+SURVIVED = {"NAS_HEARTBEAT_SECONDS": "1", "NAS_GRACE_SECONDS": "30"}
 
 
 @pytest.fixture(scope="module")
@@ -244,14 +285,19 @@ def wait_for_a_running_trial(server: Server, database: str, timeout: float = 120
 
 
 def assert_complete(url: str, trials: int) -> None:
-    study = optuna.load_study(study_name="mnist-8k", storage=url)
-    assert len(finished_trials(study)) >= trials
-    assert not [t.number for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    storage = open_storage(url)
+    try:
+        study = optuna.load_study(study_name="mnist-8k", storage=storage)
+        assert len(finished_trials(study)) >= trials
+        assert not [t.number for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    finally:
+        storage.close()
 
 
+@pytest.mark.postgres
 def test_a_postgres_restart_mid_study_costs_no_trial_and_no_traceback(own_postgres, data_dir):
     url = own_postgres.create_database("restarted")
-    search_run = start_search(url, data_dir, 6, HEARTBEAT)
+    search_run = start_search(url, data_dir, 6, SURVIVED)
     wait_for_a_running_trial(own_postgres, "restarted")
     own_postgres.restart()
     out, err = search_run.communicate(timeout=240)
@@ -260,16 +306,98 @@ def test_a_postgres_restart_mid_study_costs_no_trial_and_no_traceback(own_postgr
     assert_complete(url, 6)
 
 
-def test_an_outage_past_the_limit_ends_in_one_line_and_the_rerun_finishes(own_postgres, data_dir):
+def hold_the_study_once_queued(server: Server, database: str, timeout: float = 120) -> psycopg.Connection:
+    """Wait until the search has made the study and queued Model 3, then lock the study's row and
+    return the connection that holds the lock, in its open transaction (closing it lets go).
+
+    Optuna creates every trial under that lock (FOR UPDATE), so from then on the search can create
+    none: it can claim the queued Model 3, train it and store it, nothing more. However fast trials
+    train, the outage then finds at most one finished and at most one running. (FOR NO KEY UPDATE
+    blocks Optuna's FOR UPDATE but not the key checks of rows that refer to the study.)"""
+    conn = psycopg.connect(f"host=127.0.0.1 port={server.port} user={USER} dbname={database}")
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if conn.execute("SELECT study_id FROM studies FOR NO KEY UPDATE").fetchall():
+                    trials = conn.execute("SELECT count(*) FROM trials").fetchone()[0]
+                    if trials:
+                        # Its workers start seconds after the search queued Model 3; they cannot
+                        # have made another trial yet.
+                        assert trials == 1, f"{trials} trials made before the study was locked"
+                        return conn
+            except psycopg.errors.UndefinedTable:
+                pass  # the search has not made Optuna's tables yet
+            conn.rollback()
+            time.sleep(0.05)
+        raise AssertionError("the search queued no trial")
+    except BaseException:
+        conn.close()
+        raise
+
+
+def wait_until_claimed(conn: psycopg.Connection, timeout: float = 120) -> None:
+    """Until no trial is queued: a worker claimed Model 3 (the lock's transaction sees it: each
+    statement reads what is committed at its start)."""
+    deadline = time.monotonic() + timeout
+    while conn.execute("SELECT count(*) FROM trials WHERE state = 'WAITING'").fetchone()[0]:
+        assert time.monotonic() < deadline, "no worker claimed the queued trial"
+        time.sleep(0.05)
+
+
+def wait_until_stale(url: str, monkeypatch: pytest.MonkeyPatch, timeout: float = 60) -> list[int]:
+    """Until every trial left RUNNING is one that a worker's next look would fail as stale
+    (PatientStorage._stale_or_orphaned); returns their numbers.
+
+    A worker gives up after the outage limit, here 3 s, as long as the grace: as its process
+    ends, its trial's last heartbeat is only just about the grace old. A rerun's workers look at
+    each trial's start; one that looked a moment too soon would see nothing, and the rerun could
+    reach its target before any later look, leaving the dead trial RUNNING, or its retry queued.
+    (By default the limit, 60 s, is twice the grace, 30 s.)"""
+    for name, value in HEARTBEAT.items():
+        monkeypatch.setenv(name, value)
+    storage = open_storage(url)
+    try:
+        study = optuna.load_study(study_name="mnist-8k", storage=storage)
+        deadline = time.monotonic() + timeout
+        while True:
+            running = {t._trial_id: t.number for t in study.get_trials(states=(TrialState.RUNNING,))}
+            if set(running) <= set(storage._get_stale_trial_ids(study._study_id)):
+                return sorted(running.values())
+            assert time.monotonic() < deadline, "the dead trials never went stale"
+            time.sleep(0.2)
+    finally:
+        storage.close()
+
+
+@pytest.mark.postgres
+def test_an_outage_past_the_limit_ends_in_one_line_and_the_rerun_finishes(own_postgres, data_dir, monkeypatch):
+    """The server stops mid-study for longer than the limit: each process ends with one line; the
+    same command, rerun once it is back, fails the trial the outage killed, retries it, and
+    finishes the study.
+
+    Nothing here may depend on timing. Two things did: how many trials the first run had finished
+    when the outage hit (trials of 1 epoch on 500 images take a fraction of a second, and a run
+    already at its target, or one short, leaves the dead trial RUNNING or its retry queued), and
+    whether the rerun's workers looked for dead trials before these had gone stale."""
     url = own_postgres.create_database("stopped")
     env = {**HEARTBEAT, "NAS_STORAGE_OUTAGE_SECONDS": "3"}
     search_run = start_search(url, data_dir, 6, env)
-    wait_for_a_running_trial(own_postgres, "stopped")
-    own_postgres.stop_server()
     try:
-        out, err = search_run.communicate(timeout=120)
+        lock = hold_the_study_once_queued(own_postgres, "stopped")
+        try:
+            wait_until_claimed(lock)
+            own_postgres.stop_server()  # cuts every session, the lock's too
+        finally:
+            lock.close()
+        try:
+            out, err = search_run.communicate(timeout=120)
+        finally:
+            own_postgres.start_again()
     finally:
-        own_postgres.start_again()
+        if search_run.poll() is None:
+            search_run.kill()
+            search_run.communicate()
     assert search_run.returncode != 0
     assert "Traceback" not in out + err
     # Each process (two workers and the one that watches them) says it once as the outage begins
@@ -281,8 +409,17 @@ def test_an_outage_past_the_limit_ends_in_one_line_and_the_rerun_finishes(own_po
                                         r"command to resume the study once it is back \(.+\)", line)
                         for line in said), err
     assert any(line.startswith("error: storage") for line in said)
+    dead = wait_until_stale(url, monkeypatch)
+    assert dead in ([], [0])  # Model 3, if it was still training
     rerun = start_search(url, data_dir, 6, env)
     out, err = rerun.communicate(timeout=240)
     assert rerun.returncode == 0, err
     assert "Traceback" not in out + err
     assert_complete(url, 6)
+    storage = open_storage(url)
+    try:
+        trials = optuna.load_study(study_name="mnist-8k", storage=storage).trials
+    finally:
+        storage.close()
+    assert [t.number for t in trials if t.state == TrialState.FAIL] == dead
+    assert [t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs] == dead

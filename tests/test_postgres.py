@@ -24,6 +24,7 @@ def open_each(urls: list[str], start, results) -> None:
     results.put(errors)
 
 
+@pytest.mark.postgres
 def test_workers_starting_together_on_an_empty_database_both_get_in(postgres):
     """Scaled compose workers start at once; the first to arrive creates Optuna's tables, and the
     other must not fail on the collision."""
@@ -38,9 +39,12 @@ def test_workers_starting_together_on_an_empty_database_both_get_in(postgres):
         p.join()
     assert errors == [[], []]
     for url in urls:
-        assert optuna.storages.RDBStorage(url).get_all_studies() == []
+        storage = optuna.storages.RDBStorage(url)
+        assert storage.get_all_studies() == []
+        storage.engine.dispose()  # else its connection is left to the garbage collector
 
 
+@pytest.mark.postgres
 def test_a_missing_database_is_one_storage_error(postgres):
     with pytest.raises(StorageError, match='cannot open storage .*"no_such_database" does not exist'):
         open_storage(f"postgresql+psycopg://nas@127.0.0.1:{postgres.port}/no_such_database")

@@ -11,27 +11,51 @@ What is repeated, and why that is safe when a write reached the database but its
   values) asked for, the first attempt landed and the call reports success. A queued trial found
   RUNNING is taken as ours; were it a peer's claim, both train it and the one that stores second
   drops its result (the worker loop, nas.search.run_worker);
-- a new trial: each is created with a key (system attribute CREATE_KEY), and a repeat that finds
-  the key in the study returns that trial, so a lost answer never leaves a second, ownerless
-  RUNNING trial (one without a heartbeat is failed only after the grace period, as an orphan:
-  PatientStorage._stale_or_orphaned);
+- a new trial: each creation carries a fresh key, written in the same transaction as the trial
+  to a table of nas's own (CREATIONS, nas_trial_creations: key -> trial id), and a repeat that
+  finds its key returns that trial, so a lost answer never leaves a second, ownerless RUNNING
+  trial (one without a heartbeat is failed only after the grace period, as an orphan:
+  PatientStorage._stale_or_orphaned), nor a second queued copy of an enqueued or retried one;
 - a new study: a repeat finds the name taken and loads the study instead.
 Deleting a study is not repeated.
+
+Why the creation key lives in a table of its own, and not on the trial. The trial must show
+nothing that Optuna's own storages would not: Optuna's storage conformance suite
+(tests/test_storage_conformance.py) compares every FrozenTrial field, and a trial copied with
+add_trials or exported must not carry bookkeeping along. The alternatives fail:
+- the key as a system attribute (nas's first design) shows in every FrozenTrial and its copies;
+- the key as a system attribute removed in the same transaction: the repeat comes in a later
+  transaction, after the commit, and finds nothing; removed in a later transaction, it shows in
+  between, and for good when the worker dies first;
+- the key kept in the creating process only, matched on what Optuna stores anyway (a template's
+  datetime_start stamped to the microsecond): a queued trial (enqueue_trial, a heartbeat retry)
+  has no datetime_start, a worker that claims it overwrites the field, add_trials copies keep
+  their original's, and two processes can stamp the same microsecond, so a repeat could take a
+  peer's trial for its own or miss its own.
+The row is written inside the transaction that creates the trial, so it exists if and only if the
+trial does: nothing is left when the creation rolls back, and a repeat cannot miss a creation that
+landed. The table is created, if missing, by the first trial creation of a process (so opening a
+database to read it writes nothing, as before); its foreign key cascades when Optuna deletes a
+study on PostgreSQL (SQLite does not enforce foreign keys: rows of a deleted study's trials stay,
+unread, since every key is used by one call only). Optuna ignores tables it does not know (its
+schema check reads only its alembic version).
 """
 
 from __future__ import annotations
 
-import copy
+import contextvars
 import functools
-import json
+import logging
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import optuna
+import sqlalchemy
 import sqlalchemy.engine
 import sqlalchemy.exc
 from optuna.storages import RDBStorage
@@ -41,7 +65,20 @@ from optuna.trial import FrozenTrial, TrialState
 
 OUTAGE_SECONDS = 60  # how long a worker waits for its database before giving up
 FIRST_DELAY, MAX_DELAY = 0.5, 5.0  # seconds between attempts: doubling from the first, capped
-CREATE_KEY = "nas_create_key"
+
+# nas's own table: which trial each creation call made, by the call's key (see the docstring).
+_METADATA = sqlalchemy.MetaData()
+# Optuna's trials table, declared here only so that the foreign key resolves; never created here.
+sqlalchemy.Table("trials", _METADATA, sqlalchemy.Column("trial_id", sqlalchemy.Integer, primary_key=True))
+CREATIONS = sqlalchemy.Table(
+    "nas_trial_creations", _METADATA,
+    sqlalchemy.Column("create_key", sqlalchemy.String(32), primary_key=True),
+    sqlalchemy.Column("trial_id", sqlalchemy.Integer,
+                      sqlalchemy.ForeignKey("trials.trial_id", ondelete="CASCADE"), nullable=False, index=True),
+)
+# The key of the trial creation in progress in this thread: set by PatientStorage._create_new_trial
+# for all its attempts, read by _get_prepared_new_trial inside each attempt's transaction.
+_create_key: contextvars.ContextVar[str | None] = contextvars.ContextVar("nas_create_key", default=None)
 
 
 class StorageUnavailable(SystemExit):
@@ -135,6 +172,36 @@ class Patience:
         time.sleep(min(delay, left))
 
 
+class _QuietOutages(logging.Filter):
+    """Drops the records of SQLAlchemy's connection pool about a connection that an outage broke.
+
+    When the pool takes back a connection whose server went away mid-transaction (a restart, a
+    stop, a failover), rolling it back fails; so does closing it. The pool then logs "Exception
+    during reset or similar" (or "Exception closing connection"), traceback and all, at ERROR, and
+    with no logging configured Python prints that on stderr: an outage then costs a traceback,
+    not the one line Patience shows. The pool discards such a connection and opens a new one by
+    itself, so nothing is lost with the record. A pool error for any other reason still shows."""
+
+    def __init__(self, dbapi: Any):
+        super().__init__()
+        self.outages = (dbapi.OperationalError, dbapi.InterfaceError)  # the driver's own, unwrapped
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, self.outages) or is_outage(exc))
+
+
+_quiet_outages: dict[Any, _QuietOutages] = {}
+
+
+def quiet_pool_outages(engine: sqlalchemy.engine.Engine) -> None:
+    """Keep an outage's broken connections out of stderr (_QuietOutages) for `engine`'s pool."""
+    dbapi = engine.dialect.loaded_dbapi
+    quiet = _quiet_outages.setdefault(dbapi, _QuietOutages(dbapi))
+    logger = engine.pool.logger
+    getattr(logger, "logger", logger).addFilter(quiet)  # SQLAlchemy wraps it when echo_pool is set
+
+
 def _patient(method: Callable) -> Callable:
     @functools.wraps(method)
     def call(self: PatientStorage, *args: Any, **kwargs: Any) -> Any:
@@ -144,11 +211,45 @@ def _patient(method: Callable) -> Callable:
 
 
 class PatientStorage(RDBStorage):
-    """RDBStorage whose calls wait out an outage (`patience`)."""
+    """RDBStorage whose calls wait out an outage (`patience`), and that closes its database
+    connections when it is closed or garbage-collected.
+
+    Optuna's RDBStorage never closes its engine: a dropped storage leaves its pooled connections to
+    the garbage collector, which for PostgreSQL means a session held open on the server until then
+    and a ResourceWarning from psycopg ("deleted while still open")."""
 
     def __init__(self, url: str, patience: Patience, **kwargs: Any):
         self.patience = patience
-        super().__init__(url, **kwargs)
+        try:
+            super().__init__(url, **kwargs)
+        except BaseException:
+            # E.g. two workers creating the tables at once (nas.storage.created_once tries again
+            # with a new storage): this one's connection would otherwise wait for the collector.
+            if hasattr(self, "engine"):
+                self.engine.dispose()
+            raise
+        quiet_pool_outages(self.engine)
+        self._close_when_collected()
+
+    def _close_when_collected(self) -> None:
+        self._closer = weakref.finalize(self, self.engine.dispose)
+        self._closer.atexit = False  # at exit the process's connections end anyway
+
+    def close(self) -> None:
+        """Close the pooled database connections now. A later call opens new ones."""
+        self.remove_session()
+        self._closer()
+        self._close_when_collected()
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        state.pop("_closer", None)
+        return state
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        super().__setstate__(state)
+        quiet_pool_outages(self.engine)
+        self._close_when_collected()
 
     # The methods that open a session: the public ones that Optuna's cache does not bypass, and
     # the private ones it calls directly. The rest delegate to these.
@@ -218,26 +319,44 @@ class PatientStorage(RDBStorage):
         return self.patience.call(attempt)
 
     def _create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> FrozenTrial:
-        template = copy.deepcopy(template_trial) if template_trial else FrozenTrial(
-            number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.now(),
-            datetime_complete=None, params={}, distributions={}, user_attrs={}, system_attrs={},
-            intermediate_values={}, trial_id=-1)
-        template.system_attrs[CREATE_KEY] = uuid.uuid4().hex
-        return self.patience.call(super()._create_new_trial, study_id, template)
+        token = _create_key.set(uuid.uuid4().hex)
+        try:
+            return self.patience.call(self._create_new_trial_once, study_id, template_trial)
+        finally:
+            _create_key.reset(token)
+
+    def _create_new_trial_once(self, study_id: int, template_trial: FrozenTrial | None) -> FrozenTrial:
+        if not self._creations_table_ready:
+            self._create_creations_table()
+        return super()._create_new_trial(study_id, template_trial)
+
+    _creations_table_ready = False
+
+    def _create_creations_table(self) -> None:
+        try:
+            CREATIONS.create(self.engine, checkfirst=True)
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            # Another worker's first trial created it a moment ago: a unique-key violation in
+            # PostgreSQL's catalog, or "already exists". An outage goes to the caller's patience.
+            if is_outage(exc) or not (isinstance(exc, sqlalchemy.exc.IntegrityError) or "already exists" in str(exc)):
+                raise
+        self._creations_table_ready = True
 
     def _get_prepared_new_trial(self, study_id: int, template_trial: FrozenTrial | None, session) -> models.TrialModel:
         # Called inside the transaction that holds the study's row lock, by every attempt (Optuna
-        # also repeats a failed creation itself): a trial with this key means an earlier one landed.
-        key = template_trial.system_attrs.get(CREATE_KEY) if template_trial else None
+        # also repeats a failed creation itself): a row with this call's key means an earlier
+        # attempt landed.
+        key = _create_key.get()
         if key is not None:
-            landed = (session.query(models.TrialModel).join(models.TrialSystemAttributeModel)
-                      .filter(models.TrialModel.study_id == study_id,
-                              models.TrialSystemAttributeModel.key == CREATE_KEY,
-                              models.TrialSystemAttributeModel.value_json == json.dumps(key))
-                      .one_or_none())
-            if landed is not None:
-                return landed
-        return super()._get_prepared_new_trial(study_id, template_trial, session)
+            landed = session.execute(sqlalchemy.select(CREATIONS.c.trial_id)
+                                     .where(CREATIONS.c.create_key == key)).scalar_one_or_none()
+            trial = session.get(models.TrialModel, landed) if landed is not None else None
+            if trial is not None and trial.study_id == study_id:
+                return trial
+        trial = super()._get_prepared_new_trial(study_id, template_trial, session)
+        if key is not None:
+            session.execute(CREATIONS.insert().values(create_key=key, trial_id=trial.trial_id))
+        return trial
 
 
 def lost_to_a_peer(exc: BaseException) -> bool:
