@@ -25,6 +25,22 @@ class BlockSpec:
 
 
 @dataclass(frozen=True)
+class Shape:
+    """What a net sees and says: its input's channels and (square) side, and its classes."""
+
+    channels: int = 1
+    size: int = 28
+    classes: int = 10
+
+    def arch(self, blocks: tuple[BlockSpec, ...], tail: tuple[int, ...] = (), dropout: float = 0.0) -> ArchSpec:
+        return ArchSpec(blocks, tail, dropout, in_channels=self.channels, input_size=self.size,
+                        num_classes=self.classes)
+
+
+MNIST_SHAPE = Shape()
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     blocks: tuple[BlockSpec, ...]  # a 2x2 max-pool sits between consecutive blocks
     tail: tuple[int, ...] = ()  # 1x1 conv widths after the last block, before global pooling
@@ -32,6 +48,10 @@ class ArchSpec:
     in_channels: int = 1
     input_size: int = 28
     num_classes: int = 10
+
+    @property
+    def shape(self) -> Shape:
+        return Shape(self.in_channels, self.input_size, self.num_classes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nas.data import DataConfig, DataError
 from nas.space import VERSIONS, SpaceConfig, smallest_arch
-from nas.spec import PRESETS, count_params
+from nas.spec import PRESETS, Shape, SpecError, count_params
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -21,6 +22,9 @@ else:
 
 DEFAULT_STUDY_FILE = Path("studies/mnist-8k.toml")
 OBJECTIVES = ("accuracy", "params")
+# The shapes of the data sets that come in one shape, so a study file is checked before any is read.
+KNOWN_SHAPES = {"mnist": Shape(1, 28, 10), "fashion-mnist": Shape(1, 28, 10), "kmnist": Shape(1, 28, 10),
+                "cifar10": Shape(3, 32, 10), "svhn": Shape(3, 32, 10), "digits": Shape(1, 8, 10)}
 PRUNERS = ("median", "hyperband", "rung", "none")
 
 
@@ -51,6 +55,7 @@ class StudyConfig:
     enqueue: tuple[str, ...] = ("model3",)  # presets run first, once per study
     space: SpaceConfig = field(default_factory=SpaceConfig)
     rung: RungConfig = field(default_factory=RungConfig)  # used by pruner = "rung"
+    data: DataConfig = field(default_factory=DataConfig)  # [data]; absent: MNIST
 
     @property
     def directions(self) -> list[str]:
@@ -64,8 +69,10 @@ class StudyConfig:
     def from_stored(cls, stored: dict[str, Any]) -> StudyConfig:
         """The description a study stored when it was created (any version since the first)."""
         return dataclasses.replace(
-            cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k not in ("space", "rung")}),
+            cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()
+                   if k not in ("space", "rung", "data")}),
             space=SpaceConfig.from_dict(stored["space"]), rung=RungConfig(**stored.get("rung", {})),
+            data=DataConfig.from_dict(stored.get("data", {})),
         )
 
 
@@ -76,10 +83,13 @@ def parse_study_config(data: dict[str, Any], source: str = "study file") -> Stud
         # predates versions means version 1 (SpaceConfig.from_dict).
         space = SpaceConfig.from_dict({"version": VERSIONS[-1], **top.pop("space", {})})
         rung = RungConfig(**top.pop("rung", {}))
+        data = DataConfig.from_dict(top.pop("data", {}), f"{source}: [data]")
         for key in ("objectives", "enqueue"):
             if key in top:
                 top[key] = tuple(top[key])
-        config = StudyConfig(**top, space=space, rung=rung)
+        config = StudyConfig(**top, space=space, rung=rung, data=data)
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: {exc}") from None
     check(config, source)
@@ -102,11 +112,22 @@ def check(config: StudyConfig, source: str) -> None:
     if unknown:
         raise ConfigError(f"{source}: enqueue names unknown presets {unknown}; known: {list(PRESETS)}")
     check_space(config.space, source)
-    smallest = count_params(smallest_arch(config.space))
+    if config.data.dataset in KNOWN_SHAPES:
+        check_fits(config, KNOWN_SHAPES[config.data.dataset], source)
+
+
+def check_fits(config: StudyConfig, shape: Shape, source: str = "study file") -> None:
+    """ConfigError unless the space holds a net for inputs and classes of `shape` under the budget."""
+    try:
+        smallest = count_params(smallest_arch(config.space, shape))
+    except SpecError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     if smallest >= config.budget:
         raise ConfigError(
             f"{source}: budget {config.budget:,} is unreachable: the smallest architecture in the "
             f"search space has {smallest:,} parameters"
+            + (f" for {shape.channels}x{shape.size}x{shape.size} inputs and {shape.classes} classes"
+               if shape != KNOWN_SHAPES["mnist"] else "")
         )
 
 

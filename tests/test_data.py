@@ -85,8 +85,8 @@ def test_valid_split_is_the_last_10000_training_images(mnist):
     assert split.eval_name == "valid"
     assert len(split.train_x) == len(split.train_y) == 50_000
     assert len(split.eval_x) == len(split.eval_y) == 10_000
-    assert torch.equal(split.train_x, normalized(mnist.train_images[:50_000]))
-    assert torch.equal(split.eval_x, normalized(mnist.train_images[50_000:]))
+    assert torch.equal(split.normalize(split.train_x), normalized(mnist.train_images[:50_000]))
+    assert torch.equal(split.normalize(split.eval_x), normalized(mnist.train_images[50_000:]))
     assert torch.equal(split.train_y, mnist.train_labels[:50_000])
     assert torch.equal(split.eval_y, mnist.train_labels[50_000:])
     # No validation image also appears among the training images (MNIST has no such duplicates).
@@ -97,21 +97,22 @@ def test_valid_split_is_the_last_10000_training_images(mnist):
 def test_test_split_trains_on_all_60000(mnist):
     split = make_split(mnist, "test")
     assert split.eval_name == "test"
-    assert split.train_x.shape == (60_000, 1, 28, 28) and split.train_x.dtype == torch.float32
+    assert split.train_x.shape == (60_000, 1, 28, 28) and split.train_x.dtype == torch.uint8  # normalized per batch
     assert split.train_y.dtype == torch.int64
-    assert torch.equal(split.eval_x, normalized(mnist.test_images))
+    assert torch.equal(split.normalize(split.eval_x), normalized(mnist.test_images))
     assert torch.equal(split.eval_y, mnist.test_labels)
 
 
 def test_normalized_training_images_have_zero_mean_and_unit_std(mnist):
     split = make_split(mnist, "test")
-    assert split.train_x.mean().item() == pytest.approx(0, abs=1e-3)
-    assert split.train_x.std().item() == pytest.approx(1, abs=1e-3)
+    train_x = split.normalize(split.train_x)
+    assert train_x.mean().item() == pytest.approx(0, abs=1e-3)
+    assert train_x.std().item() == pytest.approx(1, abs=1e-3)
 
 
 def test_subset_keeps_the_first_training_images_and_the_whole_eval_set(mnist):
     split = make_split(mnist, "valid", subset=100)
-    assert torch.equal(split.train_x, normalized(mnist.train_images[:100]))
+    assert torch.equal(split.normalize(split.train_x), normalized(mnist.train_images[:100]))
     assert torch.equal(split.train_y, mnist.train_labels[:100])
     assert len(split.eval_x) == 10_000
     assert len(make_split(mnist, "test", subset=60_000).train_x) == 60_000

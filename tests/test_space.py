@@ -198,3 +198,12 @@ def test_sample_command_missing_or_bad_study_file_is_one_line_and_exit_2(tmp_pat
     assert space.main(["--sample", "3", "--study-file", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not valid TOML" in err
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "studies").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_study_file_draws_within_ten_percent_over_budget(path, capsys):
+    assert space.main(["--sample", "200", "--study-file", str(path)]) == 0
+    first = capsys.readouterr().out.splitlines()[1]
+    over = int(first.split("over budget or invalid: ")[1].split(" of")[0])
+    assert over <= 20, first

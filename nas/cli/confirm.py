@@ -21,7 +21,7 @@ from nas.cpu import tune_allocator
 from nas.storage import StorageError, default_url
 from nas.study.confirm import (ConfirmError, ConfirmPlan, chosen_numbers, confirm, leaderboard, pick_candidates,
                                save_note, write_results)
-from nas.study.stored import DEFAULT_STUDY, ReplayError, config_from_study, open_study
+from nas.study.stored import DEFAULT_STUDY, ReplayError, config_from_study, open_study, open_study_data
 from nas.train import DivergedError
 from nas.workers import resolve_workers
 
@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         study = open_study(plan.storage, plan.study)
         numbers, why = chosen_numbers(study, plan)
         candidates = pick_candidates(study, config_from_study(study), plan.top, plan.device, numbers)
-        data.prepare(root, progress=not args.quiet, notify=lambda line: print(line, file=sys.stderr))
-        mnist = data.load_mnist(root)
+        source = open_study_data(study, root, not args.quiet, notify=lambda line: print(line, file=sys.stderr))
         workers = resolve_workers(args.workers, torch.device(candidates[0].run.device))
     except (ConfirmError, ReplayError, StorageError, data.DataError, ValueError, RuntimeError) as exc:
         return fail(exc)
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "on the search's split, scored on validation")
           + (f", {workers} runs at a time" if workers > 1 else ""), flush=True)
     try:
-        study, results = confirm(study, plan, candidates, mnist, workers, say=lambda line: print(line, flush=True))
+        study, results = confirm(study, plan, candidates, source, workers, say=lambda line: print(line, flush=True))
     except (DivergedError, ConfirmError) as exc:
         return fail(exc, status=1)
     except KeyboardInterrupt:

@@ -25,7 +25,8 @@ from nas.model import summary_table
 from nas.run.record import BATCHNORM_PATHS
 from nas.spec import count_params
 from nas.storage import StorageError, default_url
-from nas.study.stored import DEFAULT_STUDY, ReplayError, config_from_study, open_study, pick_trial, replay_setup
+from nas.study.stored import (DEFAULT_STUDY, ReplayError, config_from_study, open_study, open_study_data, pick_trial,
+                              replay_setup)
 from nas.study.trials import epochs_to_target, front_note, is_multi_objective, score
 from nas.train import EpochResult, epoch_line, evaluate, train
 from nas.train.checkpoint import checkpoint
@@ -74,10 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         arch, train_config, run = replay_setup(trial, config, args.seed, args.device, args.batchnorm, args.full_train)
         device = torch.device(run.device)
         root = data.resolve_data_dir(args.data_dir)
-        data.prepare(root, progress=not args.quiet, notify=lambda line: print(line, file=sys.stderr))
-        mnist = data.load_mnist(root)
-        split = data.make_split(mnist, "test" if args.full_train else "valid", run.subset, device)
-        test = data.make_split(mnist, "test", None, device)
+        source = open_study_data(study, root, not args.quiet, notify=lambda line: print(line, file=sys.stderr))
+        split = source.split("test" if args.full_train else "valid", run.subset, device)
+        test = source.split("test", None, device)
     except (ReplayError, StorageError, data.DataError, ValueError, RuntimeError) as exc:
         # RuntimeError: torch's word on a device string it can't parse or a GPU that isn't there.
         return fail(exc)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     def report(result: EpochResult, model: nn.Module) -> None:
         print(epoch_line(result, split.eval_name))
         if not args.full_train:
-            _, correct = evaluate(model, test.eval_x, test.eval_y)
+            _, correct = evaluate(model, test.eval_x, test.eval_y, test.normalize)
             test_acc.append(100.0 * correct / len(test.eval_y))
             print(f"Test set: Accuracy: {correct}/{len(test.eval_y)} ({test_acc[-1]:.2f}%)")
         if not args.quiet:

@@ -22,9 +22,9 @@ from nas.study.create import create_or_load
 from nas.study.export import ExportError, load_export
 from nas.study.objective import SearchOptions
 from nas.study.sampling import rung_pays
-from nas.study.search import load_split, quiet_optuna, run_search, summary_lines
+from nas.study.search import quiet_optuna, run_search, summary_lines
 from nas.study.trials import finished_trials
-from nas.studyfile import DEFAULT_STUDY_FILE, ConfigError, resolve_study_file
+from nas.studyfile import DEFAULT_STUDY_FILE, ConfigError, check_fits, resolve_study_file
 from nas.workers import resolve_workers
 
 
@@ -69,14 +69,17 @@ def main(argv: list[str] | None = None) -> int:
         options = SearchOptions(storage=storage_url, study=name, trials=args.trials, epochs=args.epochs or config.epochs,
                                 subset=args.subset, seed=args.seed, data_dir=str(data.resolve_data_dir(args.data_dir)),
                                 run=settings, timeout=args.timeout, quiet=args.quiet, artifact_dir=args.artifact_dir)
-        data.prepare(Path(options.data_dir), progress=not args.quiet, notify=lambda line: print(line, file=sys.stderr))
+        chosen = data.open_data(config.data, Path(options.data_dir), progress=not args.quiet,
+                                notify=lambda line: print(line, file=sys.stderr))
+        check_fits(config, chosen.shape, str(args.study_file or DEFAULT_STUDY_FILE))
         # With several workers each loads its own split; this one only checks --subset, on the CPU,
         # so that the watching process holds no GPU memory.
-        split = load_split(options, device if workers == 1 else torch.device("cpu"))
+        split = chosen.split("valid", options.subset, device if workers == 1 else torch.device("cpu"))
         storage = open_storage(storage_url)
         enqueue = tuple(dict.fromkeys(config.enqueue + (("model1", "model2") if args.enqueue_all else ())))
         warm = load_export(args.warm_start) if args.warm_start else None
-        study = create_or_load(storage, name, config, args.seed, options.epochs, enqueue, warm)
+        study = create_or_load(storage, name, config, args.seed, options.epochs, enqueue, warm, chosen.shape,
+                               chosen.identity())
     except (ConfigError, StorageError, data.DataError, ExportError, ValueError) as exc:
         return fail(exc)
     done = len(finished_trials(study))
@@ -85,10 +88,12 @@ def main(argv: list[str] | None = None) -> int:
               f"a whole trial here ({options.epochs} epoch{'s' * (options.epochs > 1)} on {len(split.train_x):,}); "
               "trials skip it and train in full", file=sys.stderr)
     if not args.quiet:
+        print(f"Data: {chosen.describe()}")
         print(f"Study {name!r} in {storage_url}: {done} of {args.trials} trials finished; "
               f"budget < {config.budget:,} params, {options.epochs} epochs, {device}"
               + (f", {workers} workers" if workers > 1 else ""))
     try:
+        del chosen
         if workers > 1:
             del split
             split = None

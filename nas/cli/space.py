@@ -6,9 +6,10 @@ from pathlib import Path
 
 import optuna
 
-from nas.cli.args import ArgumentParser, fail, non_negative_int, positive_int
+from nas import data
+from nas.cli.args import ArgumentParser, add_data_dir, fail, non_negative_int, positive_int
 from nas.space import draw, sample_report
-from nas.studyfile import DEFAULT_STUDY_FILE, ConfigError, load_study_config
+from nas.studyfile import DEFAULT_STUDY_FILE, KNOWN_SHAPES, ConfigError, check_fits, load_study_config
 
 
 def build_parser() -> ArgumentParser:
@@ -18,6 +19,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--study-file", type=Path, default=DEFAULT_STUDY_FILE,
                         help=f"the study whose space and budget to draw from (default {DEFAULT_STUDY_FILE})")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="the RandomSampler's seed (default 0)")
+    add_data_dir(parser)
     return parser
 
 
@@ -25,11 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = load_study_config(args.study_file)
-    except ConfigError as exc:
+        # A folder's or an npz's shape is known once it is read (a folder's decoding is cached).
+        shape = KNOWN_SHAPES.get(config.data.dataset) or \
+            data.open_data(config.data, data.resolve_data_dir(args.data_dir)).shape
+        check_fits(config, shape, str(args.study_file))
+    except (ConfigError, data.DataError) as exc:
         return fail(exc)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    archs = draw(config.space, config.budget, args.sample, args.seed)
+    archs = draw(config.space, config.budget, args.sample, args.seed, shape)
     print(f"{args.sample} candidates from {args.study_file} (space version {config.space.version}, "
-          f"budget {config.budget:,}), drawn by Optuna's RandomSampler (seed {args.seed}), none trained:")
+          f"budget {config.budget:,}, {shape.channels}x{shape.size}x{shape.size} inputs, {shape.classes} classes), "
+          f"drawn by Optuna's RandomSampler (seed {args.seed}), none trained:")
     print("\n".join(sample_report(archs, config.budget)))
     return 0

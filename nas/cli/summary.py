@@ -22,5 +22,6 @@ def main(argv: list[str] | None = None) -> int:
         arch, _ = load_arch(args.spec)
     except SpecError as exc:
         return fail(exc)
+    print(f"Input {arch.in_channels}x{arch.input_size}x{arch.input_size}, {arch.num_classes} classes")
     print(summary_table(arch))
     return 0

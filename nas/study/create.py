@@ -3,30 +3,36 @@ presets queued once, and a warm start from another study's export."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from nas.space import express, params_for, params_of
-from nas.spec import PRESETS, ArchSpec, TrainConfig, count_params
+from nas.spec import MNIST_SHAPE, PRESETS, ArchSpec, Preset, Shape, SpecError, TrainConfig, count_params
 from nas.study.export import trial_from_dict
 from nas.study.sampling import make_pruner, make_sampler
-from nas.study.stored import config_from_study
+from nas.study.stored import DATA_ATTR, check_data, config_from_study
 from nas.studyfile import ConfigError, StudyConfig, differences
 
 def create_or_load(storage: optuna.storages.BaseStorage, name: str, config: StudyConfig, seed: int, epochs: int,
-                   enqueue: tuple[str, ...], warm: dict | None = None) -> optuna.Study:
+                   enqueue: tuple[str, ...], warm: dict | None = None, shape: Shape = MNIST_SHAPE,
+                   identity: dict | None = None) -> optuna.Study:
     """Load the study `name`, or create it and enqueue the presets; its sampler is seeded by `seed`
     and its pruner spans `epochs`. Creating is atomic in the
     storage, so exactly one of several workers starting together enqueues. With `warm` (a study
-    export, nas.study.export), its trials that fit this study join the history first, once."""
+    export, nas.study.export), its trials that fit this study join the history first, once.
+    `shape` is the data's, and `identity` what the study stores of its data, or checks against
+    what it stored (ConfigError naming what changed)."""
     sampler = make_sampler(seed)
     pruner = make_pruner(config, epochs)
     try:
         study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
                                     pruner=pruner, directions=config.directions)
         study.set_user_attr("config", config.to_stored())
+        if identity is not None:
+            study.set_user_attr(DATA_ATTR, identity)
         created = True
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner)
@@ -43,19 +49,25 @@ def create_or_load(storage: optuna.storages.BaseStorage, name: str, config: Stud
                     f"study {name!r} was made from another version of its study file ({'; '.join(changed)}); "
                     "rerun with the file it was made from, or give the new version its own --study name "
                     "(--warm-start from an export of this one carries its trials over)")
+        if identity is not None:
+            check_data(study, identity)
+            if DATA_ATTR not in study.user_attrs:  # made before studies stored their data: MNIST's
+                study.set_user_attr(DATA_ATTR, identity)
     if warm is not None and created:
-        added, skipped = warm_start(study, warm, config)
+        added, skipped = warm_start(study, warm, config, shape)
         print(f"Warm start from study {warm['study']!r}: {added} trials added to the history, "
               f"{skipped} skipped (outside this study's budget or space)", file=sys.stderr)
-        scaled = enqueue_scaled(study, warm, config)
+        scaled = enqueue_scaled(study, warm, config, shape)
         if scaled:
             print(f"Warm start: the shapes of its best trials that do not fit ({', '.join(map(str, scaled))}) "
                   "are queued, scaled to this budget", file=sys.stderr)
-    enqueue_presets(study, config, enqueue, fresh=created)
+    enqueue_presets(study, config, enqueue, fresh=created, shape=shape)
     return study
 
 
-def warm_start(study: optuna.Study, export: dict, config: StudyConfig) -> tuple[int, int]:
+
+
+def warm_start(study: optuna.Study, export: dict, config: StudyConfig, shape: Shape = MNIST_SHAPE) -> tuple[int, int]:
     """Adds the exported trials whose architecture and training config this study's space can
     express within its budget, re-expressed in this space's params and distributions (a study of
     another space version or budget words the same net differently), so the sampler starts from
@@ -63,7 +75,7 @@ def warm_start(study: optuna.Study, export: dict, config: StudyConfig) -> tuple[
     added = []
     for exported in export["trials"]:
         stored = trial_from_dict(exported)
-        rebuilt = _reexpress(stored, config)
+        rebuilt = _reexpress(stored, config, shape)
         if rebuilt is None or len(stored.values or ()) not in (0, len(config.directions)):
             continue
         added.append(optuna.trial.create_trial(
@@ -74,7 +86,8 @@ def warm_start(study: optuna.Study, export: dict, config: StudyConfig) -> tuple[
     return len(added), len(export["trials"]) - len(added)
 
 
-def enqueue_scaled(study: optuna.Study, export: dict, config: StudyConfig, top: int = 3) -> list[int]:
+def enqueue_scaled(study: optuna.Study, export: dict, config: StudyConfig, shape: Shape = MNIST_SHAPE,
+                   top: int = 3) -> list[int]:
     """Queues the shapes of the export's `top` best finished trials that are over this study's
     budget, scaled to it, and returns their numbers. A version-2 space words widths as shares of
     the budget, so a trial's params rebuild its net narrower (or wider) under another budget, with
@@ -93,7 +106,7 @@ def enqueue_scaled(study: optuna.Study, export: dict, config: StudyConfig, top: 
     for t in over:
         if len(chosen) == top:
             break
-        if express(t.params, config.space, config.budget, config.epochs, 0) is None:
+        if express(t.params, config.space, config.budget, config.epochs, 0, shape) is None:
             continue
         number = t.user_attrs["exported_number"]
         study.enqueue_trial(t.params, user_attrs={"scaled_from": f"{export['study']}#{number}"}, skip_if_exists=True)
@@ -101,7 +114,7 @@ def enqueue_scaled(study: optuna.Study, export: dict, config: StudyConfig, top: 
     return chosen
 
 
-def _reexpress(stored: FrozenTrial, config: StudyConfig) -> optuna.trial.FixedTrial | None:
+def _reexpress(stored: FrozenTrial, config: StudyConfig, shape: Shape) -> optuna.trial.FixedTrial | None:
     """A trial whose params make this study's space rebuild `stored`'s architecture and training
     config (epochs and seed aside) within the budget, or None: its own params where this space takes
     them, else the net worded afresh in this space (params_of)."""
@@ -115,15 +128,17 @@ def _reexpress(stored: FrozenTrial, config: StudyConfig) -> optuna.trial.FixedTr
             params = params if params is not None else params_of(arch, train_config, config.space, config.budget)
         except ValueError:
             continue
-        taken = express(params, config.space, config.budget, train_config.epochs, train_config.seed)
+        taken = express(params, config.space, config.budget, train_config.epochs, train_config.seed, shape)
         if taken is not None and taken[1:] == (arch, train_config):
             return taken[0]
     return None
 
 
-def enqueue_presets(study: optuna.Study, config: StudyConfig, names: tuple[str, ...], fresh: bool) -> None:
-    """Run each named preset once per study. A preset whose trial failed (interrupted) is queued
-    again; one whose trial is waiting, running, finished or was retried is not."""
+def enqueue_presets(study: optuna.Study, config: StudyConfig, names: tuple[str, ...], fresh: bool,
+                    shape: Shape = MNIST_SHAPE) -> None:
+    """Run each named preset once per study, its input and classifier made to the data's `shape`.
+    A preset whose trial failed (interrupted) is queued again; one whose trial is waiting, running,
+    finished or was retried is not. One that does not fit the data or the budget is skipped, in a line."""
     trials = study.get_trials(deepcopy=False)
     if not fresh and not trials:
         return  # another worker created the study a moment ago and is enqueueing
@@ -132,8 +147,20 @@ def enqueue_presets(study: optuna.Study, config: StudyConfig, names: tuple[str, 
         if name in present:
             continue
         preset = PRESETS[name]
+        arch = dataclasses.replace(preset.arch, in_channels=shape.channels, input_size=shape.size,
+                                   num_classes=shape.classes)
+        try:
+            params = count_params(arch)
+        except SpecError as exc:
+            print(f"note: {name} does not fit {shape.size}x{shape.size} inputs ({exc}); not enqueued", file=sys.stderr)
+            continue
+        if params >= config.budget:
+            print(f"note: {name} has {params:,} parameters on this data, not under the budget of {config.budget:,}; "
+                  "not enqueued", file=sys.stderr)
+            continue
+        preset = Preset(arch, preset.train)
         params = params_for(preset, config.space, config.budget)
-        taken = express(params, config.space, config.budget, preset.train.epochs, preset.train.seed)
+        taken = express(params, config.space, config.budget, preset.train.epochs, preset.train.seed, shape)
         if taken is None or taken[1:] != (preset.arch, preset.train):
             print(f"note: {name} lies outside this study's search space; not enqueued", file=sys.stderr)
             continue

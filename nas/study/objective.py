@@ -16,13 +16,14 @@ import optuna
 import torch
 from tqdm import tqdm
 
-from nas.data import Split
+from nas.data import Split, describe
 from nas.model import summary_table
 from nas.run.record import RUN_ATTR, RunRecord
 from nas.run.setup import RunSettings, resolve_run
 from nas.space import suggest
 from nas.spec import ArchSpec, SpecError, TrainConfig, count_params, layer_string, receptive_field
 from nas.study.sampling import RUNG_STEP, rung_pays
+from nas.study.stored import DATA_ATTR
 from nas.study.trials import epochs_to_target, score
 from nas.studyfile import StudyConfig
 from nas.train import DivergedError, EpochResult, epoch_line, train
@@ -56,7 +57,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         arch, train_config = suggest(trial, self.config.space, self.options.epochs, self.options.seed,
-                                     budget=self.config.budget)
+                                     budget=self.config.budget, shape=self.split.shape)
         try:
             params = count_params(arch)
         except SpecError as exc:
@@ -171,8 +172,10 @@ def save_layer_note(trial: optuna.Trial, arch: ArchSpec, config: TrainConfig) ->
     """The trial's layer table and config as an optuna-dashboard note."""
     from optuna_dashboard import save_note
 
+    identity = trial.study.user_attrs.get(DATA_ATTR)
+    data_line = f"Data: {describe(identity)}\n\n" if identity else ""
     body = (
-        f"## Trial {trial.number}\n\n```\n{summary_table(arch)}\n```\n\n"
+        f"## Trial {trial.number}\n\n{data_line}```\n{summary_table(arch)}\n```\n\n"
         f"Training config:\n\n```json\n{json.dumps(config.to_dict(), indent=2)}\n```\n"
     )
     save_note(trial, body)

@@ -30,8 +30,9 @@ def artifact_dir(options: SearchOptions) -> Path:
     return Path(options.artifact_dir) if options.artifact_dir else artifact_dir_for(options.storage)
 
 
-def load_split(options: SearchOptions, device: torch.device) -> data.Split:
-    return data.make_split(data.load_mnist(Path(options.data_dir)), "valid", options.subset, device)
+def load_split(options: SearchOptions, config: StudyConfig, device: torch.device) -> data.Split:
+    """The search's split: the study's data, training on its training part, scored on validation."""
+    return data.open_data(config.data, Path(options.data_dir)).split("valid", options.subset, device)
 
 
 def quiet_optuna() -> None:
@@ -62,7 +63,7 @@ def run_worker(options: SearchOptions, config: StudyConfig, split: data.Split | 
         torch.set_num_threads(options.run.threads)
     device = resolve_device(options.run.device)
     if split is None:
-        split = load_split(options, device)
+        split = load_split(options, config, device)
     storage = open_storage(options.storage, wait=True)  # its command has just reached it
     study = optuna.load_study(storage=storage, study_name=options.study,
                               sampler=make_sampler(options.seed),

@@ -3,12 +3,15 @@ function that made them with the run record they trained with, and the confirm r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import optuna
 import torch
 from optuna.trial import FixedTrial, FrozenTrial, TrialState
 
+from nas import data
 from nas.cpu import native
 from nas.run.device import resolve_device, resolve_precision
 from nas.run.record import RunRecord, record_of
@@ -19,6 +22,7 @@ from nas.studyfile import StudyConfig
 from nas.study.trials import best_trial
 
 DEFAULT_STUDY = "mnist-8k"
+DATA_ATTR = "data"  # the study's user attribute holding its data's identity (nas.data.Data.identity)
 BASELINE = "model3"  # the hand design every confirmation compares against
 
 
@@ -44,12 +48,36 @@ def config_from_study(study: optuna.Study) -> StudyConfig:
     return StudyConfig.from_stored(study.user_attrs["config"])
 
 
+def check_data(study: optuna.Study, identity: dict) -> None:
+    """DataError, naming what changed, unless the study's stored data identity is `identity`. A
+    study made before nas stored identities trained on MNIST, the only data there was."""
+    stored = study.user_attrs.get(DATA_ATTR)
+    if stored is None:
+        if identity["dataset"] != "mnist":
+            raise data.DataError(f"study {study.study_name!r} was made on MNIST; this data is {identity['dataset']}")
+        return
+    changed = data.differences(stored, identity)
+    if changed:
+        raise data.DataError(f"study {study.study_name!r} was made on other data ({'; '.join(changed)}); "
+                             "use the data it was made on, or give this data its own --study name")
+
+
+def open_study_data(study: optuna.Study, data_dir: Path, progress: bool = False,
+                    notify: Callable[[str], None] | None = None) -> data.Data:
+    """The data the study was made on, read as its study file's [data] table says and checked
+    against the identity it stored (DataError naming what changed); `notify` hears of a fallback."""
+    opened = data.open_data(config_from_study(study).data, data_dir, progress, notify)
+    check_data(study, opened.identity())
+    return opened
+
+
 def rebuild(trial: FrozenTrial, config: StudyConfig) -> tuple[ArchSpec, TrainConfig]:
     """The same space function the search ran, fed the stored params."""
     stored = trial.user_attrs["train"]
+    stored_arch = ArchSpec.from_dict(trial.user_attrs["arch"])
     arch, train_config = suggest(FixedTrial(trial.params, trial.number), config.space, stored["epochs"],
-                                 stored["seed"], budget=config.budget)
-    if arch != ArchSpec.from_dict(trial.user_attrs["arch"]):
+                                 stored["seed"], budget=config.budget, shape=stored_arch.shape)
+    if arch != stored_arch:
         raise ReplayError(f"trial {trial.number}: the search space no longer rebuilds the stored architecture")
     return arch, train_config
 

@@ -143,13 +143,16 @@ def augment_batch(images: torch.Tensor, strength: float, generator: torch.Genera
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    """Mean cross-entropy and number of correct predictions, in fp32 whatever the training precision."""
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             normalize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, int]:
+    """Mean cross-entropy and number of correct predictions, in fp32 whatever the training precision;
+    `normalize` turns each batch of stored images (a Split's uint8) into the model's input."""
     model.eval()
     loss_sum = torch.zeros((), device=images.device)
     correct = torch.zeros((), device=images.device, dtype=torch.long)
     for i in range(0, len(images), EVAL_BATCH):
-        out = model(images[i : i + EVAL_BATCH])
+        batch = images[i : i + EVAL_BATCH]
+        out = model(normalize(batch) if normalize is not None else batch)
         loss_sum += F.cross_entropy(out, labels[i : i + EVAL_BATCH], reduction="sum")
         correct += (out.argmax(1) == labels[i : i + EVAL_BATCH]).sum()
     return loss_sum.item() / len(images), int(correct.item())
@@ -169,17 +172,27 @@ def _forward_of(model: nn.Module, compiled: bool, device: torch.device) -> nn.Mo
     return torch.compile(model, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else "default")
 
 
+def flip_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image mirrored left to right with probability one half."""
+    flipped = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
+    return torch.where(flipped.view(-1, 1, 1, 1), images.flip(3), images)
+
+
 def _train_epoch(forward: nn.Module, optimizer: torch.optim.Optimizer, scheduler, average: WeightAverage | None,
-                 train_x: torch.Tensor, train_y: torch.Tensor, order: torch.Tensor, config: TrainConfig,
-                 precision: str, generator: torch.Generator, background: float,
+                 split: Split, order: torch.Tensor, config: TrainConfig,
+                 precision: str, generator: torch.Generator, background: float | torch.Tensor,
                  bar: tqdm) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass over (train_x, train_y) in `order`, a batch per optimizer step. Returns the summed
-    loss and the number of correct predictions, both still on the device (no host sync per step)."""
+    """One pass over the split's training images in `order`, a batch per optimizer step. Returns
+    the summed loss and the number of correct predictions, both still on the device (no host sync
+    per step)."""
+    train_x, train_y = split.train_x, split.train_y
     loss_sum = torch.zeros((), device=train_x.device)
     correct = torch.zeros((), device=train_x.device, dtype=torch.long)
     for b in range(0, len(order), config.batch_size):
         index = order[b : b + config.batch_size]
-        images, labels = train_x[index], train_y[index]
+        images, labels = split.normalize(train_x[index]), train_y[index]
+        if split.flip:
+            images = flip_batch(images, generator)
         if config.augment > 0:
             images = augment_batch(images, config.augment, generator, background)
         with autocast(train_x.device, precision):
@@ -204,19 +217,19 @@ def train(
     run: RunRecord,
     on_epoch: Callable[[EpochResult, nn.Module], None] | None = None,
     progress: bool = True,
-    background: float | None = None,
+    background: float | torch.Tensor | None = None,
     nested: bool = False,
 ) -> TrainResult:
     """Train for config.epochs on split.train_x, evaluating on split.eval_x after every epoch, the
     way `run` says (precision, memory format, BatchNorm path, weight average, compile); the
     caller has already put the data on the device and set the thread count. `on_epoch` sees every
     epoch's result and the evaluated model, and may raise to stop early (the search's pruner does).
-    `background` is the normalized value of a blank pixel (default: the data's minimum). The same
+    `background` is the normalized value of a blank pixel (default: the data's darkest). The same
     arguments on the same machine give the same numbers. With run.weight_average the evaluated and
     returned model is the moving average of the weights (WeightAverage), else the last step's.
     With `nested` the epoch's bar sits under a study's bar (line 2) and is cleared when done; the
     caller writes the epoch's line."""
-    train_x, train_y, eval_x, eval_y = split.train_x, split.train_y, split.eval_x, split.eval_y
+    train_x, eval_x, eval_y = split.train_x, split.eval_x, split.eval_y
     device = train_x.device
     n = len(train_x)
     steps_per_epoch = math.ceil(n / config.batch_size)
@@ -233,7 +246,7 @@ def train(
         optimizer, lambda step: lr_factor(config, step, steps_per_epoch)
     )
     if background is None:
-        background = float(train_x.min())
+        background = split.background()
     result = TrainResult(eval_model, run)
     for epoch in range(1, config.epochs + 1):
         model.train()
@@ -243,8 +256,7 @@ def train(
                    desc=f"Epoch {epoch} train",
                    **({"position": 1, "leave": False} if nested else {}))
         loss_sum, correct = _train_epoch(
-            forward, optimizer, scheduler, average, train_x, train_y, order, config, precision, generator,
-            background, bar)
+            forward, optimizer, scheduler, average, split, order, config, precision, generator, background, bar)
         train_loss = loss_sum.item() / n
         train_acc = 100.0 * correct.item() / n
         seconds = time.perf_counter() - start
@@ -252,7 +264,7 @@ def train(
         bar.close()
         if not math.isfinite(train_loss):
             raise DivergedError(f"training loss became {train_loss} in epoch {epoch}")
-        eval_loss, eval_correct = evaluate(eval_model, eval_x, eval_y)
+        eval_loss, eval_correct = evaluate(eval_model, eval_x, eval_y, split.normalize)
         epoch_result = EpochResult(
             epoch=epoch,
             train_loss=train_loss,
