@@ -11,7 +11,7 @@ import os
 import socket
 import sys
 import zipfile
-from contextlib import ExitStack, redirect_stderr, redirect_stdout
+from contextlib import ExitStack, redirect_stderr, redirect_stdout, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,20 +45,24 @@ def _class_dirs(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _files(root: Path, classes: list[str]) -> list[tuple[Path, int]]:
-    """(file, label) of every image under root/<class>/, ordered by file name across classes, then class."""
+Files = list[tuple[str, int]]  # (path relative to the folder given, label) of each image in a split
+
+
+def _files(root: Path, split: str, classes: list[str]) -> Files:
+    """Every image under root/split/<class>/, ordered by file name across classes, then class."""
     found = []
     for label, name in enumerate(classes):
-        with os.scandir(root / name) as entries:  # is_file from the listing, no stat per file
-            files = [Path(e.path) for e in entries if e.is_file() and not e.name.startswith(".")]
-        if not files:
-            raise DataError(f"{root / name}: class folder holds no files")
-        found += [(p, label) for p in files]
-    found.sort(key=lambda item: (item[0].name, classes[item[1]]))
-    return found
+        folder = os.path.join(split, name)
+        with os.scandir(root / folder) as entries:  # is_file from the listing, and strings: no stat or
+            names = [e.name for e in entries if e.is_file() and not e.name.startswith(".")]  # Path per file
+        if not names:
+            raise DataError(f"{root / folder}: class folder holds no files")
+        found += [(file, name, label) for file in names]
+    found.sort()
+    return [(os.path.join(split, name, file), label) for file, name, label in found]
 
 
-def _layout(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[tuple[Path, int]] | None]:
+def _layout(root: Path) -> tuple[list[str], Files, Files | None]:
     if not root.exists():
         raise DataError(f"{root}: no such folder")
     if not root.is_dir():
@@ -78,11 +82,11 @@ def _layout(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[tuple[P
         raise DataError(f"{root}: needs at least 2 class folders, found {len(classes)}"
                         + (f": {classes[0]!r}" if classes else ""))
     if (root / "train").is_dir():
-        return classes, _files(root / "train", classes), _files(root / "test", classes)
-    return classes, _files(root, classes), None
+        return classes, _files(root, "train", classes), _files(root, "test", classes)
+    return classes, _files(root, "", classes), None
 
 
-def _open(path: Path):
+def _open(path: str):
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -91,23 +95,24 @@ def _open(path: Path):
         raise DataError(f"{path}: not an image Pillow can read ({exc.__class__.__name__})") from None
 
 
-def _header(files: list[tuple[Path, int]]) -> tuple[bool, set[tuple[int, int]]]:
+def _header(root: Path, files: Files) -> tuple[bool, set[tuple[int, int]]]:
     """Whether every image is grayscale, and the sizes seen (reading headers only)."""
     gray, sizes = True, set()
-    for path, _ in files:
-        with _open(path) as image:
+    for file, _ in files:
+        with _open(os.path.join(root, file)) as image:
             gray = gray and image.mode in GRAYSCALE_MODES
             sizes.add(image.size)
     return gray, sizes
 
 
-def _decode(files: list[tuple[Path, int]], size: int, channels: int, bar: tqdm) -> tuple[np.ndarray, np.ndarray]:
+def _decode(root: Path, files: Files, size: int, channels: int, bar: tqdm) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
 
     x = np.empty((len(files), channels, size, size), dtype=np.uint8)
     y = np.empty(len(files), dtype=np.int64)
     mode = "L" if channels == 1 else "RGB"
-    for i, (path, label) in enumerate(files):
+    for i, (file, label) in enumerate(files):
+        path = os.path.join(root, file)
         try:
             with _open(path) as image:
                 if image.mode.startswith("I;16"):  # Pillow's convert would clip 16-bit values at 255
@@ -124,12 +129,11 @@ def _decode(files: list[tuple[Path, int]], size: int, channels: int, bar: tqdm) 
     return x, y
 
 
-def _cache_key(root: Path, image_size: int | None, channels: int | None,
-               files: list[tuple[Path, int]]) -> str:
+def _cache_key(root: Path, image_size: int | None, channels: int | None, files: Files) -> str:
     digest = hashlib.sha256(repr((CACHE_VERSION, str(root.resolve()), image_size, channels)).encode())
-    for path, label in sorted(files, key=lambda item: str(item[0])):
-        stat = path.stat()
-        digest.update(f"{path.relative_to(root)}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    for file, label in sorted(files):
+        stat = os.stat(os.path.join(root, file))
+        digest.update(f"{file}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -158,9 +162,8 @@ def _write_cache(path: Path, images: Images) -> None:
                      has_test=np.array(images.test_x is not None), classes=np.array(images.classes))
         os.replace(temporary, path)
     except OSError:
-        pass
-    finally:
-        temporary.unlink(missing_ok=True)
+        with suppress(OSError):  # where the folder itself is missing, there is nothing to remove
+            temporary.unlink(missing_ok=True)
 
 
 def from_folder(path: Path, image_size: int | None, channels: int | None, cache_dir: Path | None,
@@ -177,24 +180,26 @@ def from_folder(path: Path, image_size: int | None, channels: int | None, cache_
         raise DataError(f"image_size must be positive, got {image_size}")
     classes, train, test = _layout(path)
     every = train + (test or [])
-    cache = cache_dir / f"folder-{_cache_key(path, image_size, channels, every)}.npz" if cache_dir else None
-    if cache is not None and cache.exists():
+    cache = None
+    if cache_dir is not None:
+        cache = cache_dir / f"folder-{_cache_key(path, image_size, channels, every)}.npz"
         cached = _read_cache(cache)
         if cached is not None:
             return cached
     if channels is None or image_size is None:
-        gray, sizes = _header(every)
+        gray, sizes = _header(path, every)
         channels = channels or (1 if gray else 3)
         if image_size is None:
-            width, height = next(iter(sizes))
-            if len(sizes) > 1 or width != height:
-                shown = " and ".join(f"{w}x{h}" for w, h in sorted(sizes)[:2])
-                raise DataError(f"{path}: images have mixed or non-square sizes (e.g. {shown}); "
-                                "set image_size in [data]")
+            (width, height), *others = sorted(sizes)
+            if others:
+                raise DataError(f"{path}: images have mixed sizes (e.g. {width}x{height} and "
+                                f"{others[0][0]}x{others[0][1]}); set image_size in [data]")
+            if width != height:
+                raise DataError(f"{path}: images are {width}x{height}, not square; set image_size in [data]")
             image_size = width
     with tqdm(total=len(every), desc=f"Decoding {path}", file=sys.stderr, disable=not progress) as bar:
-        train_x, train_y = _decode(train, image_size, channels, bar)
-        test_arrays = _decode(test, image_size, channels, bar) if test is not None else (None, None)
+        train_x, train_y = _decode(path, train, image_size, channels, bar)
+        test_arrays = _decode(path, test, image_size, channels, bar) if test is not None else (None, None)
     images = Images(torch.from_numpy(train_x), torch.from_numpy(train_y),
                     None if test is None else torch.from_numpy(test_arrays[0]),
                     None if test is None else torch.from_numpy(test_arrays[1]), tuple(classes))
@@ -227,6 +232,8 @@ def _pixels(x: np.ndarray, path: Path, key: str) -> torch.Tensor:
 
 
 def _labels(y: np.ndarray, n: int, path: Path, key: str) -> torch.Tensor:
+    if y.ndim == 2 and y.shape[1] == 1:  # Keras's CIFAR-10 labels come as (N, 1)
+        y = y[:, 0]
     if y.ndim != 1 or len(y) != n:
         raise DataError(f"{path}: {key} holds {len(y) if y.ndim == 1 else y.shape} labels for {n} images")
     if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating) and np.all(y == np.rint(y))):
@@ -240,30 +247,39 @@ def from_npz(path: Path) -> Images:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a single array saved with np.save
+            raise ValueError(f"one {loaded.dtype} array {loaded.shape}, not named arrays")
+        with loaded as npz:
             arrays = {key: npz[key] for key in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"{path}: not an npz file numpy can read ({exc})") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: not an npz file numpy can read ({reason})") from None
     for key in ("x_train", "y_train"):
         if key not in arrays:
             raise DataError(f"{path}: no {key} array (it holds {', '.join(sorted(arrays)) or 'none'})")
     if ("x_test" in arrays) != ("y_test" in arrays):
         raise DataError(f"{path}: holds only one of x_test and y_test")
     train_x = _pixels(arrays["x_train"], path, "x_train")
+    if not len(train_x):
+        raise DataError(f"{path}: x_train holds no images")
     train_y = _labels(arrays["y_train"], len(train_x), path, "y_train")
     test_x = test_y = None
     if "x_test" in arrays:
         test_x = _pixels(arrays["x_test"], path, "x_test")
         test_y = _labels(arrays["y_test"], len(test_x), path, "y_test")
         if test_x.shape[1:] != train_x.shape[1:]:
-            raise DataError(f"{path}: x_test images are {tuple(test_x.shape[1:])}, x_train's {tuple(train_x.shape[1:])}")
-    names = tuple(str(c) for c in arrays["classes"]) if "classes" in arrays else None
-    count = len(names) if names else int(train_y.max()) + 1 if len(train_y) else 0
+            raise DataError(f"{path}: x_test images are {tuple(test_x.shape[1:])}, "
+                            f"x_train's {tuple(train_x.shape[1:])}")
+    names = tuple(str(c) for c in arrays["classes"].reshape(-1)) if "classes" in arrays else None
+    if names == ():
+        raise DataError(f"{path}: classes names no class")
+    count = len(names) if names is not None else int(train_y.max()) + 1
     for key, labels in (("y_train", train_y), ("y_test", test_y)):
         if labels is not None and len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= count):
             bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
             raise DataError(f"{path}: {key} holds label {bad}, outside 0..{count - 1}")
-    return Images(train_x, train_y, test_x, test_y, names or tuple(map(str, range(count))))
+    return Images(train_x, train_y, test_x, test_y, tuple(map(str, range(count))) if names is None else names)
 
 
 # --- scikit-learn's digits -----------------------------------------------------------------------
@@ -318,7 +334,7 @@ def from_torchvision(name: str, data_dir: Path, progress: bool = False) -> Image
         raise DataError(f"unknown dataset {name!r}; one of mnist, {', '.join(TORCHVISION)}, digits, folder, npz")
     try:
         sets = [_torchvision_set(name, data_dir, train, download=False) for train in (True, False)]
-    except (RuntimeError, OSError):
+    except Exception:  # noqa: BLE001 - missing (RuntimeError) or unreadable (many kinds): download, or say why not
         previous = socket.getdefaulttimeout()
         socket.setdefaulttimeout(MIRROR_TIMEOUT_S)
         try:
