@@ -131,7 +131,7 @@ def test_digits_searches_end_to_end_and_replays(tmp_path, capsys):
     assert len([t for t in study.trials if t.state.name == "COMPLETE"]) >= 1
     identity = study.user_attrs["data"]
     assert identity["dataset"] == "digits" and identity["shape"] == [1, 8, 8] and len(identity["classes"]) == 10
-    assert identity["split"] == {"train": 1150, "valid": 288, "test": 359, "order": "random"}
+    assert identity["split"] == {"train": 1007, "valid": 431, "test": 359, "order": "random"}
     for t in study.trials:
         if "arch" in t.user_attrs:
             assert (t.user_attrs["arch"]["input_size"], t.user_attrs["arch"]["num_classes"]) == (8, 10)
