@@ -72,8 +72,18 @@ def test_holdouts_are_counts_or_fractions_last_or_random_and_fixed():
     assert torch.equal(random.valid_x, again.valid_x) and not torch.equal(random.test_x, last.test_x)
     parts = torch.cat([random.train_x, random.valid_x, random.test_x]).flatten(1)
     assert len(torch.unique(parts, dim=0)) == 100  # every image in exactly one part
+    # a final run trains on everything but the test part, in the source's order, however validation was drawn
+    other = cut(source, DataConfig(dataset="digits", valid=0.3, test=20))
+    assert torch.equal(other.split("test").train_x, random.split("test").train_x)
+    assert torch.equal(random.split("test").train_x, source.train_x[~torch.isin(torch.arange(100), held(random))])
     with pytest.raises(DataError, match="valid"):
         cut(source, DataConfig(dataset="digits", valid=80, test=20))
+
+
+def held(data) -> torch.Tensor:
+    """Indices (into the source's training images) of the test part: images are distinct, so match them."""
+    flat = data.source.train_x.flatten(1)
+    return torch.tensor([int((flat == image.flatten()).all(1).nonzero()[0]) for image in data.test_x])
 
 
 def test_statistics_come_from_the_training_part_per_channel():

@@ -170,6 +170,8 @@ class Data:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     source: Images = field(repr=False)  # what it was cut from
+    rest_x: torch.Tensor = field(repr=False)  # training and validation images in the source's order
+    rest_y: torch.Tensor = field(repr=False)
 
     @cached_property
     def fingerprint(self) -> str:
@@ -189,7 +191,8 @@ class Data:
         if evaluate_on == "valid":
             train_x, train_y, eval_x, eval_y = self.train_x, self.train_y, self.valid_x, self.valid_y
         elif evaluate_on == "test":
-            train_x, train_y = torch.cat([self.train_x, self.valid_x]), torch.cat([self.train_y, self.valid_y])
+            # in the source's order, so a final run does not depend on how validation was drawn
+            train_x, train_y = self.rest_x, self.rest_y
             eval_x, eval_y = self.test_x, self.test_y
         else:
             raise ValueError(f"evaluate_on must be 'valid' or 'test', not {evaluate_on!r}")
@@ -330,7 +333,8 @@ def cut(images: Images, config: DataConfig, source: str = "[data]") -> Data:
         mean, std = (MEAN,), (STD,)  # the published statistics, as every MNIST study so far used
     else:
         mean, std = _channel_stats(train_x)
-    return Data(config, train_x, train_y, valid_x, valid_y, test_x, test_y, tuple(images.classes), mean, std, images)
+    return Data(config, train_x, train_y, valid_x, valid_y, test_x, test_y, tuple(images.classes), mean, std, images,
+                x, y)
 
 
 def make_split(mnist: Mnist, evaluate_on: str = "valid", subset: int | None = None,
