@@ -13,8 +13,11 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import optuna
 import psycopg
 
 USER = "nas"
@@ -92,6 +95,21 @@ class Server:
 
     def stop(self) -> None:
         self.run(self.pg_ctl, "-D", str(self.data), "-m", "immediate", "stop")
+
+
+@contextmanager
+def rdb_storage(url: str) -> Iterator[optuna.storages.RDBStorage]:
+    """A plain Optuna RDBStorage on `url`, its engine disposed of on the way out.
+
+    Optuna never disposes of an RDBStorage's engine, nor of the one it opens when given a URL
+    (optuna.load_study(storage=url), optuna.copy_study): its pooled PostgreSQL connections are
+    left to the garbage collector, and psycopg warns (ResourceWarning, "deleted while still
+    open") in whichever later test the collector happens to run."""
+    storage = optuna.storages.RDBStorage(url)
+    try:
+        yield storage
+    finally:
+        storage.engine.dispose()
 
 
 def server_for_tests():

@@ -15,7 +15,7 @@ import optuna
 import pytest
 
 from nas import search
-from tests.pg import free_port
+from tests.pg import free_port, rdb_storage
 
 
 def get_json(url: str, server: subprocess.Popen, timeout: float = 60) -> dict:
@@ -47,29 +47,31 @@ def test_dashboard_serves_the_study_its_trials_and_layer_notes(backend, searched
     if backend == "postgresql":
         # The same study, trials, notes and artifact references, moved to PostgreSQL.
         target = request.getfixturevalue("postgres").create_database("dash")
-        optuna.copy_study(from_study_name="mnist-8k", from_storage=url, to_storage=target)
+        with rdb_storage(url) as source, rdb_storage(target) as copy:
+            optuna.copy_study(from_study_name="mnist-8k", from_storage=source, to_storage=copy)
         url = target
     port = free_port()
-    server = subprocess.Popen(
+    # As a context manager: the stderr pipe is closed (and the server reaped) on the way out.
+    with subprocess.Popen(
         # The console script users run, from the same environment as the tests.
         [str(Path(sys.executable).parent / "optuna-dashboard"), url, "--host", "127.0.0.1", "--port", str(port),
          "--artifact-dir", str(artifacts), "--quiet"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    try:
-        studies = get_json(f"http://127.0.0.1:{port}/api/studies", server)["study_summaries"]
-        assert [s["study_name"] for s in studies] == ["mnist-8k"]
-        detail = get_json(f"http://127.0.0.1:{port}/api/studies/{studies[0]['study_id']}", server)
-        trials = detail["trials"]
-        assert [t["state"] for t in trials if t["state"] == "Complete"] == ["Complete"]
-        model3 = trials[0]
-        assert any(a["key"] == "preset" and "model3" in a["value"] for a in model3["user_attrs"])
-        assert "Total params: 7,918" in model3["note"]["body"]
-        artifact = model3["artifacts"][0]
-        # The weights themselves download from the artifact store.
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/artifacts/{studies[0]['study_id']}/"
-                                    f"{model3['trial_id']}/{artifact['artifact_id']}", timeout=10) as response:
-            assert len(response.read()) > 7918 * 4
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    ) as server:
+        try:
+            studies = get_json(f"http://127.0.0.1:{port}/api/studies", server)["study_summaries"]
+            assert [s["study_name"] for s in studies] == ["mnist-8k"]
+            detail = get_json(f"http://127.0.0.1:{port}/api/studies/{studies[0]['study_id']}", server)
+            trials = detail["trials"]
+            assert [t["state"] for t in trials if t["state"] == "Complete"] == ["Complete"]
+            model3 = trials[0]
+            assert any(a["key"] == "preset" and "model3" in a["value"] for a in model3["user_attrs"])
+            assert "Total params: 7,918" in model3["note"]["body"]
+            artifact = model3["artifacts"][0]
+            # The weights themselves download from the artifact store.
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/artifacts/{studies[0]['study_id']}/"
+                                        f"{model3['trial_id']}/{artifact['artifact_id']}", timeout=10) as response:
+                assert len(response.read()) > 7918 * 4
+        finally:
+            server.terminate()
+            server.wait(timeout=10)

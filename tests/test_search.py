@@ -1,4 +1,5 @@
 import tomllib
+from pathlib import Path
 
 import optuna
 import pytest
@@ -30,7 +31,7 @@ def test_model3_runs_first_and_only_once(searched):
     first = study.trials[0]
     assert first.user_attrs["preset"] == "model3"
     assert first.user_attrs["params"] == 7918
-    config = parse_study_config(tomllib.loads(open(STUDY_FILE).read()))
+    config = parse_study_config(tomllib.loads(Path(STUDY_FILE).read_text()))
     assert first.params == params_for(PRESETS["model3"], config.space, config.budget)
     assert sum(t.user_attrs.get("preset") == "model3" for t in study.trials) == 1
 
@@ -119,7 +120,7 @@ def test_a_changed_study_file_does_not_silently_reshape_a_stored_study(searched,
     url, db = searched
     before = [(t.number, t.state, t.params) for t in load(url).trials]
     changed = tmp_path / "mnist-8k.toml"
-    text = open(STUDY_FILE).read()
+    text = Path(STUDY_FILE).read_text()
     changed.write_text(text.replace("lr = [0.0005, 0.05]", "lr = [0.001, 0.05]"))
     assert changed.read_text() != text  # the change took: the file's lr line is as this test expects
     code = search.main(["--trials", "5", "--epochs", "1", "--subset", "256", "--storage", url, "--study-file",

@@ -22,6 +22,7 @@ from nas.study.progress import ProgressBar
 from nas.study.sampling import make_sampler
 from nas.study.trials import finished_trials
 from nas.workers import available_cpus
+from tests.pg import rdb_storage
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STUDY = "mnist-8k"
@@ -95,8 +96,8 @@ def test_two_independent_workers_share_a_postgresql_study(postgres, data_dir):
     for worker in workers:
         _, stderr = worker.communicate(timeout=240)
         assert worker.returncode == 0, stderr
-    study = optuna.load_study(study_name=STUDY, storage=url)
-    assert_shared_cleanly(study, 3, workers=2)
+    with rdb_storage(url) as storage:
+        assert_shared_cleanly(optuna.load_study(study_name=STUDY, storage=storage), 3, workers=2)
 
 
 def test_a_killed_worker_trial_is_failed_by_heartbeat_and_retried(postgres, data_dir):
@@ -108,30 +109,30 @@ def test_a_killed_worker_trial_is_failed_by_heartbeat_and_retried(postgres, data
         env={**os.environ, **fast}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     deadline = time.monotonic() + 120
-    storage = optuna.storages.RDBStorage(url)
-    while True:
-        assert victim.poll() is None, "the worker ended before it could be killed"
-        assert time.monotonic() < deadline, "no trial finished its first epoch in time"
-        trials = optuna.load_study(study_name=STUDY, storage=storage).trials if _study_exists(storage) else []
-        if trials and trials[0].intermediate_values:
-            break
-        time.sleep(0.3)
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
-    killed = optuna.load_study(study_name=STUDY, storage=storage).trials[0]
-    assert killed.state == TrialState.RUNNING  # nobody told the storage: only the heartbeat stops
+    with rdb_storage(url) as storage:
+        while True:
+            assert victim.poll() is None, "the worker ended before it could be killed"
+            assert time.monotonic() < deadline, "no trial finished its first epoch in time"
+            trials = optuna.load_study(study_name=STUDY, storage=storage).trials if _study_exists(storage) else []
+            if trials and trials[0].intermediate_values:
+                break
+            time.sleep(0.3)
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()
+        killed = optuna.load_study(study_name=STUDY, storage=storage).trials[0]
+        assert killed.state == TrialState.RUNNING  # nobody told the storage: only the heartbeat stops
 
-    time.sleep(3.5)  # past the grace period
-    result = run(search_command(url, data_dir, 1), env=fast)
-    assert result.returncode == 0, result.stderr
-    study = optuna.load_study(study_name=STUDY, storage=url)
-    trials = study.trials
-    assert trials[0].state == TrialState.FAIL
-    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
-    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
-    assert retries[0].system_attrs["retry_history"] == [killed.number]
-    assert retries[0].params == killed.params and retries[0].user_attrs.get("preset") == "model3"
-    assert_shared_cleanly(study, 1, workers=1)
+        time.sleep(3.5)  # past the grace period
+        result = run(search_command(url, data_dir, 1), env=fast)
+        assert result.returncode == 0, result.stderr
+        study = optuna.load_study(study_name=STUDY, storage=storage)
+        trials = study.trials
+        assert trials[0].state == TrialState.FAIL
+        retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+        assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+        assert retries[0].system_attrs["retry_history"] == [killed.number]
+        assert retries[0].params == killed.params and retries[0].user_attrs.get("preset") == "model3"
+        assert_shared_cleanly(study, 1, workers=1)
 
 
 def _study_exists(storage: optuna.storages.BaseStorage) -> bool:
