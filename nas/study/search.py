@@ -125,5 +125,7 @@ def summary_lines(study: optuna.Study, storage_url: str) -> list[str]:
     else:
         lines.append(f"Replay the best trial:  {replay}")
         confirm = f"python -m nas.confirm --storage {storage_url} --study {study.study_name}"
-        lines.append(f"Confirm the top 3 against Model 3 over 3 seeds:  {confirm}")
+        against = " against Model 3" if any(t.user_attrs.get("preset") == "model3"
+                                             for t in study.get_trials(deepcopy=False)) else ""
+        lines.append(f"Confirm the top 3{against} over 3 seeds:  {confirm}")
     return lines
