@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,24 @@ class LayerInfo:
     out_shape: tuple[int, int, int]  # (channels, height, width)
     params: int
     receptive_field: int  # side of the input square one output pixel sees
+    macs: int = 0  # multiply-accumulates of its convolution (as ptflops and fvcore count Conv2d)
+    in_shape: tuple[int, int, int] = (0, 0, 0)
+
+    @property
+    def activation_bytes(self) -> int:
+        """Its input plus its output activation, one byte a value (int8): what must be in RAM at once."""
+        return math.prod(self.in_shape) + math.prod(self.out_shape)
+
+    @property
+    def flash_bytes(self) -> int:
+        """Its int8 weights with BatchNorm folded into the conv: a byte a weight, a 4-byte bias a channel
+        (the classifier has neither BatchNorm nor bias)."""
+        if self.name == "classifier":
+            return self.params
+        if self.name.startswith("conv"):
+            channels = self.out_shape[0]
+            return self.params - 2 * channels + 4 * channels  # BatchNorm's 2 per channel become one bias
+        return 0
 
 
 def layer_table(spec: ArchSpec) -> list[LayerInfo]:
@@ -145,18 +164,22 @@ def layer_table(spec: ArchSpec) -> list[LayerInfo]:
             size //= 2
             rf, jump = rf + jump, jump * 2
             _check_size(size, "maxpool", index)
-            rows.append(LayerInfo("maxpool", (channels, size, size), 0, rf))
+            rows.append(LayerInfo("maxpool", (channels, size, size), 0, rf, 0, rows[-1].out_shape))
         for width in block.widths:
+            before = (channels, size, size)
             size = size + 2 * block.padding - 2
             rf += 2 * jump
             _check_size(size, "conv3x3", index)
-            rows.append(LayerInfo("conv3x3", (width, size, size), 9 * channels * width + 2 * width, rf))
+            rows.append(LayerInfo("conv3x3", (width, size, size), 9 * channels * width + 2 * width, rf,
+                                  9 * channels * width * size * size, before))
             channels = width
     for width in spec.tail:
-        rows.append(LayerInfo("conv1x1", (width, size, size), channels * width + 2 * width, rf))
+        rows.append(LayerInfo("conv1x1", (width, size, size), channels * width + 2 * width, rf,
+                              channels * width * size * size, (channels, size, size)))
         channels = width
-    rows.append(LayerInfo("gap", (channels, 1, 1), 0, spec.input_size))
-    rows.append(LayerInfo("classifier", (spec.num_classes, 1, 1), channels * spec.num_classes, spec.input_size))
+    rows.append(LayerInfo("gap", (channels, 1, 1), 0, spec.input_size, 0, (channels, size, size)))
+    rows.append(LayerInfo("classifier", (spec.num_classes, 1, 1), channels * spec.num_classes, spec.input_size,
+                          channels * spec.num_classes, (channels, 1, 1)))
     return rows
 
 
@@ -167,6 +190,39 @@ def _check_size(size: int, layer: str, block: int) -> None:
 
 def count_params(spec: ArchSpec) -> int:
     return sum(row.params for row in layer_table(spec))
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What a net costs a small device, int8: its multiply-accumulates, the most activation bytes in
+    RAM at once (MCUNet's peak for a sequential net: a layer's input plus its output), and the bytes
+    of its weights with BatchNorm folded."""
+
+    macs: int
+    peak_ram: int
+    peak_layer: int  # index into layer_table of the layer at the peak
+    flash: int
+
+
+def costs(spec: ArchSpec) -> Costs:
+    rows = layer_table(spec)
+    peak = max(range(len(rows)), key=lambda i: rows[i].activation_bytes)
+    return Costs(sum(r.macs for r in rows), rows[peak].activation_bytes, peak, sum(r.flash_bytes for r in rows))
+
+
+def cost_lines(spec: ArchSpec) -> list[str]:
+    """Per layer and in total: output, MACs, activation bytes in RAM (input + output) and int8 flash."""
+    rows = layer_table(spec)
+    total = costs(spec)
+    lines = [f"{'layer':>16} {'output':>12} {'MACs':>11} {'RAM B (in+out)':>15} {'flash B':>8}"]
+    for i, row in enumerate(rows):
+        c, h, w = row.out_shape
+        mark = "  <- peak" if i == total.peak_layer else ""
+        lines.append(f"{f'{row.name}-{i + 1}':>16} {f'{h}x{w}x{c}':>12} {row.macs:>11,} {row.activation_bytes:>15,} "
+                     f"{row.flash_bytes:>8,}{mark}")
+    lines.append(f"MACs {total.macs:,}; peak activation memory {total.peak_ram:,} B (int8, at layer "
+                 f"{total.peak_layer + 1}); flash {total.flash:,} B (int8 weights, BatchNorm folded, 4-byte biases)")
+    return lines
 
 
 def receptive_field(spec: ArchSpec) -> int:

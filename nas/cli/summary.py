@@ -1,4 +1,5 @@
-"""Layer table of an architecture in the seed study's style, measured on the built model by torchinfo.
+"""Layer table of an architecture in the seed study's style, measured on the built model by torchinfo,
+then what it costs a device (MACs, peak activation RAM and flash, int8).
 
     python -m nas.summary model3          # or model1, model2, or a spec JSON file
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 from nas.cli.args import ArgumentParser, fail
 from nas.model import summary_table
-from nas.spec import SpecError, load_arch
+from nas.spec import SpecError, cost_lines, load_arch
 
 
 def build_parser() -> ArgumentParser:
@@ -24,4 +25,5 @@ def main(argv: list[str] | None = None) -> int:
         return fail(exc)
     print(f"Input {arch.in_channels}x{arch.input_size}x{arch.input_size}, {arch.num_classes} classes")
     print(summary_table(arch))
+    print("\n".join(cost_lines(arch)))
     return 0

@@ -21,7 +21,7 @@ from nas.model import summary_table
 from nas.run.record import RUN_ATTR, RunRecord
 from nas.run.setup import RunSettings, resolve_run
 from nas.space import suggest
-from nas.spec import ArchSpec, SpecError, TrainConfig, count_params, layer_string, receptive_field
+from nas.spec import ArchSpec, SpecError, TrainConfig, cost_lines, costs, count_params, layer_string, receptive_field
 from nas.study.sampling import RUNG_STEP, rung_pays
 from nas.study.stored import DATA_ATTR
 from nas.study.trials import epochs_to_target, score
@@ -68,6 +68,10 @@ class Objective:
                                over=float(params - self.config.budget + 1))
         set_constraint(trial, float(params - self.config.budget + 1))
         trial.set_user_attr("receptive_field", receptive_field(arch))
+        cost = costs(arch)  # what it costs a device, int8 (sortable in the dashboard)
+        trial.set_user_attr("macs", cost.macs)
+        trial.set_user_attr("peak_ram", cost.peak_ram)
+        trial.set_user_attr("flash", cost.flash)
         trial.set_user_attr("arch", arch.to_dict())
         trial.set_user_attr("train", train_config.to_dict())
         trial.set_user_attr("worker", self.options.worker)
@@ -176,6 +180,7 @@ def save_layer_note(trial: optuna.Trial, arch: ArchSpec, config: TrainConfig) ->
     data_line = f"Data: {describe(identity)}\n\n" if identity else ""
     body = (
         f"## Trial {trial.number}\n\n{data_line}```\n{summary_table(arch)}\n```\n\n"
+        f"Device costs (int8):\n\n```\n{chr(10).join(cost_lines(arch))}\n```\n\n"
         f"Training config:\n\n```json\n{json.dumps(config.to_dict(), indent=2)}\n```\n"
     )
     save_note(trial, body)
