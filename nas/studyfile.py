@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from nas.data import DataConfig, DataError
-from nas.space import VERSIONS, SpaceConfig, smallest_arch
+from nas.space import VERSIONS, Budget, SpaceConfig, smallest_arch
 from nas.spec import PRESETS, Shape, SpecError, count_params
 
 if sys.version_info >= (3, 11):
@@ -21,7 +21,7 @@ else:
     import tomli as tomllib
 
 DEFAULT_STUDY_FILE = Path("studies/mnist-8k.toml")
-OBJECTIVES = ("accuracy", "params")
+OBJECTIVES = ("accuracy", "params", "macs", "peak_ram")
 # The shapes of the data sets that come in one shape, so a study file is checked before any is read.
 KNOWN_SHAPES = {"mnist": Shape(1, 28, 10), "fashion-mnist": Shape(1, 28, 10), "kmnist": Shape(1, 28, 10),
                 "cifar10": Shape(3, 32, 10), "svhn": Shape(3, 32, 10), "digits": Shape(1, 8, 10)}
@@ -48,6 +48,9 @@ class RungConfig:
 class StudyConfig:
     name: str = "mnist-8k"
     budget: int = 8000  # trained architectures have strictly fewer parameters than this
+    max_macs: int = 0  # and at most this many multiply-accumulates (0: no limit)
+    max_peak_ram: int = 0  # bytes of int8 activations in RAM at once (0: no limit)
+    max_flash: int = 0  # bytes of int8 weights, BatchNorm folded (0: no limit)
     epochs: int = 15
     objectives: tuple[str, ...] = ("accuracy",)  # ("accuracy", "params") asks for a Pareto front
     score_epochs: int = 3  # the accuracy objective is the mean of the last N epochs' validation accuracy
@@ -56,6 +59,11 @@ class StudyConfig:
     space: SpaceConfig = field(default_factory=SpaceConfig)
     rung: RungConfig = field(default_factory=RungConfig)  # used by pruner = "rung"
     data: DataConfig = field(default_factory=DataConfig)  # [data]; absent: MNIST
+
+    @property
+    def limits(self) -> Budget:
+        """Every budget the study holds its nets to."""
+        return Budget(self.budget, self.max_macs, self.max_peak_ram, self.max_flash)
 
     @property
     def directions(self) -> list[str]:
@@ -99,6 +107,8 @@ def parse_study_config(data: dict[str, Any], source: str = "study file") -> Stud
 def check(config: StudyConfig, source: str) -> None:
     if config.budget < 1 or config.epochs < 1 or config.score_epochs < 1:
         raise ConfigError(f"{source}: budget, epochs and score_epochs must be positive")
+    if min(config.max_macs, config.max_peak_ram, config.max_flash) < 0:
+        raise ConfigError(f"{source}: max_macs, max_peak_ram and max_flash must be positive (0: no limit)")
     if not config.objectives or any(o not in OBJECTIVES for o in config.objectives):
         raise ConfigError(f"{source}: objectives must be drawn from {OBJECTIVES}, got {config.objectives}")
     if config.objectives[0] != "accuracy":
@@ -119,9 +129,14 @@ def check(config: StudyConfig, source: str) -> None:
 def check_fits(config: StudyConfig, shape: Shape, source: str = "study file") -> None:
     """ConfigError unless the space holds a net for inputs and classes of `shape` under the budget."""
     try:
-        smallest = count_params(smallest_arch(config.space, shape))
+        arch = smallest_arch(config.space, shape)
+        smallest = count_params(arch)
     except SpecError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    broken = [b for b in config.limits.over(arch) if "params" not in b]
+    if broken:
+        raise ConfigError(f"{source}: the smallest architecture in the search space breaks a device budget "
+                          f"({'; '.join(broken)}): no net can be trained")
     if smallest >= config.budget:
         raise ConfigError(
             f"{source}: budget {config.budget:,} is unreachable: the smallest architecture in the "

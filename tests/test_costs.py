@@ -10,7 +10,7 @@ from torch import nn
 
 from nas.cli import summary
 from nas.model import BatchNormAct2d, build_model
-from nas.space import SpaceConfig, draw
+from nas.space import Budget, SpaceConfig, draw
 from nas.spec import PRESETS, ArchSpec, BlockSpec, costs, layer_table
 
 
@@ -84,3 +84,54 @@ def test_presets_costs_are_positive_and_consistent(preset):
     cost = costs(arch)
     assert 0 < cost.flash < 4 * sum(r.params for r in layer_table(arch))
     assert cost.peak_ram >= max(r.activation_bytes for r in layer_table(arch))
+
+
+# --- device budgets in the study file ---------------------------------------------------------------
+
+REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def device_study(tmp_path, extra: str, objectives: str = '["accuracy"]'):
+    text = (REPO_ROOT / "studies" / "mnist-8k.toml").read_text()
+    text = text.replace('enqueue = ["model3"]', "enqueue = []").replace(
+        'objectives = ["accuracy"]', f"objectives = {objectives}")
+    path = tmp_path / "device.toml"
+    path.write_text(text.replace("budget = 8000", f"budget = 8000\n{extra}", 1))
+    return path
+
+
+def test_draws_fit_a_macs_budget_by_construction(tmp_path):
+    from nas.studyfile import load_study_config
+
+    config = load_study_config(device_study(tmp_path, "max_macs = 600000\nmax_peak_ram = 12000"))
+    assert config.limits == Budget(8000, 600_000, 12_000, 0)
+    archs = draw(config.space, config.limits, 200, seed=0)
+    over = [a for a in archs if config.limits.over(a)]
+    assert len(over) <= 20
+    for arch in archs:
+        if arch not in over:
+            assert costs(arch).macs <= 600_000 and costs(arch).peak_ram <= 12_000
+
+
+def test_a_device_budget_no_net_meets_is_refused_before_training(tmp_path):
+    from nas.studyfile import ConfigError, load_study_config
+
+    with pytest.raises(ConfigError, match="smallest architecture .* MACs"):
+        load_study_config(device_study(tmp_path, "max_macs = 1000"))
+
+
+def test_a_macs_study_trains_only_nets_within_it_and_can_minimize_macs(tmp_path, data_dir):
+    from nas.cli import search
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    file = device_study(tmp_path, "max_macs = 600000", objectives='["accuracy", "macs"]')
+    assert search.main(["--study-file", str(file), "--trials", "3", "--epochs", "1", "--subset", "256",
+                        "--storage", url, "--data-dir", str(data_dir), "--quiet"]) == 0
+    study = optuna.load_study(study_name="mnist-8k", storage=url)
+    trained = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(trained) >= 3
+    for t in trained:
+        assert t.user_attrs["macs"] <= 600_000 and t.values[1] == t.user_attrs["macs"]
+    for t in study.trials:
+        if "rejected" in t.user_attrs:
+            assert "MACs" in t.user_attrs["rejected"] or "params" in t.user_attrs["rejected"]

@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, data.DataError) as exc:
         return fail(exc)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    archs = draw(config.space, config.budget, args.sample, args.seed, shape)
+    archs = draw(config.space, config.limits, args.sample, args.seed, shape)
     print(f"{args.sample} candidates from {args.study_file} (space version {config.space.version}, "
           f"budget {config.budget:,}, {shape.channels}x{shape.size}x{shape.size} inputs, {shape.classes} classes), "
           f"drawn by Optuna's RandomSampler (seed {args.seed}), none trained:")
-    print("\n".join(sample_report(archs, config.budget)))
+    print("\n".join(sample_report(archs, config.limits)))
     return 0

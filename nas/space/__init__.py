@@ -18,14 +18,51 @@ import math
 import statistics
 import warnings
 from dataclasses import dataclass, fields
+from collections.abc import Callable
 from typing import Any
 
 import optuna
 
-from nas.spec import (MNIST_SHAPE, ArchSpec, BlockSpec, Preset, Shape, SpecError, TrainConfig, count_params, layer_string,
-                      receptive_field)
+from nas.spec import (MNIST_SHAPE, ArchSpec, BlockSpec, Preset, Shape, SpecError, TrainConfig, costs, count_params,
+                      layer_string, receptive_field)
 
 VERSIONS = (1, 2)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a net may cost: strictly fewer than `params` parameters, and at most `macs`
+    multiply-accumulates, `peak_ram` bytes of int8 activations and `flash` bytes of int8 weights
+    (0: no such limit). Every cost grows with the widths, so the widest net within all of them is
+    found by one bisection (fit_widths)."""
+
+    params: int
+    macs: int = 0
+    peak_ram: int = 0
+    flash: int = 0
+
+    def within(self, arch: ArchSpec, fraction: float = 1.0) -> bool:
+        """Whether `arch` fits `fraction` of every budget (SpecError if it does not build)."""
+        if count_params(arch) > min(fraction * self.params, self.params - 1):
+            return False
+        cost = costs(arch)
+        return all(not limit or value <= fraction * limit
+                   for value, limit in ((cost.macs, self.macs), (cost.peak_ram, self.peak_ram),
+                                        (cost.flash, self.flash)))
+
+    def over(self, arch: ArchSpec) -> list[str]:
+        """Each budget `arch` breaks, as a phrase; empty if it fits them all."""
+        params, cost = count_params(arch), costs(arch)
+        broken = [f"{params:,} params >= {self.params:,}"] if params >= self.params else []
+        for name, value, limit in (("MACs", cost.macs, self.macs), ("peak RAM B", cost.peak_ram, self.peak_ram),
+                                   ("flash B", cost.flash, self.flash)):
+            if limit and value > limit:
+                broken.append(f"{value:,} {name} > {limit:,}")
+        return broken
+
+
+def as_budget(budget: int | Budget) -> Budget:
+    return budget if isinstance(budget, Budget) else Budget(budget)
 
 
 @dataclass(frozen=True)
@@ -78,7 +115,7 @@ def _choice(trial: optuna.Trial, name: str, choices: tuple) -> Any:
 
 
 def suggest(
-    trial: optuna.Trial, space: SpaceConfig, epochs: int, seed: int, budget: int | None = None,
+    trial: optuna.Trial, space: SpaceConfig, epochs: int, seed: int, budget: int | Budget | None = None,
     shape: Shape = MNIST_SHAPE,
 ) -> tuple[ArchSpec, TrainConfig]:
     """The trial's architecture and training config, for inputs and classes of `shape`. A version-2
@@ -89,7 +126,7 @@ def suggest(
     elif budget is None:
         raise ValueError("a version-2 search space scales widths to the budget: pass budget=")
     else:
-        arch = _scaled_arch(trial, space, budget, shape)
+        arch = _scaled_arch(trial, space, as_budget(budget), shape)
     scheduler = _choice(trial, "scheduler", space.scheduler)
     step = scheduler == "step"
     config = TrainConfig(
@@ -120,7 +157,7 @@ def _absolute_arch(trial: optuna.Trial, space: SpaceConfig, shape: Shape) -> Arc
     return shape.arch(tuple(blocks), tail, _float(trial, "dropout", space.dropout))
 
 
-def _scaled_arch(trial: optuna.Trial, space: SpaceConfig, budget: int, shape: Shape) -> ArchSpec:
+def _scaled_arch(trial: optuna.Trial, space: SpaceConfig, budget: Budget, shape: Shape) -> ArchSpec:
     n_blocks = _int(trial, "n_blocks", space.blocks)
     padding = _choice(trial, "b0_padding", space.first_padding)
     size = shape.size
@@ -140,10 +177,12 @@ def _scaled_arch(trial: optuna.Trial, space: SpaceConfig, budget: int, shape: Sh
         relative.append((tuple(_float(trial, f"b{i}_l{j}_rel", space.relative_width) for j in range(n_layers)), pad))
     n_tail = _int(trial, "tail_layers", space.tail_layers)
     tail = tuple(_float(trial, f"tail{k}_rel", space.relative_width) for k in range(n_tail))
-    target = _float(trial, "budget_fraction", space.budget_fraction) * budget
+    fraction = _float(trial, "budget_fraction", space.budget_fraction)
     proportions = shape.arch(tuple(BlockSpec(rel, pad) for rel, pad in relative), tail,
                              _float(trial, "dropout", space.dropout))
-    return fit_widths(proportions, space.width, min(target, budget - 1))
+    if budget == Budget(budget.params):  # parameters alone: the bisection as it always ran, bit for bit
+        return fit_widths(proportions, space.width, min(fraction * budget.params, budget.params - 1))
+    return fit_widths(proportions, space.width, lambda arch: budget.within(arch, fraction))
 
 
 def max_blocks(size: int, padding: int, min_layers: int) -> int:
@@ -179,22 +218,24 @@ def scaled(shape: ArchSpec, scale: float, bounds: tuple[int, int]) -> ArchSpec:
     )
 
 
-def fit_widths(shape: ArchSpec, bounds: tuple[int, int], limit: float) -> ArchSpec:
-    """The widest scaling of `shape` with at most `limit` parameters; the narrowest one if none
-    fits or if the feature map shrinks away (count_params then says so).
+def fit_widths(shape: ArchSpec, bounds: tuple[int, int], limit: float | Callable[[ArchSpec], bool]) -> ArchSpec:
+    """The widest scaling of `shape` with at most `limit` parameters (or that `limit` accepts, a
+    test monotone in the widths); the narrowest one if none fits or if the feature map shrinks away
+    (count_params then says so).
 
     Widths never shrink as the scale grows, so the parameter count is monotone in it, and the
     largest fitting scale is found by bisection."""
+    fits = limit if callable(limit) else lambda arch: count_params(arch) <= limit
     relative = [w for b in shape.blocks for w in b.widths] + list(shape.tail)
     low, high = 0.0, bounds[1] / min(relative) + 1.0  # every width at bounds[0], at bounds[1]
     try:
-        if count_params(scaled(shape, high, bounds)) <= limit:
+        if fits(scaled(shape, high, bounds)):
             return scaled(shape, high, bounds)
     except SpecError:
         return scaled(shape, low, bounds)
     for _ in range(60):
         middle = (low + high) / 2
-        if count_params(scaled(shape, middle, bounds)) <= limit:
+        if fits(scaled(shape, middle, bounds)):
             low = middle
         else:
             high = middle
@@ -243,7 +284,7 @@ def params_of(arch: ArchSpec, train: TrainConfig, space: SpaceConfig, budget: in
     return params
 
 
-def express(params: dict[str, Any], space: SpaceConfig, budget: int, epochs: int, seed: int,
+def express(params: dict[str, Any], space: SpaceConfig, budget: int | Budget, epochs: int, seed: int,
             shape: Shape = MNIST_SHAPE) -> tuple[optuna.trial.FixedTrial, ArchSpec, TrainConfig] | None:
     """Whether this space can take `params` as they are: every value within its ranges and choices,
     every param used, and a valid net within the budget. Returns the trial that took them (its
@@ -256,7 +297,7 @@ def express(params: dict[str, Any], space: SpaceConfig, budget: int, epochs: int
         try:
             arch, train = suggest(trial, space, epochs, seed, budget=budget, shape=shape)
             params_used = set(trial.params) == set(params)
-            fits = count_params(arch) < budget
+            fits = not as_budget(budget).over(arch)
         except (UserWarning, ValueError, SpecError):
             return None
     return (trial, arch, train) if params_used and fits else None
@@ -284,16 +325,17 @@ def smallest_arch(space: SpaceConfig, shape: Shape = MNIST_SHAPE) -> ArchSpec:
 # --- what a space draws, untrained (python -m nas.space --sample N) --------------------------------
 
 
-def draw(space: SpaceConfig, budget: int, n: int, seed: int, shape: Shape = MNIST_SHAPE) -> list[ArchSpec]:
+def draw(space: SpaceConfig, budget: int | Budget, n: int, seed: int, shape: Shape = MNIST_SHAPE) -> list[ArchSpec]:
     """`n` architectures from Optuna's RandomSampler, none trained: what a study's random start-up
     trials draw, and where the TPE sampler starts from."""
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     return [suggest(study.ask(), space, 1, seed, budget, shape)[0] for _ in range(n)]
 
 
-def sample_report(archs: list[ArchSpec], budget: int, examples: int = 5) -> list[str]:
-    """Lines saying how many of `archs` a study would reject, how large and how far-seeing the
-    others are, and a few of them as layer strings."""
+def sample_report(archs: list[ArchSpec], budget: int | Budget, examples: int = 5) -> list[str]:
+    """Lines saying how many of `archs` a study would reject (over any of its budgets), how large,
+    costly and far-seeing the others are, and a few of them as layer strings."""
+    budget = as_budget(budget)
     counted = []
     invalid = 0
     for arch in archs:
@@ -301,12 +343,17 @@ def sample_report(archs: list[ArchSpec], budget: int, examples: int = 5) -> list
             counted.append((count_params(arch), arch))
         except SpecError:
             invalid += 1
-    over = sum(1 for params, _ in counted if params >= budget)
-    fits = [(params, arch) for params, arch in counted if params < budget]
+    over = sum(1 for _, arch in counted if budget.over(arch))
+    fits = [(params, arch) for params, arch in counted if not budget.over(arch)]
     lines = [f"over budget or invalid: {over + invalid} of {len(archs)} ({(over + invalid) / len(archs):.1%}); "
              f"{over} over budget, {invalid} invalid (feature map shrinks away)"]
     if counted:
         lines.append("parameters:      " + _spread([params for params, _ in counted], "{:,}"))
+        for name, limit, value in (("MACs:           ", budget.macs, lambda c: c.macs),
+                                   ("peak RAM (B):   ", budget.peak_ram, lambda c: c.peak_ram),
+                                   ("flash (B):      ", budget.flash, lambda c: c.flash)):
+            if limit:
+                lines.append(name + " " + _spread([value(costs(arch)) for _, arch in counted], "{:,}"))
     if fits:
         lines.append("receptive field: " + _spread([receptive_field(arch) for _, arch in fits], "{}"))
         distinct: dict[str, tuple[int, ArchSpec]] = {}

@@ -106,7 +106,7 @@ def enqueue_scaled(study: optuna.Study, export: dict, config: StudyConfig, shape
     for t in over:
         if len(chosen) == top:
             break
-        if express(t.params, config.space, config.budget, config.epochs, 0, shape) is None:
+        if express(t.params, config.space, config.limits, config.epochs, 0, shape) is None:
             continue
         number = t.user_attrs["exported_number"]
         study.enqueue_trial(t.params, user_attrs={"scaled_from": f"{export['study']}#{number}"}, skip_if_exists=True)
@@ -128,7 +128,7 @@ def _reexpress(stored: FrozenTrial, config: StudyConfig, shape: Shape) -> optuna
             params = params if params is not None else params_of(arch, train_config, config.space, config.budget)
         except ValueError:
             continue
-        taken = express(params, config.space, config.budget, train_config.epochs, train_config.seed, shape)
+        taken = express(params, config.space, config.limits, train_config.epochs, train_config.seed, shape)
         if taken is not None and taken[1:] == (arch, train_config):
             return taken[0]
     return None
@@ -154,13 +154,14 @@ def enqueue_presets(study: optuna.Study, config: StudyConfig, names: tuple[str, 
         except SpecError as exc:
             print(f"note: {name} does not fit {shape.size}x{shape.size} inputs ({exc}); not enqueued", file=sys.stderr)
             continue
-        if params >= config.budget:
-            print(f"note: {name} has {params:,} parameters on this data, not under the budget of {config.budget:,}; "
-                  "not enqueued", file=sys.stderr)
+        broken = config.limits.over(arch)
+        if broken:
+            print(f"note: {name} is over this study's budget on this data ({'; '.join(broken)}); not enqueued",
+                  file=sys.stderr)
             continue
         preset = Preset(arch, preset.train)
         params = params_for(preset, config.space, config.budget)
-        taken = express(params, config.space, config.budget, preset.train.epochs, preset.train.seed, shape)
+        taken = express(params, config.space, config.limits, preset.train.epochs, preset.train.seed, shape)
         if taken is None or taken[1:] != (preset.arch, preset.train):
             print(f"note: {name} lies outside this study's search space; not enqueued", file=sys.stderr)
             continue

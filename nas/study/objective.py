@@ -57,21 +57,23 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         arch, train_config = suggest(trial, self.config.space, self.options.epochs, self.options.seed,
-                                     budget=self.config.budget, shape=self.split.shape)
+                                     budget=self.config.limits, shape=self.split.shape)
         try:
             params = count_params(arch)
         except SpecError as exc:
             return self.reject(trial, f"invalid: {exc}", over=1.0)
         trial.set_user_attr("params", params)
-        if params >= self.config.budget:
-            return self.reject(trial, f"over budget: {params:,} >= {self.config.budget:,}",
-                               over=float(params - self.config.budget + 1))
-        set_constraint(trial, float(params - self.config.budget + 1))
-        trial.set_user_attr("receptive_field", receptive_field(arch))
         cost = costs(arch)  # what it costs a device, int8 (sortable in the dashboard)
         trial.set_user_attr("macs", cost.macs)
         trial.set_user_attr("peak_ram", cost.peak_ram)
         trial.set_user_attr("flash", cost.flash)
+        broken = self.config.limits.over(arch)
+        if broken:
+            # how far out, for the sampler: the parameter overshoot, or 1 where only a device budget broke
+            return self.reject(trial, f"over budget: {'; '.join(broken)}",
+                               over=float(max(params - self.config.budget + 1, 1)))
+        set_constraint(trial, float(params - self.config.budget + 1))
+        trial.set_user_attr("receptive_field", receptive_field(arch))
         trial.set_user_attr("arch", arch.to_dict())
         trial.set_user_attr("train", train_config.to_dict())
         trial.set_user_attr("worker", self.options.worker)
@@ -115,7 +117,8 @@ class Objective:
         trial.set_user_attr("train_seconds", round(result.seconds, 2))
         self.save_weights(trial, arch, train_config, run, result.model)
         save_layer_note(trial, arch, train_config)
-        return (value, float(params)) if self.multi else value
+        second = {"params": params, "macs": cost.macs, "peak_ram": cost.peak_ram}.get(self.config.objectives[-1])
+        return (value, float(second)) if self.multi else value
 
     def run_rung(self, trial: optuna.Trial, arch: ArchSpec, train_config: TrainConfig, run: RunRecord) -> None:
         """The cheap first rung (config.rung): a short run on the first images, scored on the

@@ -76,7 +76,7 @@ def rebuild(trial: FrozenTrial, config: StudyConfig) -> tuple[ArchSpec, TrainCon
     stored = trial.user_attrs["train"]
     stored_arch = ArchSpec.from_dict(trial.user_attrs["arch"])
     arch, train_config = suggest(FixedTrial(trial.params, trial.number), config.space, stored["epochs"],
-                                 stored["seed"], budget=config.budget, shape=stored_arch.shape)
+                                 stored["seed"], budget=config.limits, shape=stored_arch.shape)
     if arch != stored_arch:
         raise ReplayError(f"trial {trial.number}: the search space no longer rebuilds the stored architecture")
     return arch, train_config
