@@ -145,7 +145,7 @@ def test_compare_runs_each_job_once_and_draws_the_curves(tmp_path, data_dir, mon
     monkeypatch.setenv("NAS_DATA_DIR", str(data_dir))
     monkeypatch.chdir(REPO_ROOT)  # the default study file
     out, figure = tmp_path / "f.json", tmp_path / "f.png"
-    args = ["compare", "--minutes", "0.15", "--repeats", "1", "--schemes", "rung", "--archs", "1",
+    args = ["compare", "--minutes", "0.4", "--repeats", "1", "--schemes", "rung", "--archs", "1",
             "--subset", "200", "--epochs", "1", "--rung-subset", "100", "--rung-epochs", "1",
             "--work-dir", str(tmp_path / "w"), "--out", str(out), "--figure", str(figure)]
     assert fidelity_command.main(args) == 0
@@ -153,8 +153,8 @@ def test_compare_runs_each_job_once_and_draws_the_curves(tmp_path, data_dir, mon
     assert set(results["runs"]) == {"rung-seed1"}
     assert len(results["rank"]) == 1 and results["rank"][0]["model3"]
     for run in results["runs"].values():
-        assert run["trials"], "a run of 9 s finishes trials of one epoch on 200 images"
-        assert all(t["seconds"] <= 9 + 3 for t in run["trials"])
+        assert run["trials"], "a run of 24 s finishes trials of one epoch on 200 images, even on 2 busy cores"
+        assert all(t["seconds"] <= 24 + 3 for t in run["trials"])
     assert figure.read_bytes()[:4] == b"\x89PNG"
     # Each job's own output went to its log, not to the command's.
     assert "rank 1/1: " in (tmp_path / "w" / "rank.log").read_text()
@@ -162,7 +162,7 @@ def test_compare_runs_each_job_once_and_draws_the_curves(tmp_path, data_dir, mon
     figure.unlink()
     assert fidelity_command.main(args) == 0  # nothing left to run: same results, figure redrawn
     assert json.loads(out.read_text())["runs"] == results["runs"] and figure.is_file()
-    other = [a if a != "0.15" else "0.3" for a in args]
+    other = [a if a != "0.4" else "0.3" for a in args]
     assert fidelity_command.main(other) == 2  # another budget into the same file is refused
 
 
