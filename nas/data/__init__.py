@@ -143,8 +143,13 @@ class Split:
         scaled = images.float().div(255)  # a new tensor whatever the input's type: the stored images stay
         if len(self.mean) == 1:
             return scaled.sub_(self.mean[0]).div_(self.std[0])
-        mean, std = (torch.tensor(v, device=images.device).view(-1, 1, 1) for v in (self.mean, self.std))
+        mean, std = self._channel_tensors
         return scaled.sub_(mean).div_(std)
+
+    @cached_property
+    def _channel_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std as (C, 1, 1) tensors on the split's device, made once rather than every batch."""
+        return tuple(torch.tensor(v, device=self.train_x.device).view(-1, 1, 1) for v in (self.mean, self.std))
 
     def background(self) -> float | torch.Tensor:
         """The normalized value of a blank pixel: each channel's darkest training value."""
