@@ -26,6 +26,7 @@ OBJECTIVES = ("accuracy", "params", "macs", "peak_ram")
 KNOWN_SHAPES = {"mnist": Shape(1, 28, 10), "fashion-mnist": Shape(1, 28, 10), "kmnist": Shape(1, 28, 10),
                 "cifar10": Shape(3, 32, 10), "svhn": Shape(3, 32, 10), "digits": Shape(1, 8, 10)}
 PRUNERS = ("median", "hyperband", "rung", "none")
+SCORES = ("fp32", "int8")
 
 
 class ConfigError(ValueError):
@@ -54,6 +55,7 @@ class StudyConfig:
     epochs: int = 15
     objectives: tuple[str, ...] = ("accuracy",)  # ("accuracy", "params") asks for a Pareto front
     score_epochs: int = 3  # the accuracy objective is the mean of the last N epochs' validation accuracy
+    score: str = "fp32"  # or "int8": that accuracy measured on the int8 ONNX model (nas.deployment), per epoch
     pruner: str = "rung"  # measured best of the four (docs/fidelity.md)
     enqueue: tuple[str, ...] = ("model3",)  # presets run first, once per study
     space: SpaceConfig = field(default_factory=SpaceConfig)
@@ -113,6 +115,8 @@ def check(config: StudyConfig, source: str) -> None:
         raise ConfigError(f"{source}: objectives must be drawn from {OBJECTIVES}, got {config.objectives}")
     if config.objectives[0] != "accuracy":
         raise ConfigError(f"{source}: the first objective must be accuracy")
+    if config.score not in SCORES:
+        raise ConfigError(f"{source}: score must be one of {SCORES}, got {config.score!r}")
     if config.pruner not in PRUNERS:
         raise ConfigError(f"{source}: pruner must be one of {PRUNERS}, got {config.pruner!r}")
     rung = config.rung

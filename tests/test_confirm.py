@@ -175,3 +175,23 @@ def test_confirm_in_two_workers_stores_every_run_once_and_test_takes_the_validat
 def test_confirm_of_a_trial_that_is_not_complete_is_one_line(study_url, data_dir, capsys):
     assert confirm.main(["--storage", study_url, "--trials", "999", "--data-dir", str(data_dir), "--quiet"]) == 2
     assert capsys.readouterr().err.startswith("error: trial 999 is not a completed trial")
+
+
+def test_confirm_int8_adds_each_runs_int8_accuracy_and_retrains_runs_stored_without_it(study_url, data_dir, capsys,
+                                                                                        tmp_path):
+    # --subset 192: runs of their own; the first confirm stores them without int8
+    args = ["--storage", study_url, "--top", "1", "--seeds", "1", "--subset", "192", "--data-dir", str(data_dir),
+            "--quiet"]
+    assert confirm.main(args) == 0
+    capsys.readouterr()
+    out = tmp_path / "int8.json"
+    assert confirm.main(args + ["--int8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| fp32 final | int8 final | int8 − fp32 |" in printed and "; int8 " in printed
+    runs = confirm_runs(optuna.load_study(study_name="mnist-8k", storage=study_url))
+    measured = [r for rs in runs.values() for r in rs if r["subset"] == 192]
+    assert len(measured) == 2 and all(0 <= r["int8_acc"] <= 100 for r in measured)
+    # ONNX Runtime's fp32 is PyTorch's evaluation of the final weights, to the rounding of a few images
+    assert all(abs(r["onnx_fp32_acc"] - r["eval_acc"][-1]) <= 0.05 for r in measured)
+    written = json.loads(out.read_text())
+    assert all("int8_acc" in run for c in written["candidates"] for run in c["runs"])

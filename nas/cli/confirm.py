@@ -10,6 +10,7 @@ How runs are stored, resumed and compared with Model 3: nas/study/confirm.py.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -44,6 +45,8 @@ def build_parser() -> ArgumentParser:
                         help="also write the results: every candidate's spec, training config and per-seed "
                         "accuracy per epoch, the winner's spec and config on top (python -m nas.train --model F.json "
                         "trains it)")
+    parser.add_argument("--int8", action="store_true", help="also measure each run's final weights as an int8 "
+                        "ONNX model (as nas.deploy ships it); runs stored without it train again")
     parser.add_argument("--device", help="default: the device each trial ran on, where it exists here")
     add_data_dir(parser)
     parser.add_argument("--workers", type=workers_arg, default=1,
@@ -59,9 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     root = data.resolve_data_dir(args.data_dir)
     plan = ConfirmPlan(storage=args.storage or default_url(args.study), study=args.study, top=args.top,
                        trials=tuple(args.trials) if args.trials else None, seeds=args.seeds, epochs=args.epochs,
-                       subset=args.subset, test=args.test, device=args.device, data_dir=str(root), quiet=args.quiet)
+                       subset=args.subset, test=args.test, device=args.device, data_dir=str(root), quiet=args.quiet,
+                       int8=args.int8)
     try:
         study = open_study(plan.storage, plan.study)
+        if config_from_study(study).score == "int8":  # a study scored on int8 is confirmed on it too
+            plan = replace(plan, int8=True)
         numbers, why = chosen_numbers(study, plan)
         candidates = pick_candidates(study, config_from_study(study), plan.top, plan.device, numbers)
         source = open_study_data(study, root, not args.quiet, notify=lambda line: print(line, file=sys.stderr))

@@ -57,7 +57,7 @@ def score_lines(trial: FrozenTrial, accuracies: list[float], test_acc: list[floa
     replayed = score(accuracies, score_epochs)
     if full_train:
         return [f"Full-train test accuracy, mean of last {score_epochs} epochs: {replayed:.2f}%"]
-    stored = trial.values[0]
+    stored = trial.user_attrs.get("fp32_score", trial.values[0])  # an int8-scored study keeps its fp32 score too
     return [f"Validation score (mean of last {score_epochs} epochs): stored {stored:.4f}, replayed {replayed:.4f}, "
             f"difference {replayed - stored:+.4f}" + (" (identical)" if replayed == stored else ""),
             f"Test accuracy, mean of last {score_epochs} epochs: {score(test_acc, score_epochs):.2f}% "

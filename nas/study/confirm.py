@@ -70,6 +70,7 @@ class ConfirmPlan:
     device: str | None = None  # None: the device each trial ran on, where it exists here
     data_dir: str = "data"
     quiet: bool = False
+    int8: bool = False  # also each run's accuracy as an int8 ONNX model (nas.deployment)
 
     @property
     def prefix(self) -> str:
@@ -141,8 +142,10 @@ def pick_candidates(study: optuna.Study, config: StudyConfig, top: int, device: 
 def leaderboard(candidates: list[Candidate], results: dict[str, list[dict]]) -> list[str]:
     """Markdown rows: each candidate's mean ± std over seeds and its paired difference to Model 3."""
     base = {r["seed"]: r["score"] for r in results.get(BASELINE, [])}
-    rows = ["| candidate | params | seeds | score mean ± std | vs Model 3 (paired, 95%) | beats Model 3 |",
-            "|:--|--:|--:|--:|--:|:--|"]
+    int8 = any("int8_acc" in r for runs in results.values() for r in runs)
+    rows = ["| candidate | params | seeds | score mean ± std | vs Model 3 (paired, 95%) | beats Model 3 |"
+            + (" fp32 final | int8 final | int8 − fp32 |" if int8 else ""),
+            "|:--|--:|--:|--:|--:|:--|" + ("--:|--:|--:|" if int8 else "")]
     order = sorted(candidates, key=lambda c: -statistics.mean([r["score"] for r in results[c.label]] or [0]))
     for c in order:
         runs = results[c.label]
@@ -156,8 +159,21 @@ def leaderboard(candidates: list[Candidate], results: dict[str, list[dict]]) -> 
             if diff is not None:
                 versus = f"{diff[0]:+.3f} ± {diff[1]:.3f}"
                 beats = "yes" if diff[0] - diff[1] > 0 else "no"
-        rows.append(f"| {c.label} | {count_params(c.arch):,} | {len(runs)} | {mean} | {versus} | {beats} |")
+        row = f"| {c.label} | {count_params(c.arch):,} | {len(runs)} | {mean} | {versus} | {beats} |"
+        if int8:
+            row += int8_cells(runs)
+        rows.append(row)
     return rows
+
+
+def int8_cells(runs: list[dict]) -> str:
+    """The final weights' ONNX Runtime accuracy, fp32 and int8, mean over the runs that measured it."""
+    measured = [r for r in runs if "int8_acc" in r]
+    if not measured:
+        return " - | - | - |"
+    fp32 = statistics.mean(r["onnx_fp32_acc"] for r in measured)
+    int8 = statistics.mean(r["int8_acc"] for r in measured)
+    return f" {fp32:.3f} | {int8:.3f} | {int8 - fp32:+.3f} |"
 
 
 def chosen_numbers(study: optuna.Study, plan: ConfirmPlan) -> tuple[list[int] | None, str]:
@@ -188,6 +204,8 @@ def stored_run_of(study: optuna.Study, candidate: Candidate, seed: int, plan: Co
     stored = study.user_attrs.get(confirm_key(plan.prefix, candidate.label, seed))
     if stored is None or stored["epochs"] != config.epochs or stored["subset"] != run.subset:
         return None
+    if plan.int8 and "int8_acc" not in stored:
+        return None  # stored without its int8 accuracy: the weights are gone, so it trains again
     return stored
 
 
@@ -196,15 +214,17 @@ def run_and_store(study: optuna.Study, candidate: Candidate, seed: int, plan: Co
     run, config = settings_for(candidate, seed, plan)
     # threads: this process's share of the CPU, whatever the trial's worker had (None: all of it)
     stored = confirm_one(candidate, config, replace(run, threads=threads), source, plan.test, splits, score_epochs,
-                         progress)
+                         progress, plan.int8)
     study.set_user_attr(confirm_key(plan.prefix, candidate.label, seed), stored)
     return stored
 
 
 def run_line(stored: dict, test: bool, score_epochs: int, who: str = "") -> str:
     last = min(score_epochs, stored["epochs"])
+    int8 = (f"; int8 {stored['int8_acc']:.2f}% against fp32 {stored['onnx_fp32_acc']:.2f}%, final weights"
+            if "int8_acc" in stored else "")
     return (f"{who}{stored['candidate']} seed {stored['seed']}: {stored['score']:.3f}% "
-            f"({'test' if test else 'validation'}, mean of the last {last} epoch{'s' * (last > 1)})")
+            f"({'test' if test else 'validation'}, mean of the last {last} epoch{'s' * (last > 1)}){int8}")
 
 
 def confirm(study: optuna.Study, plan: ConfirmPlan, candidates: list[Candidate], source: data.Data, workers: int,
@@ -304,7 +324,8 @@ def write_results(path: Path, study: optuna.Study, candidates: list[Candidate], 
         runs = [{"seed": r["seed"], "score": r["score"], "eval_acc": r["eval_acc"],
                  "best_epoch": max(range(len(r["eval_acc"])), key=r["eval_acc"].__getitem__) + 1,
                  "best_acc": max(r["eval_acc"]), "epochs_to_99_4": epochs_to_target(r["eval_acc"]),
-                 "run": r["run"]} for r in results[c.label]]
+                 "run": r["run"], **{k: r[k] for k in ("onnx_fp32_acc", "int8_acc") if k in r}}
+                for r in results[c.label]]
         scores = [r["score"] for r in runs]
         return {"label": c.label, "trial": c.trial.number if c.trial else None, "params": count_params(c.arch),
                 "arch": c.arch.to_dict(), "train": c.train.to_dict(), "score_mean": statistics.mean(scores),
@@ -323,7 +344,7 @@ def write_results(path: Path, study: optuna.Study, candidates: list[Candidate], 
 
 
 def confirm_one(candidate: Candidate, config: TrainConfig, run: RunRecord, source: data.Data, test: bool,
-                splits: dict, score_epochs: int, progress: bool) -> dict:
+                splits: dict, score_epochs: int, progress: bool, int8: bool = False) -> dict:
     device = torch.device(run.device)
     which = ("test", run.subset) if test else ("valid", run.subset)
     if (which, run.device) not in splits:
@@ -335,11 +356,18 @@ def confirm_one(candidate: Candidate, config: TrainConfig, run: RunRecord, sourc
                                compile=run.compiled, ema=run.weight_average)
         run = resolve_run(candidate.arch, config, settings, device, len(splits[(which, run.device)].train_x),
                           run.subset)
-    result = train(candidate.arch, config, splits[(which, run.device)], run, progress=progress)
+    split = splits[(which, run.device)]
+    result = train(candidate.arch, config, split, run, progress=progress)
     accuracies = [e.eval_acc for e in result.history]
-    return {"candidate": candidate.label, "trial": candidate.trial.number if candidate.trial else None,
-            "seed": config.seed, "epochs": config.epochs, "subset": run.subset, "split": which[0],
-            "eval_acc": accuracies, "score": score(accuracies, score_epochs), "run": run.to_dict()}
+    stored = {"candidate": candidate.label, "trial": candidate.trial.number if candidate.trial else None,
+              "seed": config.seed, "epochs": config.epochs, "subset": run.subset, "split": which[0],
+              "eval_acc": accuracies, "score": score(accuracies, score_epochs), "run": run.to_dict()}
+    if int8:  # the final weights as nas.deploy ships them: ONNX Runtime fp32 and int8, calibrated on training images
+        from nas.deployment import int8_accuracy
+
+        stored["onnx_fp32_acc"], stored["int8_acc"] = int8_accuracy(result.model, split.mean, split.std,
+                                                                    source.train_x, split.eval_x, split.eval_y)
+    return stored
 
 
 def save_note(study: optuna.Study, title: str, rows: list[str]) -> None:

@@ -87,10 +87,14 @@ class Objective:
                                                                             len(self.split.train_x)):
             self.run_rung(trial, arch, train_config, run)
         accuracies: list[float] = []
+        int8: list[float] = []  # score = "int8": the int8 model's accuracy in each scored epoch
 
         def on_epoch(result: EpochResult, model: torch.nn.Module) -> None:
             accuracies.append(result.eval_acc)
             trial.set_user_attr("epoch_acc", accuracies)
+            if self.config.score == "int8" and result.epoch > train_config.epochs - self.config.score_epochs:
+                int8.append(self.int8_accuracy(model))
+                trial.set_user_attr("int8_acc", int8)
             if not self.options.quiet:
                 tqdm.write(f"Epoch {result.epoch}: {epoch_line(result, 'valid')}", file=sys.stdout)
             if self.multi:
@@ -110,7 +114,11 @@ class Objective:
             raise optuna.TrialPruned(str(exc)) from None
         value = score(accuracies, self.config.score_epochs)
         last = min(self.config.score_epochs, len(accuracies))
-        self.say(f"Trial {trial.number}: {value:.2f}% validation (mean of the last {last} "
+        what = "validation"
+        if int8:
+            trial.set_user_attr("fp32_score", value)
+            value, what = score(int8, self.config.score_epochs), "int8 validation"
+        self.say(f"Trial {trial.number}: {value:.2f}% {what} (mean of the last {last} "
                  f"epoch{'s' if last > 1 else ''}), {result.seconds:.0f} s")
         trial.set_user_attr("best_epoch", max(range(len(accuracies)), key=accuracies.__getitem__) + 1)
         trial.set_user_attr("epochs_to_99_4", epochs_to_target(accuracies))
@@ -119,6 +127,15 @@ class Objective:
         save_layer_note(trial, arch, train_config)
         second = {"params": params, "macs": cost.macs, "peak_ram": cost.peak_ram}.get(self.config.objectives[-1])
         return (value, float(second)) if self.multi else value
+
+    def int8_accuracy(self, model: torch.nn.Module) -> float:
+        """The model's validation accuracy as the int8 ONNX model nas.deploy would ship (an export,
+        a calibration on training images and an ONNX Runtime pass over the validation images)."""
+        from nas.deployment import int8_accuracy
+
+        split = self.split
+        _, int8 = int8_accuracy(model, split.mean, split.std, split.train_x, split.eval_x, split.eval_y)
+        return int8
 
     def run_rung(self, trial: optuna.Trial, arch: ArchSpec, train_config: TrainConfig, run: RunRecord) -> None:
         """The cheap first rung (config.rung): a short run on the first images, scored on the

@@ -131,7 +131,9 @@ def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
     if not matches:
         raise ReplayError(f"study {study.study_name!r} has no trial {number}")
     trial = matches[0]
-    if trial.state != TrialState.COMPLETE or "rejected" in trial.user_attrs:
+    if "rejected" in trial.user_attrs:
+        raise ReplayError(f"trial {number} was rejected ({trial.user_attrs['rejected']}) and never trained")
+    if trial.state != TrialState.COMPLETE:
         raise ReplayError(f"trial {number} is {trial.state.name.lower()}, not a completed trial")
     return trial
 
