@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-COMMANDS = ("search", "confirm", "replay", "export", "report", "train", "summary", "space", "data", "reproduce",
+COMMANDS = ("search", "confirm", "replay", "deploy", "export", "report", "train", "summary", "space", "data", "reproduce",
             "bench", "fidelity")
 
 

@@ -198,3 +198,16 @@ def test_per_epoch_axis_zooms_on_the_better_half_and_drops_a_crowded_legend(tmp_
     assert ax.get_legend() is None and "off the axis" in text
     few = intermediate_figure(fill(optuna.create_study(), completed=6))[0].axes[0]
     assert few.get_legend() is not None  # 7 lines: still named
+
+
+def test_a_macs_study_draws_its_front_against_macs_with_its_macs_budget(tmp_path):
+    study = optuna.create_study(study_name="m", storage=f"sqlite:///{tmp_path / 'm.db'}",
+                                directions=["maximize", "minimize"])
+    for acc, macs in ((99.0, 500_000), (98.5, 300_000), (98.0, 550_000)):
+        study.add_trial(create_trial(params={"lr": 0.01, "width": 8}, distributions=DISTRIBUTIONS,
+                                     values=[acc, float(macs)], user_attrs={"params": 5000, "macs": macs}))
+    study.set_user_attr("config", {"budget": 8000, "max_macs": 600_000, "objectives": ["accuracy", "macs"]})
+    ax = pareto_figure(study).axes[0]
+    assert ax.get_xlabel() == "MACs"
+    assert sorted(ax.collections[-1].get_offsets()[:, 0]) == [300_000, 500_000]  # the front, on MACs
+    assert [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == ":"] == [600_000]

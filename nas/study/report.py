@@ -48,6 +48,20 @@ def budget_of(study: optuna.Study) -> int | None:
     return study.user_attrs.get("config", {}).get("budget")
 
 
+# The cost a Pareto figure puts on its x axis: the study's second objective (parameters where it has
+# none): the trial user attribute, the axis label, the study file key of its budget.
+SIZE_AXES = {"params": ("params", "parameters", "budget"), "macs": ("macs", "MACs", "max_macs"),
+             "peak_ram": ("peak_ram", "peak activation RAM (int8 bytes)", "max_peak_ram")}
+
+
+def size_axis(study: optuna.Study) -> tuple[str, str, int | None]:
+    """(user attribute, label, budget or None) of the cost the study traded accuracy against."""
+    config = study.user_attrs.get("config", {})
+    objectives = config.get("objectives") or ["accuracy"]
+    attr, label, key = SIZE_AXES.get(objectives[-1], SIZE_AXES["params"])
+    return attr, label, config.get(key) or None
+
+
 # --- figures ------------------------------------------------------------------------------------
 
 
@@ -140,11 +154,13 @@ def intermediate_figure(study: optuna.Study) -> tuple[Figure | None, str]:
 
 
 def pareto_figure(study: optuna.Study) -> Figure:
-    """Validation error against params for every completed trial, the front joined by a step line.
+    """Validation error against size (the study's second objective: params, MACs or peak RAM) for
+    every completed trial, the front joined by a step line.
 
     Error (100 - accuracy) on a log axis: 0.6% and 0.8% are far apart where the good trials sit,
     and a hopeless trial at 15% still fits on the same axis without squashing them."""
-    done = [t for t in ranked_trials(study) if "params" in t.user_attrs]
+    key, label, budget = size_axis(study)
+    done = [t for t in ranked_trials(study) if key in t.user_attrs]
     front = pareto_trials(study)
     front_numbers = {t.number for t in front}
     fig = Figure(figsize=(7.5, 5), layout="constrained")
@@ -155,22 +171,21 @@ def pareto_figure(study: optuna.Study) -> Figure:
 
     rest = [t for t in done if t.number not in front_numbers]
     if rest:
-        ax.scatter([t.user_attrs["params"] for t in rest], [error(t) for t in rest], color="tab:gray",
+        ax.scatter([t.user_attrs[key] for t in rest], [error(t) for t in rest], color="tab:gray",
                    alpha=0.6, label=f"other completed trials ({len(rest)})")
-    by_size = sorted(front, key=lambda t: t.user_attrs["params"])
-    ax.step([t.user_attrs["params"] for t in by_size], [error(t) for t in by_size], where="post",
+    by_size = sorted(front, key=lambda t: t.user_attrs[key])
+    ax.step([t.user_attrs[key] for t in by_size], [error(t) for t in by_size], where="post",
             color="tab:red", alpha=0.5)
-    ax.scatter([t.user_attrs["params"] for t in front], [error(t) for t in front], color="tab:red", zorder=3,
+    ax.scatter([t.user_attrs[key] for t in front], [error(t) for t in front], color="tab:red", zorder=3,
                label=f"Pareto front ({len(front)})")
-    right = max([t.user_attrs["params"] for t in done] + [budget_of(study) or 0])
+    right = max([t.user_attrs[key] for t in done] + [budget or 0])
     for t in front:
         name = t.user_attrs.get("preset")
-        near_the_edge = t.user_attrs["params"] > 0.96 * right  # label below left, inside the axes
+        near_the_edge = t.user_attrs[key] > 0.96 * right  # label below left, inside the axes
         ax.annotate(f"#{t.number}" + (f" {name}" if name else "") + f" {accuracy(t):.2f}%",
-                    (t.user_attrs["params"], error(t)), textcoords="offset points",
+                    (t.user_attrs[key], error(t)), textcoords="offset points",
                     xytext=(-4, -4) if near_the_edge else (4, 4), ha="right" if near_the_edge else "left",
                     va="top" if near_the_edge else "bottom", fontsize=8)
-    budget = budget_of(study)
     if budget:
         ax.axvline(budget, color="black", linestyle=":", label=f"budget ({budget:,})")
     ax.set_yscale("log")
@@ -190,7 +205,7 @@ def pareto_figure(study: optuna.Study) -> Figure:
     accuracy_axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{100 - value:.4g}%"))
     accuracy_axis.set_ylabel("validation accuracy (%)")
     accuracy_axis.grid(False)
-    ax.set_xlabel("parameters")
+    ax.set_xlabel(label)
     ax.set_ylabel("validation error (%, log scale; lower is better)")
     ax.set_title(f"Error against size in {study.study_name!r}")
     ax.legend(loc="upper right")
@@ -266,9 +281,9 @@ def figure_sections(study: optuna.Study, save) -> list[Section]:
     sections.append(Section("Parameter importances", save(fig, "param_importances.png") if fig else None, text))
     fig, text = intermediate_figure(study)
     sections.append(Section("Intermediate values", save(fig, "intermediate_values.png") if fig else None, text))
-    sections.append(Section("Accuracy against parameters", save(pareto_figure(study), "pareto.png"),
-                            "Every completed trial; the red points are the Pareto front "
-                            "(higher accuracy, fewer parameters)."))
+    cost = size_axis(study)[1].split(" (")[0]
+    sections.append(Section(f"Accuracy against {cost}", save(pareto_figure(study), "pareto.png"),
+                            f"Every completed trial; the red points are the Pareto front (higher accuracy, less {cost})."))
     return sections
 
 
