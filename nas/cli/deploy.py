@@ -116,8 +116,7 @@ def from_model(args) -> Trained:
     print(f"Training {target.name}: {count_params(target.arch):,} params, {target.config.epochs} epochs, seed "
           f"{target.config.seed}, {target.run.describe()}", flush=True)
     model = train_and_report(target.arch, target.config, target.split, target.run, args.quiet)
-    label = Path(args.model).stem if Path(args.model).suffix else args.model
-    return Trained(label, target.arch, model, target.source,
+    return Trained(target.label, target.arch, model, target.source,
                    f"trained {target.config.epochs} epochs on {len(target.split.train_x):,} training images, "
                    f"seed {target.config.seed}")
 

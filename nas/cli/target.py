@@ -24,6 +24,7 @@ from nas.studyfile import load_study_config
 @dataclass(frozen=True)
 class Target:
     name: str  # what the first line calls it
+    label: str  # short, for file names: the preset, the spec file's stem, or "<results stem>-<candidate>"
     arch: ArchSpec
     config: TrainConfig
     run: RunRecord
@@ -67,7 +68,10 @@ def resolve_target(args: argparse.Namespace, settings: RunSettings) -> Target:
         if args.epochs:
             config = replace(config, epochs=args.epochs)
         run = resolve_run(arch, config, settings, device, len(split.train_x), args.subset)
-    return Target(name, arch, config, run, source, split)
+    label = Path(args.model).stem if Path(args.model).suffix else args.model
+    if recorded is not None:
+        label = f"{label}-{recorded[0]}"
+    return Target(name, label, arch, config, run, source, split)
 
 
 def add_target_flags(parser: argparse.ArgumentParser, what: str) -> None:
