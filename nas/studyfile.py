@@ -27,6 +27,7 @@ KNOWN_SHAPES = {"mnist": Shape(1, 28, 10), "fashion-mnist": Shape(1, 28, 10), "k
                 "cifar10": Shape(3, 32, 10), "svhn": Shape(3, 32, 10), "digits": Shape(1, 8, 10)}
 PRUNERS = ("median", "hyperband", "rung", "none")
 SCORES = ("fp32", "int8")
+NO_MARGIN = 100.0  # a rung margin that stops no one: scores are percentages
 
 
 class ConfigError(ValueError):
@@ -36,13 +37,16 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class RungConfig:
     """pruner = "rung": every candidate first trains `epochs` epochs on the first `subset` training
-    images, scored on the validation split; only those within the top `keep` share of all rung
-    scores so far (the first `startup` candidates always) go on to full training."""
+    images, scored on the validation split. It goes on to full training only if its rung score is
+    (a) at most `margin` percentage points below the best rung score so far and (b) within the top
+    `keep` share of all rung scores so far, once there are `startup` earlier ones
+    (nas.study.sampling.goes_on). The enqueued presets run first and set the bar."""
 
     subset: int = 10000
     epochs: int = 2
     keep: float = 1 / 3
-    startup: int = 3
+    startup: int = 3  # earlier rung scores needed before (b) applies; (a) applies from the second trial
+    margin: float = 1.0  # a study stored before the margin existed reads back NO_MARGIN, the rule it ran under
 
 
 @dataclass(frozen=True)
@@ -81,9 +85,15 @@ class StudyConfig:
         return dataclasses.replace(
             cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()
                    if k not in ("space", "rung", "data")}),
-            space=SpaceConfig.from_dict(stored["space"]), rung=RungConfig(**stored.get("rung", {})),
+            space=SpaceConfig.from_dict(stored["space"]), rung=stored_rung(stored.get("rung")),
             data=DataConfig.from_dict(stored.get("data", {})),
         )
+
+
+def stored_rung(stored: dict[str, Any] | None) -> RungConfig:
+    """The [rung] a study stored: a study made before the rung existed takes the defaults (it did
+    not use it), one made before the margin existed ran without one."""
+    return RungConfig() if stored is None else RungConfig(**{"margin": NO_MARGIN, **stored})
 
 
 def parse_study_config(data: dict[str, Any], source: str = "study file") -> StudyConfig:
@@ -120,8 +130,8 @@ def check(config: StudyConfig, source: str) -> None:
     if config.pruner not in PRUNERS:
         raise ConfigError(f"{source}: pruner must be one of {PRUNERS}, got {config.pruner!r}")
     rung = config.rung
-    if rung.subset < 1 or rung.epochs < 1 or rung.startup < 0 or not 0 < rung.keep <= 1:
-        raise ConfigError(f"{source}: [rung] needs subset and epochs >= 1, startup >= 0 and keep in (0, 1]")
+    if rung.subset < 1 or rung.epochs < 1 or rung.startup < 0 or not 0 < rung.keep <= 1 or rung.margin < 0:
+        raise ConfigError(f"{source}: [rung] needs subset and epochs >= 1, startup and margin >= 0, keep in (0, 1]")
     unknown = [name for name in config.enqueue if name not in PRESETS]
     if unknown:
         raise ConfigError(f"{source}: enqueue names unknown presets {unknown}; known: {list(PRESETS)}")
@@ -196,4 +206,6 @@ def differences(stored: StudyConfig, wanted: StudyConfig) -> list[str]:
         return flat
 
     old, new = values(stored), values(wanted)
+    if old.get("rung.margin") == NO_MARGIN:  # made before the margin: it resumes under the file's, which
+        new.pop("rung.margin", None)  # decides how long candidates train, not what the study holds or scores
     return [f"{key}: {old.get(key)!r} stored, {new.get(key)!r} in the file" for key in new if old.get(key) != new.get(key)]

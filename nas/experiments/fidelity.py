@@ -45,7 +45,7 @@ from nas.study.create import create_or_load
 from nas.study.objective import SearchOptions
 from nas.study.search import load_split, quiet_optuna, run_worker
 from nas.study.trials import score
-from nas.studyfile import RungConfig, StudyConfig
+from nas.studyfile import StudyConfig
 from nas.train import DivergedError, train
 from nas.workers import SPAWN, available_cpus, run_processes
 
@@ -75,9 +75,8 @@ class Scale:
     rung_epochs: int = 2
 
     def config(self, base: StudyConfig, scheme: str) -> StudyConfig:
-        return dataclasses.replace(base, pruner=scheme, epochs=self.epochs, enqueue=(),
-                                   rung=RungConfig(subset=self.rung_subset, epochs=self.rung_epochs,
-                                                   keep=base.rung.keep, startup=base.rung.startup))
+        rung = dataclasses.replace(base.rung, subset=self.rung_subset, epochs=self.rung_epochs)
+        return dataclasses.replace(base, pruner=scheme, epochs=self.epochs, enqueue=(), rung=rung)
 
 
 # --- one search run -----------------------------------------------------------------------------

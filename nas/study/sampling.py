@@ -20,7 +20,7 @@ def make_pruner(config: StudyConfig, epochs: int) -> optuna.pruners.BasePruner:
     if config.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
     if config.pruner == "rung":
-        return RungPruner(config.rung.keep, config.rung.startup)
+        return RungPruner(config.rung.keep, config.rung.startup, config.rung.margin)
     return optuna.pruners.NopPruner()
 
 
@@ -31,26 +31,34 @@ def rung_pays(config: StudyConfig, epochs: int, train_images: int) -> bool:
     return rung.epochs * min(rung.subset, train_images) < epochs * train_images
 
 
-class RungPruner(optuna.pruners.BasePruner):
-    """Prunes at the cheap first rung (step RUNG_STEP) a trial whose rung score is not within the
-    top `keep` share of the rung scores of every trial that ran the rung, whatever became of it
-    (completed, pruned there, still training); the first `startup` trials always go on. It never
-    prunes during full training. Optuna's own pruners don't fit a rung that is a separate, cheaper
-    run: Median and Percentile compare against completed trials only, so the bar would rise with
-    each promotion, and successive halving's rungs sit at steps >= 1 of the same run."""
+def goes_on(score: float, others: list[float], keep: float, startup: int, margin: float) -> bool:
+    """Whether a candidate with rung score `score` trains in full, given the rung scores `others` of
+    the study's other trials: it must score at least the best of them less `margin` (percentage
+    points), and, once there are `startup` of them, be beaten by fewer than the `keep` share of all
+    rung scores (its own included). The first candidate always goes on."""
+    if others and score < max(others) - margin:
+        return False
+    return len(others) < startup or sum(s > score for s in others) < keep * (len(others) + 1)
 
-    def __init__(self, keep: float, startup: int):
-        self.keep, self.startup = keep, startup
+
+class RungPruner(optuna.pruners.BasePruner):
+    """Prunes at the cheap first rung (step RUNG_STEP) a trial that does not go on (goes_on) against
+    the rung scores of every other trial that ran the rung, whatever became of it (completed,
+    pruned there, still training, carried over by a warm start); the enqueued presets run first, so
+    they set the bar from the second trial on. It never prunes during full training. Optuna's own
+    pruners don't fit a rung that is a separate, cheaper run: Median and Percentile compare against
+    completed trials only, so the bar would rise with each promotion, and successive halving's rungs
+    sit at steps >= 1 of the same run."""
+
+    def __init__(self, keep: float, startup: int, margin: float):
+        self.keep, self.startup, self.margin = keep, startup, margin
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         if trial.last_step != RUNG_STEP:
             return False
         others = [t.intermediate_values[RUNG_STEP] for t in study.get_trials(deepcopy=False)
                   if t.number != trial.number and RUNG_STEP in t.intermediate_values]
-        if len(others) < self.startup:
-            return False
-        better = sum(score > trial.intermediate_values[RUNG_STEP] for score in others)
-        return better >= self.keep * (len(others) + 1)
+        return not goes_on(trial.intermediate_values[RUNG_STEP], others, self.keep, self.startup, self.margin)
 
 
 class TrialSeededSampler(optuna.samplers.BaseSampler):

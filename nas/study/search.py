@@ -48,7 +48,7 @@ def run_search(options: SearchOptions, config: StudyConfig, workers: int, study:
     if workers == 1:
         run_worker(options, config, split)
         return []
-    bar = ProgressBar(study, options.trials, disable=options.quiet)
+    bar = ProgressBar(study, options.trials, disable=options.quiet, full_share=config.rung.keep, workers=workers)
     try:
         return run_processes(functools.partial(_worker_entry, options, config), workers,
                              watch=lambda: bar.update(study))
@@ -74,7 +74,7 @@ def run_worker(options: SearchOptions, config: StudyConfig, split: data.Split | 
     callbacks: list = [StopAtTarget(options.trials)]
     bar = None
     if not options.quiet:
-        bar = ProgressBar(study, options.trials, disable=False)
+        bar = ProgressBar(study, options.trials, disable=False, full_share=config.rung.keep)
         callbacks.append(bar)
         objective.nested = True
     deadline = None if options.timeout is None else time.monotonic() + options.timeout
