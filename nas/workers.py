@@ -25,6 +25,9 @@ def threads_each(processes: int) -> int:
     return max(1, available_cpus() // processes)
 
 
+WORKERS_ENV = "NAS_WORKERS"  # nas.search's default --workers where set (the tests set 1)
+
+
 def resolve_workers(workers: int | str, device: torch.device) -> int:
     """"auto" is one single-thread worker per available CPU on a CPU, and 1 on a GPU."""
     if workers != "auto":

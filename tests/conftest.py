@@ -10,6 +10,10 @@ from nas.data import DATA_DIR_ENV, Mnist, load_mnist, prepare, resolve_data_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# nas.search's default is a worker per core; the tests' tiny studies run in one process unless a test
+# asks for workers (subprocesses they start inherit this). tests/test_workers.py checks the default.
+os.environ.setdefault("NAS_WORKERS", "1")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

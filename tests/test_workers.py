@@ -150,6 +150,17 @@ def test_workers_auto_is_one_worker_per_cpu_core_on_cpu_and_one_on_a_gpu(capsys)
     assert exc.value.code == 2 and "--workers" in capsys.readouterr().err
 
 
+def test_the_search_default_is_auto_unless_nas_workers_says_otherwise(monkeypatch, capsys):
+    monkeypatch.delenv(workers.WORKERS_ENV)
+    assert search.build_parser().parse_args([]).workers == "auto"  # measured faster (docs/performance.md)
+    monkeypatch.setenv(workers.WORKERS_ENV, "3")
+    assert search.build_parser().parse_args([]).workers == 3
+    monkeypatch.setenv(workers.WORKERS_ENV, "many")
+    with pytest.raises(SystemExit) as exc:
+        search.build_parser().parse_args([])
+    assert exc.value.code == 2 and "--workers" in capsys.readouterr().err
+
+
 def test_the_study_bar_counts_earlier_trials_and_its_clock_ticks_until_closed(capsys):
     study = optuna.create_study(direction="maximize")
     for value in (97.0, 98.5):

@@ -17,12 +17,15 @@ from pathlib import Path
 import torch
 
 from nas import data
+from nas.run.setup import resolve_run
+from nas.spec import PRESETS
 from nas.cli.args import (ArgumentParser, add_data_dir, add_run_flags, error, fail, non_negative_int, positive_int,
                           run_settings)
+from nas.cpu import tune_allocator
 from nas.experiments.bench import (GPU_CONCURRENCY, GPU_STUDY, MODEL, QUICK_BATCHES, REPEATS, SEED_STYLE,
                                    WARMUP_BATCHES, OURS, StudySize, fastest, format_concurrency, format_study,
                                    format_table, header_lines, loader_workers, machine_info, machine_line,
-                                   ours_process, parse_concurrency, prepare, ratio_line, report, resolve_ours,
+                                   ours_process, parse_concurrency, prepare, format_profile, profile_ours, ratio_line, report, resolve_ours,
                                    setup_record, time_concurrent, time_pipelines, time_study)
 
 
@@ -68,10 +71,25 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--study-workers", type=positive_int, default=1,
                         help="the study's --workers (default 1)")
     parser.add_argument("--study-subset", type=positive_int, help="the study's --subset: train on the first N images")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: where a Model 3 epoch's time goes, --batches batches under torch.profiler")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     # Our pipeline trains as these ask; the seed-style one always runs fp32 NCHW, as the seed did.
     add_run_flags(parser)
     return parser
+
+
+def profile(settings, inputs, batches: int, machine: dict) -> int:
+    """Print where a short Model 3 epoch's time goes (nas.experiments.bench.profile_ours)."""
+    tune_allocator()
+    split = data.make_split(data.load_mnist(inputs.data_dir), "test", None, inputs.device)
+    preset = PRESETS[MODEL]
+    run = resolve_run(preset.arch, preset.train, settings, inputs.device, len(split.train_x))
+    print(f"{MODEL}, {batches} batches of {preset.train.batch_size} under torch.profiler: {run.describe()}", flush=True)
+    wall, groups = profile_ours(split, run, batches)
+    print(format_profile(wall, groups, batches))
+    print(f"\n{machine_line(machine)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(exc)
     machine = machine_info(inputs.device)
     loader = loader_workers(inputs.device) if args.workers is None else args.workers
+    if args.profile:
+        return profile(settings, inputs, args.batches, machine)
     with ours_process(torch.get_num_threads()) as ours:
         run = resolve_ours(ours, settings, inputs)
         print("\n".join(header_lines(run, inputs, loader, args.repeats)), flush=True)

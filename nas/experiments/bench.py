@@ -554,3 +554,57 @@ def planned(concurrency: list[int] | None, study: StudySize | None, device: torc
     if study is None and on_gpu and not quick:
         study = StudySize.parse(GPU_STUDY)
     return concurrency, study
+
+
+# --- where an epoch's time goes (nas.bench --profile) ---------------------------------------------
+
+# Operator name fragments by what they do, first match wins; the rest is "other ops".
+PROFILE_GROUPS = (
+    ("convolution (forward and backward)", ("conv",)),
+    ("BatchNorm + ReLU", ("batch_norm", "relu", "threshold", "native_batchnorm")),
+    ("augmentation (affine warp)", ("grid_sampler", "affine_grid", "linspace")),
+    ("optimizer step", ("adam", "sgd")),
+    ("weight average", ("lerp",)),
+    ("loss, argmax", ("cross_entropy", "nll_loss", "log_softmax", "argmax", "_softmax")),
+    ("pooling", ("pool",)),
+    ("normalize, index, copy, cast", ("index", "copy_", "to_copy", "div", "sub", "_to", "clone", "contiguous",
+                                      "empty", "randperm")),
+)
+
+
+def group_of(name: str) -> str:
+    lowered = name.lower()
+    return next((group for group, parts in PROFILE_GROUPS if any(part in lowered for part in parts)), "other ops")
+
+
+def profile_ours(split: data.Split, run: RunRecord, batches: int) -> tuple[float, dict[str, float]]:
+    """One short epoch of Model 3 (`batches` batches) under torch.profiler, after an untimed one:
+    its wall seconds and the operators' own CPU seconds summed by PROFILE_GROUPS. What the
+    operators don't account for is Python and framework overhead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    preset = PRESETS[MODEL]
+    images = batches * preset.train.batch_size
+    part = data.Split(split.train_x[:images], split.train_y[:images], split.eval_x[:1], split.eval_y[:1],
+                      split.eval_name)
+    train(preset.arch, replace(preset.train, epochs=1), part, run, progress=False)  # warm: allocator, kernels
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        train(preset.arch, replace(preset.train, epochs=1), part, run, progress=False)
+        wall = time.perf_counter() - start
+    groups: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.self_cpu_time_total > 0:
+            group = group_of(event.key)
+            groups[group] = groups.get(group, 0.0) + event.self_cpu_time_total / 1e6
+    return wall, dict(sorted(groups.items(), key=lambda item: -item[1]))
+
+
+def format_profile(wall: float, groups: dict[str, float], batches: int) -> str:
+    rows = [("where", "s", "share of wall")]
+    for group, seconds in groups.items():
+        rows.append((group, f"{seconds:.3f}", f"{100 * seconds / wall:.1f}%"))
+    rest = wall - sum(groups.values())
+    rows.append(("Python and framework overhead (wall − ops)", f"{rest:.3f}", f"{100 * rest / wall:.1f}%"))
+    rows.append((f"wall, {batches} batches", f"{wall:.3f}", "100%"))
+    return aligned(rows)
