@@ -203,3 +203,19 @@ def test_plot_without_results_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "holds no runs" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "f.png").exists()
+
+
+def test_with_workers_a_candidate_at_the_rung_waits_for_the_running_presets_score():
+    """Two workers: Model 3 (trial 0) and a candidate start together; the candidate's rung ends first.
+    Its verdict waits for Model 3's rung score instead of going on as the first candidate."""
+    import threading
+
+    for patience, preset_reports, pruned in ((30.0, True, True), (1.5, False, False)):
+        study = optuna.create_study(direction="maximize", pruner=RungPruner(1 / 3, 3, 1.0, patience=patience))
+        preset = study.ask()
+        preset.set_user_attr("preset", "model3")
+        candidate = study.ask()
+        candidate.report(47.2, RUNG_STEP)
+        if preset_reports:
+            threading.Timer(1.2, preset.report, (96.8, RUNG_STEP)).start()
+        assert candidate.should_prune() is pruned  # without the preset's score: the first candidate goes on

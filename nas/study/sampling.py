@@ -3,6 +3,7 @@ pruner, which screens every candidate with a short run before full training."""
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Any
 
@@ -41,6 +42,15 @@ def goes_on(score: float, others: list[float], keep: float, startup: int, margin
     return len(others) < startup or sum(s > score for s in others) < keep * (len(others) + 1)
 
 
+PRESET_POLL_SECONDS = 1.0
+
+
+def preset_at_rung(trial: FrozenTrial) -> bool:
+    """An enqueued preset that is running and has no rung score yet."""
+    return (trial.state == optuna.trial.TrialState.RUNNING and "preset" in trial.user_attrs
+            and RUNG_STEP not in trial.intermediate_values and "rejected" not in trial.user_attrs)
+
+
 class RungPruner(optuna.pruners.BasePruner):
     """Prunes at the cheap first rung (step RUNG_STEP) a trial that does not go on (goes_on) against
     the rung scores of every other trial that ran the rung, whatever became of it (completed,
@@ -50,14 +60,24 @@ class RungPruner(optuna.pruners.BasePruner):
     completed trials only, so the bar would rise with each promotion, and successive halving's rungs
     sit at steps >= 1 of the same run."""
 
-    def __init__(self, keep: float, startup: int, margin: float):
+    def __init__(self, keep: float, startup: int, margin: float, patience: float = 900.0):
         self.keep, self.startup, self.margin = keep, startup, margin
+        self.patience = patience  # seconds a verdict waits at most for a running preset's rung score
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         if trial.last_step != RUNG_STEP:
             return False
-        others = [t.intermediate_values[RUNG_STEP] for t in study.get_trials(deepcopy=False)
-                  if t.number != trial.number and RUNG_STEP in t.intermediate_values]
+        waited = 0.0
+        while True:
+            trials = study.get_trials(deepcopy=False)
+            others = [t.intermediate_values[RUNG_STEP] for t in trials
+                      if t.number != trial.number and RUNG_STEP in t.intermediate_values]
+            # With several workers a candidate can reach the rung before the preset that sets the bar
+            # (Model 3, trial 0, started at the same moment) has: its verdict waits for the preset's score.
+            if others or waited >= self.patience or not any(preset_at_rung(t) for t in trials):
+                break
+            time.sleep(PRESET_POLL_SECONDS)
+            waited += PRESET_POLL_SECONDS
         return not goes_on(trial.intermediate_values[RUNG_STEP], others, self.keep, self.startup, self.margin)
 
 
