@@ -65,3 +65,23 @@ def test_finished_trials_are_read_as_rung_stops_or_full_trials_with_their_times(
         Finished(200.0, at_rung=False, rung_seconds=30.0),
         Finished(90.0, at_rung=False),
     ]
+
+
+def test_a_watchers_poll_between_trials_keeps_the_countdown_running(monkeypatch):
+    """With workers the parent polls the study every few seconds: the ETA is estimated again only
+    when a trial has finished, so between trials it counts down instead of standing still."""
+    import optuna
+
+    from nas.study import progress
+
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(optuna.trial.create_trial(value=97.0, params={}, distributions={}))
+    monkeypatch.setattr(progress, "expected_seconds", lambda *args, **kwargs: 600.0)
+    bar = progress.ProgressBar(study, 5, disable=True)
+    first = bar.estimated_at
+    bar.update(study)  # a poll, nothing finished
+    assert bar.estimated_at == first
+    study.add_trial(optuna.trial.create_trial(value=98.0, params={}, distributions={}))
+    bar.update(study)  # a trial finished: estimated again
+    assert bar.estimated_at > first
+    bar.close()

@@ -581,6 +581,9 @@ def profile_ours(split: data.Split, run: RunRecord, batches: int) -> tuple[float
     """One short epoch of Model 3 (`batches` batches) under torch.profiler, after an untimed one:
     its wall seconds and the operators' own CPU seconds summed by PROFILE_GROUPS. What the
     operators don't account for is Python and framework overhead."""
+    # Kineto, the profiler's C++ side, logs its start and stop (and, without a GPU, an ERROR line about
+    # counting GPUs) unless told otherwise; it reads this when the first profile starts.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     from torch.profiler import ProfilerActivity, profile
 
     preset = PRESETS[MODEL]

@@ -101,6 +101,7 @@ class ProgressBar:
         self.lock = threading.Lock()
         self.postfix: dict[str, object] = {}
         self.eta: float | None = None
+        self.counted = -1  # finished trials when the ETA was last estimated
         self.estimated_at = time.monotonic()
         done = min(len(finished_trials(study)), target)
         self.bar = tqdm(total=target, initial=done, desc="Trials", unit="trial", disable=disable, file=sys.stdout,
@@ -122,8 +123,10 @@ class ProgressBar:
         eta = expected_seconds(finished_times(finished, self.since), self.bar.total - len(finished),
                                self.full_share, self.workers)
         with self.lock:
+            if len(finished) != self.counted or self.eta is None:  # a watcher polls between trials:
+                self.eta, self.estimated_at = eta, time.monotonic()  # keep counting down until one ends
+            self.counted = len(finished)
             self.bar.n = min(len(finished), self.bar.total)
-            self.eta, self.estimated_at = eta, time.monotonic()
             self.postfix = {"rejected": rejected}
             if best is not None:
                 self.postfix["best"] = f"{best.values[0]:.2f}% (#{best.number})"
