@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from nas.model import BatchNormAct2d
+from nas.model import Residual, BatchNormAct2d
 
 CALIBRATION_IMAGES = 1000  # training images whose activations set the int8 ranges
 CALIBRATION_SEED = 0  # which ones: a fixed draw, so a deployment is repeatable
@@ -43,9 +43,9 @@ class DeployError(RuntimeError):
 def fold_batchnorm(model: nn.Sequential) -> nn.Sequential:
     """The model in evaluation form with every BatchNorm folded into the convolution before it (one
     conv with a bias, then ReLU) and dropout gone: the layers a device runs, and what the flash
-    count of nas.spec.costs assumes."""
+    count of nas.spec.costs assumes. A residual's body is folded in place."""
     layers: list[nn.Module] = []
-    modules = list(model)
+    modules = [Residual(*fold_batchnorm(m.body)) if isinstance(m, Residual) else m for m in model]
     i = 0
     while i < len(modules):
         module = modules[i]

@@ -94,6 +94,33 @@ def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, padding:
     ]
 
 
+class Add(nn.Module):
+    """A residual's sum, as a module of its own so that summaries list it."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x + y
+
+
+class Residual(nn.Module):
+    """x + body(x): a conv (with its BatchNorm+ReLU) that adds its input to its output."""
+
+    def __init__(self, *body: nn.Module):
+        super().__init__()
+        self.body = nn.Sequential(*body)
+        self.add = Add()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.add(x, self.body(x))
+
+
+def separable_conv(in_channels: int, out_channels: int, padding: int, dw_norm: bool,
+                   batchnorm: str) -> list[nn.Module]:
+    """Depthwise 3x3 (one filter a channel), [BatchNorm+ReLU,] then pointwise 1x1 and BatchNorm+ReLU."""
+    depthwise = nn.Conv2d(in_channels, in_channels, 3, padding=padding, groups=in_channels, bias=False)
+    return [depthwise, *([BatchNormAct2d(in_channels, batchnorm)] if dw_norm else []),
+            *conv_bn_relu(in_channels, out_channels, 1, 0, batchnorm)]
+
+
 def build_model(spec: ArchSpec, batchnorm: str = "pytorch") -> ConvNet:
     """The model of `spec`, its BatchNorm+ReLU on the `batchnorm` path (BatchNormAct2d): "pytorch"
     (the default) or the opt-in "native" C kernel, which raises KernelUnavailable where it can't
@@ -101,11 +128,18 @@ def build_model(spec: ArchSpec, batchnorm: str = "pytorch") -> ConvNet:
     validate(spec)
     layers: list[nn.Module] = []
     prev_channels = spec.in_channels
+    residuals = iter(row.residual for row in layer_table(spec) if row.name in ("conv3x3", "conv5x5", "pwconv1x1"))
     for index, block in enumerate(spec.blocks):
         if index > 0:
             layers.append(nn.MaxPool2d(2))
-        for width in block.widths:
-            layers += conv_bn_relu(prev_channels, width, 3, block.padding, batchnorm)
+        for position, width in enumerate(block.widths):
+            first = index == 0 and position == 0
+            if block.op == "sep" and not first:
+                unit = separable_conv(prev_channels, width, block.padding, spec.dw_norm, batchnorm)
+            else:
+                kernel = spec.first_kernel if first else 3
+                unit = conv_bn_relu(prev_channels, width, kernel, block.padding * (kernel // 2), batchnorm)
+            layers += [Residual(*unit)] if next(residuals) else unit
             if spec.dropout > 0:
                 layers.append(nn.Dropout2d(spec.dropout))
             prev_channels = width
@@ -141,6 +175,8 @@ def summary_table(arch: ArchSpec) -> str:
         index += 1
         shape = str([-1, *layer.output_size[1:]])
         name = "BatchNorm2d" if fused else layer.class_name
+        if isinstance(layer.module, nn.Conv2d) and layer.module.groups > 1:
+            name = "DepthwiseConv2d"  # a separable conv's first half; an Add row is a residual's sum
         lines.append(f"{f'{name}-{index}':>20}  {shape:>25} {layer.num_params:>15,}")
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -156,7 +192,7 @@ def summary_table(arch: ArchSpec) -> str:
 
 
 def receptive_field_line(arch: ArchSpec) -> str:
-    fields = [row.receptive_field for row in layer_table(arch) if row.name in ("conv3x3", "conv1x1", "maxpool")]
+    fields = [row.receptive_field for row in layer_table(arch) if row.name not in ("gap", "classifier")]
     return (
         f"Receptive field: {fields[-1]}x{fields[-1]} before global average pooling "
         f"(per layer: {' '.join(map(str, fields))}); analytic parameter count {count_params(arch):,}"

@@ -3,6 +3,14 @@
 An architecture is a sequence of blocks of 3x3 convs separated by 2x2 max-pools, then an optional
 tail of 1x1 convs, global average pooling and a 1x1 classifier. Every conv but the classifier is
 followed by BatchNorm + ReLU and has no bias, which is what the seed study's parameter counts show.
+
+Space version 3's ops, each off by default (so every older spec reads and builds as before):
+- the net's first conv may be 5x5 (`first_kernel`); it is always a plain conv;
+- a block's other convs may be depthwise-separable (`op = "sep"`): a depthwise 3x3 conv (one filter
+  per channel), then a 1x1 pointwise conv to the block's width; BatchNorm+ReLU after both, or after
+  the pointwise conv only (`dw_norm = False`: the two convs are then one factorized linear map);
+- a block may be residual: every conv in it whose output has its input's shape (padded, same
+  width) adds its input to its output (after its ReLU: x + relu(bn(conv(x)))).
 """
 
 from __future__ import annotations
@@ -19,10 +27,15 @@ class SpecError(ValueError):
     """A spec that cannot be built (bad field, or a feature map that shrinks away)."""
 
 
+OPS = ("conv", "sep")  # a block's convs: plain 3x3, or depthwise-separable 3x3 (depthwise 3x3 + 1x1)
+
+
 @dataclass(frozen=True)
 class BlockSpec:
     widths: tuple[int, ...]  # output channels of each 3x3 conv, in order
-    padding: int = 0  # zero-padding of every 3x3 conv in the block (0 shrinks the map by 2)
+    padding: int = 0  # 1: every conv in the block keeps the map's size (a 3x3 pads 1, a 5x5 pads 2)
+    op: str = "conv"  # "sep": its convs (but the net's first) are depthwise-separable
+    residual: bool = False  # each conv whose output has its input's shape adds its input
 
 
 @dataclass(frozen=True)
@@ -33,9 +46,10 @@ class Shape:
     size: int = 28
     classes: int = 10
 
-    def arch(self, blocks: tuple[BlockSpec, ...], tail: tuple[int, ...] = (), dropout: float = 0.0) -> ArchSpec:
+    def arch(self, blocks: tuple[BlockSpec, ...], tail: tuple[int, ...] = (), dropout: float = 0.0,
+             first_kernel: int = 3, dw_norm: bool = True) -> ArchSpec:
         return ArchSpec(blocks, tail, dropout, in_channels=self.channels, input_size=self.size,
-                        num_classes=self.classes)
+                        num_classes=self.classes, first_kernel=first_kernel, dw_norm=dw_norm)
 
 
 MNIST_SHAPE = Shape()
@@ -49,19 +63,38 @@ class ArchSpec:
     in_channels: int = 1
     input_size: int = 28
     num_classes: int = 10
+    first_kernel: int = 3  # the net's first conv: 3x3 or 5x5 (always a plain conv)
+    dw_norm: bool = True  # separable convs: BatchNorm+ReLU after the depthwise conv too
 
     @property
     def shape(self) -> Shape:
         return Shape(self.in_channels, self.input_size, self.num_classes)
 
+    @property
+    def version3(self) -> bool:
+        """Whether it uses any of space version 3's ops."""
+        return (self.first_kernel != 3 or not self.dw_norm
+                or any(b.op != "conv" or b.residual for b in self.blocks))
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Its fields; version 3's only where they differ from their defaults, so a spec without
+        them reads (and is stored, hashed and cached) exactly as it always was."""
+        data = dataclasses.asdict(self)
+        for block in data["blocks"]:
+            for name, default in (("op", "conv"), ("residual", False)):
+                if block[name] == default:
+                    del block[name]
+        for name, default in (("first_kernel", 3), ("dw_norm", True)):
+            if data[name] == default:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ArchSpec:
         fields = dict(data)
         fields["blocks"] = tuple(
-            BlockSpec(widths=tuple(b["widths"]), padding=b.get("padding", 0))
+            BlockSpec(widths=tuple(b["widths"]), padding=b.get("padding", 0), op=b.get("op", "conv"),
+                      residual=bool(b.get("residual", False)))
             for b in fields["blocks"]
         )
         fields["tail"] = tuple(fields.get("tail", ()))
@@ -126,34 +159,37 @@ PRESETS: dict[str, Preset] = {
 
 @dataclass(frozen=True)
 class LayerInfo:
-    name: str  # "conv3x3", "conv1x1", "maxpool", "gap" or "classifier"
+    name: str  # "conv3x3", "conv5x5", "dwconv3x3", "pwconv1x1", "conv1x1" (tail), "maxpool", "gap", "classifier"
     out_shape: tuple[int, int, int]  # (channels, height, width)
     params: int
     receptive_field: int  # side of the input square one output pixel sees
     macs: int = 0  # multiply-accumulates of its convolution (as ptflops and fvcore count Conv2d)
     in_shape: tuple[int, int, int] = (0, 0, 0)
+    norm: bool = False  # a BatchNorm follows it (its 2 parameters a channel are counted in `params`)
+    residual: bool = False  # it adds the input of its (separable) conv to its output
+    held: int = 0  # bytes of another activation kept in RAM meanwhile (a residual's input, if not its own)
 
     @property
     def activation_bytes(self) -> int:
-        """Its input plus its output activation, one byte a value (int8): what must be in RAM at once."""
-        return math.prod(self.in_shape) + math.prod(self.out_shape)
+        """Its input plus its output activation, one byte a value (int8), and a residual's input it
+        holds until the add: what must be in RAM at once."""
+        return math.prod(self.in_shape) + math.prod(self.out_shape) + self.held
 
     @property
     def flash_bytes(self) -> int:
         """Its int8 weights with BatchNorm folded into the conv: a byte a weight, a 4-byte bias a channel
-        (the classifier has neither BatchNorm nor bias)."""
-        if self.name == "classifier":
-            return self.params
-        if self.name.startswith("conv"):
+        where a BatchNorm folds into it (the classifier, and a depthwise conv without BatchNorm, have none)."""
+        if self.norm:
             channels = self.out_shape[0]
             return self.params - 2 * channels + 4 * channels  # BatchNorm's 2 per channel become one bias
-        return 0
+        return self.params if self.name.endswith(("conv3x3", "conv5x5", "conv1x1")) or self.name == "classifier" else 0
 
 
 def layer_table(spec: ArchSpec) -> list[LayerInfo]:
     """Every weighted or shape-changing layer with its output shape, parameters and receptive field.
 
-    BatchNorm's two parameters per channel are folded into its conv's row.
+    BatchNorm's two parameters per channel are folded into its conv's row. A separable conv is two
+    rows, its depthwise and its pointwise conv.
     """
     validate_fields(spec)
     rows: list[LayerInfo] = []
@@ -165,17 +201,33 @@ def layer_table(spec: ArchSpec) -> list[LayerInfo]:
             rf, jump = rf + jump, jump * 2
             _check_size(size, "maxpool", index)
             rows.append(LayerInfo("maxpool", (channels, size, size), 0, rf, 0, rows[-1].out_shape))
-        for width in block.widths:
+        for position, width in enumerate(block.widths):
             before = (channels, size, size)
-            size = size + 2 * block.padding - 2
-            rf += 2 * jump
-            _check_size(size, "conv3x3", index)
-            rows.append(LayerInfo("conv3x3", (width, size, size), 9 * channels * width + 2 * width, rf,
-                                  9 * channels * width * size * size, before))
+            first = index == 0 and position == 0
+            kernel = spec.first_kernel if first else 3
+            size = size + (kernel - 1) * (block.padding - 1)  # padded: kept; else shrunk by kernel - 1
+            rf += (kernel - 1) * jump
+            after = (width, size, size)
+            residual = block.residual and before == after
+            if block.op == "sep" and not first:
+                name = "dwconv3x3"
+                _check_size(size, name, index)
+                dw = (channels, size, size)
+                rows.append(LayerInfo(name, dw, 9 * channels + 2 * channels * spec.dw_norm, rf,
+                                      9 * channels * size * size, before, norm=spec.dw_norm))
+                rows.append(LayerInfo("pwconv1x1", after, channels * width + 2 * width, rf,
+                                      channels * width * size * size, dw, norm=True, residual=residual,
+                                      held=math.prod(before) if residual else 0))
+            else:
+                name = f"conv{kernel}x{kernel}"
+                _check_size(size, name, index)
+                rows.append(LayerInfo(name, after, kernel * kernel * channels * width + 2 * width, rf,
+                                      kernel * kernel * channels * width * size * size, before, norm=True,
+                                      residual=residual))
             channels = width
     for width in spec.tail:
         rows.append(LayerInfo("conv1x1", (width, size, size), channels * width + 2 * width, rf,
-                              channels * width * size * size, (channels, size, size)))
+                              channels * width * size * size, (channels, size, size), norm=True))
         channels = width
     rows.append(LayerInfo("gap", (channels, 1, 1), 0, spec.input_size, 0, (channels, size, size)))
     rows.append(LayerInfo("classifier", (spec.num_classes, 1, 1), channels * spec.num_classes, spec.input_size,
@@ -233,9 +285,23 @@ def receptive_field(spec: ArchSpec) -> int:
 
 def layer_string(spec: ArchSpec) -> str:
     """The architecture in one short line: conv widths per block (`p1`: padded), `M` for each
-    max-pool, `1x1:` the tail, e.g. Model 3 is `10-10-10p1 M 16-16-8-8 1x1:8-16`."""
-    blocks = ["-".join(map(str, b.widths)) + ("p" + str(b.padding) if b.padding else "") for b in spec.blocks]
+    max-pool, `1x1:` the tail, e.g. Model 3 is `10-10-10p1 M 16-16-8-8 1x1:8-16`. Version 3's ops:
+    `k5` after a 5x5 first conv's width, `s` after a separable conv's, `+` after a conv that adds its
+    input (residual), and `dwlin` at the end where separable convs have no BatchNorm+ReLU between
+    their two convs, e.g. `8k5-12s-12s+p1 M 24s-24s+p1 1x1:16`."""
+    residuals = iter(row.residual for row in layer_table(spec) if row.name in ("conv3x3", "conv5x5", "pwconv1x1"))
+    blocks = []
+    for index, block in enumerate(spec.blocks):
+        words = []
+        for position, width in enumerate(block.widths):
+            first = index == 0 and position == 0
+            word = str(width) + (f"k{spec.first_kernel}" if first and spec.first_kernel != 3 else "")
+            word += "s" if block.op == "sep" and not first else ""
+            words.append(word + ("+" if next(residuals) else ""))
+        blocks.append("-".join(words) + ("p" + str(block.padding) if block.padding else ""))
     text = " M ".join(blocks) + (" 1x1:" + "-".join(map(str, spec.tail)) if spec.tail else "")
+    if not spec.dw_norm and any(b.op == "sep" for b in spec.blocks):
+        text += " dwlin"
     return text + (f" drop{spec.dropout:.2f}" if spec.dropout else "")
 
 
@@ -249,6 +315,10 @@ def validate_fields(spec: ArchSpec) -> None:
             raise SpecError(f"block {i + 1} has a conv width below 1: {block.widths}")
         if block.padding not in (0, 1):
             raise SpecError(f"block {i + 1} padding must be 0 or 1, got {block.padding}")
+        if block.op not in OPS:
+            raise SpecError(f"block {i + 1} op must be one of {', '.join(OPS)}, got {block.op!r}")
+    if spec.first_kernel not in (3, 5):
+        raise SpecError(f"first_kernel must be 3 or 5, got {spec.first_kernel}")
     if any(w < 1 for w in spec.tail):
         raise SpecError(f"tail has a width below 1: {spec.tail}")
     if not 0.0 <= spec.dropout < 1.0:

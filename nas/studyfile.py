@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from nas.data import DataConfig, DataError
-from nas.space import VERSIONS, Budget, SpaceConfig, smallest_arch
-from nas.spec import PRESETS, Shape, SpecError, count_params
+from nas.space import DEFAULT_VERSION, VERSIONS, Budget, SpaceConfig, smallest_arch
+from nas.spec import OPS, PRESETS, Shape, SpecError, count_params
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -101,7 +101,7 @@ def parse_study_config(data: dict[str, Any], source: str = "study file") -> Stud
     try:
         # A study file without `version` means the current space; only a stored config that
         # predates versions means version 1 (SpaceConfig.from_dict).
-        space = SpaceConfig.from_dict({"version": VERSIONS[-1], **top.pop("space", {})})
+        space = SpaceConfig.from_dict({"version": DEFAULT_VERSION, **top.pop("space", {})})
         rung = RungConfig(**top.pop("rung", {}))
         data = DataConfig.from_dict(top.pop("data", {}), f"{source}: [data]")
         for key in ("objectives", "enqueue"):
@@ -167,6 +167,11 @@ def check_space(space: SpaceConfig, source: str) -> None:
         low, high = getattr(space, key)
         if not 0 < low <= high <= 1:
             raise ConfigError(f"{source}: {key} must be a range within (0, 1], got [{low}, {high}]")
+    for key, allowed in (("ops", OPS), ("padding", (0, 1)), ("first_padding", (0, 1)), ("first_kernel", (3, 5)),
+                         ("residual", (False, True)), ("dw_norm", (False, True))):
+        chosen = getattr(space, key)
+        if not chosen or any(c not in allowed or type(c) is not type(allowed[0]) for c in chosen):
+            raise ConfigError(f"{source}: {key} takes choices from {list(allowed)}, got {list(chosen)}")
 
 
 def load_study_config(path: Path) -> StudyConfig:

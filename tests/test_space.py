@@ -142,7 +142,9 @@ def test_throughput_study_still_draws_one_fixed_net():
 
 
 @pytest.mark.parametrize("space_text, message", [
-    ("version = 3", "version must be one of"),
+    ("version = 4", "version must be one of"),
+    ("version = 3\nops = [\"conv\", \"mbconv\"]", "ops takes choices from"),
+    ("version = 3\nfirst_kernel = [3, 7]", "first_kernel takes choices from"),
     ("budget_fraction = [0.0, 1.0]", "budget_fraction must be a range within"),
     ("relative_width = [0.5, 2.0]", "relative_width must be a range within"),
     ("relative_width = 0.5", "relative_width"),

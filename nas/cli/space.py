@@ -38,5 +38,5 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.sample} candidates from {args.study_file} (space version {config.space.version}, "
           f"budget {config.budget:,}, {shape.channels}x{shape.size}x{shape.size} inputs, {shape.classes} classes), "
           f"drawn by Optuna's RandomSampler (seed {args.seed}), none trained:")
-    print("\n".join(sample_report(archs, config.limits)))
+    print("\n".join(sample_report(archs, config.limits, ops=config.space.version >= 3)))
     return 0

@@ -9,11 +9,19 @@ to the largest net within that share, and caps each block's depth at what its fe
 Version 1 samples absolute widths (`b1_l2_width`), so most of its draws were over budget or
 shrank the map away; studies created with it still rebuild their trials through it.
 
+Version 3 is version 2 with the ops of the best tiny nets (nas.spec): per block plain or
+depthwise-separable convs (`b1_op`), its own padding (`b1_padding`), and a residual add
+(`b1_residual`, asked of padded blocks of two convs or more, whose convs then share one width,
+`b1_l0_rel`); the first conv's kernel (`first_kernel`), and for separable nets whether BatchNorm+ReLU
+sits between the depthwise and the pointwise conv (`dw_norm`). A study file without `version` still
+means version 2 (DEFAULT_VERSION).
+
 `python -m nas.space --sample 200` shows what a study file's space draws, untrained (draw, sample_report).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import warnings
@@ -24,9 +32,10 @@ from typing import Any
 import optuna
 
 from nas.spec import (MNIST_SHAPE, ArchSpec, BlockSpec, Preset, Shape, SpecError, TrainConfig, costs, count_params,
-                      layer_string, receptive_field)
+                      layer_string, layer_table, receptive_field)
 
-VERSIONS = (1, 2)
+VERSIONS = (1, 2, 3)
+DEFAULT_VERSION = 2  # what a study file without `version` searches
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,12 @@ class SpaceConfig:
     augment: tuple[float, float] = (0.0, 1.0)
     dropout: tuple[float, float] = (0.0, 0.15)
     label_smoothing: tuple[float, float] = (0.0, 0.1)
+    # version 3's ops (nas.spec), searched per block
+    ops: tuple[str, ...] = ("conv", "sep")  # a block's convs: plain 3x3 or depthwise-separable
+    padding: tuple[int, ...] = (0, 1)  # padding choices of the blocks after the first
+    residual: tuple[bool, ...] = (False, True)  # a padded block of 2+ convs: whether its convs add their input
+    first_kernel: tuple[int, ...] = (3, 5)  # the first conv's kernel
+    dw_norm: tuple[bool, ...] = (True, False)  # separable convs: BatchNorm+ReLU between the two convs
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SpaceConfig:
@@ -125,8 +140,10 @@ def suggest(
         arch = _absolute_arch(trial, space, shape)
     elif budget is None:
         raise ValueError("a version-2 search space scales widths to the budget: pass budget=")
-    else:
+    elif space.version == 2:
         arch = _scaled_arch(trial, space, as_budget(budget), shape)
+    else:
+        arch = _scaled_arch_v3(trial, space, as_budget(budget), shape)
     scheduler = _choice(trial, "scheduler", space.scheduler)
     step = scheduler == "step"
     config = TrainConfig(
@@ -185,10 +202,45 @@ def _scaled_arch(trial: optuna.Trial, space: SpaceConfig, budget: Budget, shape:
     return fit_widths(proportions, space.width, lambda arch: budget.within(arch, fraction))
 
 
-def max_blocks(size: int, padding: int, min_layers: int) -> int:
+def _scaled_arch_v3(trial: optuna.Trial, space: SpaceConfig, budget: Budget, shape: Shape) -> ArchSpec:
+    """Version 2's draw with version 3's ops; capped where the map runs out, as version 2 (later
+    blocks counted unpadded), and scaled to the budget the same way."""
+    n_blocks = _int(trial, "n_blocks", space.blocks)
+    first_padding = _choice(trial, "b0_padding", space.first_padding)
+    kernel = _choice(trial, "first_kernel", space.first_kernel)
+    size = shape.size
+    n_blocks = min(n_blocks, max(max_blocks(size, first_padding, space.layers[0], kernel), 1))
+    blocks = []
+    for i in range(n_blocks):
+        if i > 0:
+            size //= 2
+        pad = first_padding if i == 0 else _choice(trial, f"b{i}_padding", space.padding)
+        n_layers = _int(trial, f"b{i}_layers", space.layers)
+        if not pad:
+            extra = kernel - 3 if i == 0 else 0  # a 5x5 first conv shrinks the map by 2 more
+            room = (size - extra - _size_needed_after(n_blocks - 1 - i, space.layers[0])) // 2
+            n_layers = min(n_layers, max(room, space.layers[0]))  # no room for the minimum: count_params says so
+            size -= 2 * n_layers + extra
+        op = _choice(trial, f"b{i}_op", space.ops) if n_layers > (i == 0) else "conv"  # the first conv is plain
+        residual = bool(_choice(trial, f"b{i}_residual", space.residual)) if pad and n_layers >= 2 else False
+        if residual:  # one width for the block, so that every conv after its first keeps the shape
+            widths = (_float(trial, f"b{i}_l0_rel", space.relative_width),) * n_layers
+        else:
+            widths = tuple(_float(trial, f"b{i}_l{j}_rel", space.relative_width) for j in range(n_layers))
+        blocks.append(BlockSpec(widths, pad, op, residual))
+    n_tail = _int(trial, "tail_layers", space.tail_layers)
+    tail = tuple(_float(trial, f"tail{k}_rel", space.relative_width) for k in range(n_tail))
+    dw_norm = bool(_choice(trial, "dw_norm", space.dw_norm)) if any(b.op == "sep" for b in blocks) else True
+    fraction = _float(trial, "budget_fraction", space.budget_fraction)
+    proportions = shape.arch(tuple(blocks), tail, _float(trial, "dropout", space.dropout), kernel, dw_norm)
+    return fit_widths(proportions, space.width, lambda arch: budget.within(arch, fraction))
+
+
+def max_blocks(size: int, padding: int, min_layers: int, first_kernel: int = 3) -> int:
     """The most blocks of at least `min_layers` 3x3 convs (the first padded by `padding`, a 2x2
-    pool between each two) that an input of side `size` leaves at least 1x1; 0 if not even one."""
-    first = size if padding else size - 2 * min_layers
+    pool between each two; the net's first conv `first_kernel` wide) that an input of side `size`
+    leaves at least 1x1, later blocks unpadded; 0 if not even one."""
+    first = size if padding else size - 2 * min_layers - (first_kernel - 3)
     blocks = 0
     while first >= _size_needed_after(blocks, min_layers):
         blocks += 1
@@ -211,10 +263,10 @@ def scaled(shape: ArchSpec, scale: float, bounds: tuple[int, int]) -> ArchSpec:
     def width(relative: float) -> int:
         return min(high, max(low, math.floor(relative * scale + 0.5)))
 
-    return shape.shape.arch(
-        tuple(BlockSpec(tuple(map(width, b.widths)), b.padding) for b in shape.blocks),
-        tuple(map(width, shape.tail)),
-        shape.dropout,
+    return dataclasses.replace(
+        shape,
+        blocks=tuple(dataclasses.replace(b, widths=tuple(map(width, b.widths))) for b in shape.blocks),
+        tail=tuple(map(width, shape.tail)),
     )
 
 
@@ -256,6 +308,8 @@ def params_of(arch: ArchSpec, train: TrainConfig, space: SpaceConfig, budget: in
     for i, block in enumerate(arch.blocks):
         params[f"b{i}_layers"] = len(block.widths)
     params["tail_layers"] = len(arch.tail)
+    if space.version == 3:
+        return _params_of_v3(arch, train, space, budget)
     if space.version == 1:
         for i, block in enumerate(arch.blocks):
             params.update({f"b{i}_l{j}_width": w for j, w in enumerate(block.widths)})
@@ -284,6 +338,54 @@ def params_of(arch: ArchSpec, train: TrainConfig, space: SpaceConfig, budget: in
     return params
 
 
+def _params_of_v3(arch: ArchSpec, train: TrainConfig, space: SpaceConfig, budget: int | None) -> dict[str, Any]:
+    """Version 3's params of `arch`: every one version 3 could ask, then just those it does ask of
+    them (a residual block's one width, `dw_norm` only where a block is separable, a fixed choice
+    not at all)."""
+    if budget is None:
+        raise ValueError("a version-3 search space scales widths to the budget: pass budget=")
+    widest = max(w for b in arch.blocks for w in (*b.widths, *arch.tail))
+    params: dict[str, Any] = {"n_blocks": len(arch.blocks), "b0_padding": arch.blocks[0].padding,
+                              "first_kernel": arch.first_kernel, "tail_layers": len(arch.tail),
+                              "dw_norm": arch.dw_norm, "dropout": arch.dropout,
+                              "budget_fraction": (count_params(arch) + 0.5) / budget}
+    for i, block in enumerate(arch.blocks):
+        params.update({f"b{i}_padding": block.padding, f"b{i}_layers": len(block.widths), f"b{i}_op": block.op,
+                       f"b{i}_residual": block.residual})
+        params.update({f"b{i}_l{j}_rel": w / widest for j, w in enumerate(block.widths)})
+    params.update({f"tail{k}_rel": w / widest for k, w in enumerate(arch.tail)})
+    params.update(scheduler=train.scheduler, batch_size=train.batch_size, optimizer=train.optimizer, lr=train.lr,
+                  augment=train.augment, label_smoothing=train.label_smoothing, step_size=train.step_size,
+                  gamma=train.gamma)
+    trial = optuna.trial.FixedTrial(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # out of range: express, the caller's check, says so
+        try:
+            suggest(trial, space, train.epochs, train.seed, budget=budget, shape=arch.shape)
+        except (ValueError, SpecError):
+            return params
+    return {name: params[name] for name in trial.params}
+
+
+def upgraded(params: dict[str, Any], space: SpaceConfig) -> dict[str, Any]:
+    """A version-2 trial's params worded for the version-3 `space`: the same widths, shares and
+    training, with plain 3x3 convs, later blocks unpadded, no residual and a 3x3 first conv (of
+    those, the params `space` asks). With the same budget it rebuilds the same net; with another,
+    the same shape scaled to it (nas.study.create.enqueue_scaled)."""
+    n_blocks = params.get("n_blocks", space.blocks[0])
+    full = {**params, "first_kernel": 3, "dw_norm": True,
+            **{f"b{i}_{key}": value for i in range(n_blocks)
+               for key, value in (("op", "conv"), ("padding", 0), ("residual", False)) if i or key != "padding"}}
+    trial = optuna.trial.FixedTrial(full)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # out of range: express, the caller's check, says so
+        try:
+            suggest(trial, space, 1, 0, budget=10**9)  # which params it asks, not the net: any budget
+        except (ValueError, SpecError):
+            return full
+    return {name: full[name] for name in trial.params}
+
+
 def express(params: dict[str, Any], space: SpaceConfig, budget: int | Budget, epochs: int, seed: int,
             shape: Shape = MNIST_SHAPE) -> tuple[optuna.trial.FixedTrial, ArchSpec, TrainConfig] | None:
     """Whether this space can take `params` as they are: every value within its ranges and choices,
@@ -309,16 +411,20 @@ def smallest_arch(space: SpaceConfig, shape: Shape = MNIST_SHAPE) -> ArchSpec:
     small for any of its nets."""
     width = space.width[0]
     blocks = space.blocks[0]
+    v3 = space.version == 3
+    op = "sep" if v3 and "sep" in space.ops else "conv"  # fewer parameters than plain at any width
+    kernel = min(space.first_kernel) if v3 else 3
+    dw_norm = not (v3 and False in space.dw_norm)
     if space.version != 1:
-        room = max(max_blocks(shape.size, padding, space.layers[0]) for padding in space.first_padding)
+        room = max(max_blocks(shape.size, padding, space.layers[0], kernel) for padding in space.first_padding)
         if room < 1:
             raise SpecError(f"a {shape.size}x{shape.size} input is too small for any net in the search space "
                             f"(its first block has at least {space.layers[0]} 3x3 convs)")
         blocks = min(blocks, room)
-    padding = max(space.first_padding) if blocks > max_blocks(shape.size, 0, space.layers[0]) else 0
+    padding = max(space.first_padding) if blocks > max_blocks(shape.size, 0, space.layers[0], kernel) else 0
     return shape.arch(
-        tuple(BlockSpec((width,) * space.layers[0], padding if i == 0 else 0) for i in range(blocks)),
-        (width,) * space.tail_layers[0],
+        tuple(BlockSpec((width,) * space.layers[0], padding if i == 0 else 0, op) for i in range(blocks)),
+        (width,) * space.tail_layers[0], first_kernel=kernel, dw_norm=dw_norm,
     )
 
 
@@ -332,9 +438,27 @@ def draw(space: SpaceConfig, budget: int | Budget, n: int, seed: int, shape: Sha
     return [suggest(study.ask(), space, 1, seed, budget, shape)[0] for _ in range(n)]
 
 
-def sample_report(archs: list[ArchSpec], budget: int | Budget, examples: int = 5) -> list[str]:
+def op_counts(archs: list[ArchSpec]) -> dict[str, int]:
+    """How many of `archs` use each op: a plain 3x3 conv after the first, a separable conv, a residual add, a 5x5
+    first conv, separable convs without BatchNorm+ReLU between their halves."""
+    rows = []
+    for arch in archs:
+        table = layer_table(arch)  # its first row is the first conv, counted on its own
+        rows.append([row.name for row in table[1:]] + ["residual"] * any(r.residual for r in table))
+    return {
+        "plain 3x3 (after the first conv)": sum("conv3x3" in names for names in rows),
+        "separable 3x3": sum("dwconv3x3" in names for names in rows),
+        "residual": sum("residual" in names for names in rows),
+        "5x5 first conv": sum(arch.first_kernel == 5 for arch in archs),
+        "separable without BN between": sum("dwconv3x3" in names and not arch.dw_norm
+                                            for names, arch in zip(rows, archs)),
+    }
+
+
+def sample_report(archs: list[ArchSpec], budget: int | Budget, examples: int = 5, ops: bool = False) -> list[str]:
     """Lines saying how many of `archs` a study would reject (over any of its budgets), how large,
-    costly and far-seeing the others are, and a few of them as layer strings."""
+    costly and far-seeing the others are, and a few of them as layer strings; with `ops`, how many
+    draws use each of version 3's ops (of those that build)."""
     budget = as_budget(budget)
     counted = []
     invalid = 0
@@ -354,6 +478,9 @@ def sample_report(archs: list[ArchSpec], budget: int | Budget, examples: int = 5
                                    ("flash (B):      ", budget.flash, lambda c: c.flash)):
             if limit:
                 lines.append(name + " " + _spread([value(costs(arch)) for _, arch in counted], "{:,}"))
+    if ops and counted:
+        lines.append("draws using each op: " + ", ".join(
+            f"{name} {count}" for name, count in op_counts([arch for _, arch in counted]).items()))
     if fits:
         lines.append("receptive field: " + _spread([receptive_field(arch) for _, arch in fits], "{}"))
         distinct: dict[str, tuple[int, ArchSpec]] = {}

@@ -9,7 +9,7 @@ import sys
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from nas.space import express, params_for, params_of
+from nas.space import express, params_for, params_of, upgraded
 from nas.spec import MNIST_SHAPE, PRESETS, ArchSpec, Preset, Shape, SpecError, TrainConfig, count_params
 from nas.study.export import trial_from_dict
 from nas.study.sampling import make_pruner, make_sampler
@@ -91,10 +91,12 @@ def enqueue_scaled(study: optuna.Study, export: dict, config: StudyConfig, shape
     """Queues the shapes of the export's `top` best finished trials that are over this study's
     budget, scaled to it, and returns their numbers. A version-2 space words widths as shares of
     the budget, so a trial's params rebuild its net narrower (or wider) under another budget, with
-    the same depth, proportions and training config. Between version-2 spaces of one objective
-    only; a params set this space cannot take as it is (a value out of its ranges) is passed over."""
+    the same depth, proportions and training config. From a version-2 or -3 space to one of the same
+    version, or from version 2 to 3 (its nets worded with plain ops: nas.space.upgraded), of one
+    objective; a params set this space cannot take as it is (a value out of its ranges) is passed over."""
     exported = export.get("user_attrs", {}).get("config", {}).get("space", {})
-    if config.space.version != 2 or exported.get("version") != 2 or len(config.directions) != 1:
+    pairs = ((2, 2), (2, 3), (3, 3))
+    if (exported.get("version"), config.space.version) not in pairs or len(config.directions) != 1:
         return []
     over = []
     for t in map(trial_from_dict, export["trials"]):
@@ -106,10 +108,11 @@ def enqueue_scaled(study: optuna.Study, export: dict, config: StudyConfig, shape
     for t in over:
         if len(chosen) == top:
             break
-        if express(t.params, config.space, config.limits, config.epochs, 0, shape) is None:
+        params = upgraded(t.params, config.space) if exported["version"] < config.space.version else t.params
+        if express(params, config.space, config.limits, config.epochs, 0, shape) is None:
             continue
         number = t.user_attrs["exported_number"]
-        study.enqueue_trial(t.params, user_attrs={"scaled_from": f"{export['study']}#{number}"}, skip_if_exists=True)
+        study.enqueue_trial(params, user_attrs={"scaled_from": f"{export['study']}#{number}"}, skip_if_exists=True)
         chosen.append(number)
     return chosen
 
