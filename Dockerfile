@@ -14,6 +14,7 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch<=2.14.1"
 COPY pyproject.toml README.md ./
 COPY nas ./nas
 COPY studies/*.toml ./studies/
+COPY studies/designs ./studies/designs
 RUN pip install ".[postgres]"
 
 # MNIST lives on a volume shared by all workers; the first one to start prepares it.

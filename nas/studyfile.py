@@ -13,7 +13,7 @@ from typing import Any
 
 from nas.data import DataConfig, DataError
 from nas.space import DEFAULT_VERSION, VERSIONS, Budget, SpaceConfig, smallest_arch
-from nas.spec import OPS, PRESETS, Shape, SpecError, count_params
+from nas.spec import OPS, PRESETS, Preset, Shape, SpecError, count_params, load_arch
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -61,7 +61,7 @@ class StudyConfig:
     score_epochs: int = 3  # the accuracy objective is the mean of the last N epochs' validation accuracy
     score: str = "fp32"  # or "int8": that accuracy measured on the int8 ONNX model (nas.deployment), per epoch
     pruner: str = "rung"  # measured best of the four (docs/fidelity.md)
-    enqueue: tuple[str, ...] = ("model3",)  # presets run first, once per study
+    enqueue: tuple[str, ...] = ("model3",)  # presets (or spec files: design) run first, once per study
     space: SpaceConfig = field(default_factory=SpaceConfig)
     rung: RungConfig = field(default_factory=RungConfig)  # used by pruner = "rung"
     data: DataConfig = field(default_factory=DataConfig)  # [data]; absent: MNIST
@@ -132,9 +132,9 @@ def check(config: StudyConfig, source: str) -> None:
     rung = config.rung
     if rung.subset < 1 or rung.epochs < 1 or rung.startup < 0 or not 0 < rung.keep <= 1 or rung.margin < 0:
         raise ConfigError(f"{source}: [rung] needs subset and epochs >= 1, startup and margin >= 0, keep in (0, 1]")
-    unknown = [name for name in config.enqueue if name not in PRESETS]
-    if unknown:
-        raise ConfigError(f"{source}: enqueue names unknown presets {unknown}; known: {list(PRESETS)}")
+    for name in config.enqueue:
+        if name not in PRESETS:
+            design(name, source)
     check_space(config.space, source)
     if config.data.dataset in KNOWN_SHAPES:
         check_fits(config, KNOWN_SHAPES[config.data.dataset], source)
@@ -158,6 +158,23 @@ def check_fits(config: StudyConfig, shape: Shape, source: str = "study file") ->
             + (f" for {shape.channels}x{shape.size}x{shape.size} inputs and {shape.classes} classes"
                if shape != KNOWN_SHAPES["mnist"] else "")
         )
+
+
+def design(name: str, source: str = "study file") -> Preset:
+    """An `enqueue` entry: a preset's name, or a spec file (relative to the working directory) with
+    its architecture and its training config, e.g. studies/designs/sep-2k.json."""
+    if name in PRESETS:
+        return PRESETS[name]
+    if not name.endswith(".json"):
+        raise ConfigError(f"{source}: enqueue names unknown presets [{name!r}]; known: {list(PRESETS)}, "
+                          "or a spec file (.json)")
+    try:
+        arch, train = load_arch(name)
+    except SpecError as exc:
+        raise ConfigError(f"{source}: enqueue: {exc}") from None
+    if train is None:
+        raise ConfigError(f"{source}: enqueue: {name} has no \"train\" config beside its \"arch\"")
+    return Preset(arch, train)
 
 
 def check_space(space: SpaceConfig, source: str) -> None:

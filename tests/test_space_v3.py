@@ -229,3 +229,35 @@ def test_v3_smallest_net_is_separable_so_a_tiny_budget_is_not_refused_for_plain_
     path.write_text(path.read_text() + 'ops = ["conv"]\n')
     with pytest.raises(ConfigError, match="smallest architecture in the search space has 162 parameters"):
         check_fits(load_study_config(path), MNIST_SHAPE, str(path))
+
+
+def test_a_design_file_in_enqueue_runs_first_once_and_as_designed(tmp_path, data_dir):
+    from nas.cli import search
+    from nas.spec import load_arch
+
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    argv = ["--epochs", "1", "--subset", "256", "--storage", url, "--study-file", str(STUDIES / "mnist-2k.toml"),
+            "--data-dir", str(data_dir), "--quiet", "--workers", "1"]
+    assert search.main(["--trials", "1", *argv]) == 0
+    assert search.main(["--trials", "2", *argv]) == 0
+    trials = optuna.load_study(study_name="mnist-2k", storage=url).trials
+    designed = [t for t in trials if t.user_attrs.get("preset") == "studies/designs/sep-2k.json"]
+    assert len(designed) == 1 and designed[0].number == 0
+    arch, train = load_arch("studies/designs/sep-2k.json")
+    assert ArchSpec.from_dict(designed[0].user_attrs["arch"]) == arch
+    assert designed[0].user_attrs["train"]["lr"] == train.lr
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("model9", "unknown presets"),
+    ("missing.json", "neither a preset"),
+    ("ARCH_ONLY", "has no \"train\" config"),
+])
+def test_a_bad_enqueue_entry_is_one_config_error(tmp_path, entry, message):
+    from nas.studyfile import parse_study_config
+
+    if entry == "ARCH_ONLY":
+        entry = str(tmp_path / "arch.json")
+        Path(entry).write_text(json.dumps(EVERY_OP.to_dict()))
+    with pytest.raises(ConfigError, match=message):
+        parse_study_config({"budget": 8000, "enqueue": [entry]})

@@ -10,11 +10,11 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from nas.space import express, params_for, params_of, upgraded
-from nas.spec import MNIST_SHAPE, PRESETS, ArchSpec, Preset, Shape, SpecError, TrainConfig, count_params
+from nas.spec import MNIST_SHAPE, ArchSpec, Preset, Shape, SpecError, TrainConfig, count_params
 from nas.study.export import trial_from_dict
 from nas.study.sampling import make_pruner, make_sampler
 from nas.study.stored import DATA_ATTR, check_data, config_from_study
-from nas.studyfile import ConfigError, StudyConfig, differences
+from nas.studyfile import ConfigError, StudyConfig, design, differences
 
 def create_or_load(storage: optuna.storages.BaseStorage, name: str, config: StudyConfig, seed: int, epochs: int,
                    enqueue: tuple[str, ...], warm: dict | None = None, shape: Shape = MNIST_SHAPE,
@@ -139,17 +139,18 @@ def _reexpress(stored: FrozenTrial, config: StudyConfig, shape: Shape) -> optuna
 
 def enqueue_presets(study: optuna.Study, config: StudyConfig, names: tuple[str, ...], fresh: bool,
                     shape: Shape = MNIST_SHAPE) -> None:
-    """Run each named preset once per study, its input and classifier made to the data's `shape`.
-    A preset whose trial failed (interrupted) is queued again; one whose trial is waiting, running,
-    finished or was retried is not. One that does not fit the data or the budget is skipped, in a line."""
+    """Run each named preset (or design file, nas.studyfile.design) once per study, its input and classifier made to the data's `shape`.
+    A preset whose trial failed (interrupted) is queued again; one whose trial (or the same params,
+    queued another way) is waiting, running, finished or was retried is not. One that does not fit the data or the budget is skipped, in a line."""
     trials = study.get_trials(deepcopy=False)
     if not fresh and not trials:
         return  # another worker created the study a moment ago and is enqueueing
     present = {t.user_attrs.get("preset") for t in trials if t.state != TrialState.FAIL}
+    present_params = [t.params for t in trials if t.state != TrialState.FAIL]  # the same net queued otherwise
     for name in names:
         if name in present:
             continue
-        preset = PRESETS[name]
+        preset = design(name)
         arch = dataclasses.replace(preset.arch, in_channels=shape.channels, input_size=shape.size,
                                    num_classes=shape.classes)
         try:
@@ -167,5 +168,7 @@ def enqueue_presets(study: optuna.Study, config: StudyConfig, names: tuple[str, 
         taken = express(params, config.space, config.limits, preset.train.epochs, preset.train.seed, shape)
         if taken is None or taken[1:] != (preset.arch, preset.train):
             print(f"note: {name} lies outside this study's search space; not enqueued", file=sys.stderr)
+            continue
+        if params in present_params:
             continue
         study.enqueue_trial(params, user_attrs={"preset": name})
