@@ -261,3 +261,17 @@ def test_a_bad_enqueue_entry_is_one_config_error(tmp_path, entry, message):
         Path(entry).write_text(json.dumps(EVERY_OP.to_dict()))
     with pytest.raises(ConfigError, match=message):
         parse_study_config({"budget": 8000, "enqueue": [entry]})
+
+
+def test_a_v3_net_exports_to_onnx_and_runs_as_in_pytorch(tmp_path):
+    import numpy as np
+
+    from nas.deployment import deployable, export_onnx, logits
+
+    model = build_model(EVERY_OP).eval()
+    module = deployable(model, (0.1307,), (0.3081,))
+    export_onnx(module, (1, 28, 28), tmp_path / "m.onnx")
+    images = np.random.default_rng(0).integers(0, 256, (8, 1, 28, 28), dtype=np.uint8)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(images)).numpy()
+    assert np.allclose(logits(tmp_path / "m.onnx", images), expected, atol=1e-4)
