@@ -357,11 +357,17 @@ def _params_of_v3(arch: ArchSpec, train: TrainConfig, space: SpaceConfig, budget
     params.update(scheduler=train.scheduler, batch_size=train.batch_size, optimizer=train.optimizer, lr=train.lr,
                   augment=train.augment, label_smoothing=train.label_smoothing, step_size=train.step_size,
                   gamma=train.gamma)
+    return _asked(params, space, budget, arch.shape)
+
+
+def _asked(params: dict[str, Any], space: SpaceConfig, budget: int | Budget, shape: Shape = MNIST_SHAPE
+           ) -> dict[str, Any]:
+    """Of `params`, those `space` asks when it rebuilds from them (all of them if it can't)."""
     trial = optuna.trial.FixedTrial(params)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # out of range: express, the caller's check, says so
         try:
-            suggest(trial, space, train.epochs, train.seed, budget=budget, shape=arch.shape)
+            suggest(trial, space, 1, 0, budget=budget, shape=shape)
         except (ValueError, SpecError):
             return params
     return {name: params[name] for name in trial.params}
@@ -376,14 +382,7 @@ def upgraded(params: dict[str, Any], space: SpaceConfig) -> dict[str, Any]:
     full = {**params, "first_kernel": 3, "dw_norm": True,
             **{f"b{i}_{key}": value for i in range(n_blocks)
                for key, value in (("op", "conv"), ("padding", 0), ("residual", False)) if i or key != "padding"}}
-    trial = optuna.trial.FixedTrial(full)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # out of range: express, the caller's check, says so
-        try:
-            suggest(trial, space, 1, 0, budget=10**9)  # which params it asks, not the net: any budget
-        except (ValueError, SpecError):
-            return full
-    return {name: full[name] for name in trial.params}
+    return _asked(full, space, budget=10**9)  # which params it asks, not the net: any budget
 
 
 def express(params: dict[str, Any], space: SpaceConfig, budget: int | Budget, epochs: int, seed: int,
