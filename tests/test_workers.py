@@ -174,3 +174,82 @@ def test_the_study_bar_counts_earlier_trials_and_its_clock_ticks_until_closed(ca
     assert "Trials:  40%" in out and "2/5" in out and "best=98.50% (#1)" in out
     assert "eta=00:00" in out  # the earlier trials took no time (nas.study.progress.expected_seconds)
     assert "00:02" in out  # redrawn as the seconds pass, with no trial finishing
+
+
+INTERRUPTED_TARGET = '''
+import os, sys, time
+from pathlib import Path
+
+def work(worker, threads):
+    here = Path(os.environ["WORK_DIR"])
+    (here / f"ready-{worker}").write_text(str(os.getpid()))
+    try:
+        time.sleep(120)
+    except KeyboardInterrupt:
+        time.sleep(float(os.environ["CLEANUP_SECONDS"]))  # failing and storing its trial
+        (here / f"cleaned-{worker}").write_text("")
+        sys.exit(130)
+'''
+
+INTERRUPTED_DRIVER = '''
+import sys
+import target
+from nas.workers import run_processes
+
+if __name__ == "__main__":
+    try:
+        run_processes(target.work, 2, every=0.2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+'''
+
+
+def _interruptible_run(tmp_path: Path, cleanup_seconds: float) -> subprocess.Popen:
+    (tmp_path / "target.py").write_text(INTERRUPTED_TARGET)
+    (tmp_path / "driver.py").write_text(INTERRUPTED_DRIVER)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO_ROOT}", "WORK_DIR": str(tmp_path),
+           "CLEANUP_SECONDS": str(cleanup_seconds)}
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "driver.py")], cwd=tmp_path, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready-{i}").exists() for i in range(2)):
+        assert parent.poll() is None, parent.communicate()
+        assert time.monotonic() < deadline, "the workers did not start in time"
+        time.sleep(0.1)
+    return parent
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_a_sigint_to_the_parent_alone_reaches_its_workers_which_end_cleanly(tmp_path):
+    """`kill -INT <pid>` of nas.search (not its group): the workers are told too, fail their trials
+    cleanly, and nothing is left for multiprocessing's exit handler to wait on."""
+    parent = _interruptible_run(tmp_path, cleanup_seconds=0.5)
+    parent.send_signal(signal.SIGINT)
+    _, stderr = parent.communicate(timeout=60)
+    assert parent.returncode == 130 and stderr.strip() == "interrupted", stderr
+    assert all((tmp_path / f"cleaned-{i}").exists() for i in range(2))
+    assert all(_gone(int((tmp_path / f"ready-{i}").read_text())) for i in range(2))
+
+
+def test_ctrl_c_pressed_twice_gets_out_at_once_without_a_traceback(tmp_path):
+    """A terminal's Ctrl-C reaches the whole group. Pressed again while the workers are still
+    cleaning up, it must not break into their cleanup (a traceback each) nor leave the parent's exit
+    waiting on them (a traceback from multiprocessing's atexit join): the parent terminates them."""
+    parent = _interruptible_run(tmp_path, cleanup_seconds=60)
+    os.killpg(parent.pid, signal.SIGINT)
+    time.sleep(1.0)
+    os.killpg(parent.pid, signal.SIGINT)
+    started = time.monotonic()
+    _, stderr = parent.communicate(timeout=60)
+    assert time.monotonic() - started < 15  # not the workers' 60 s cleanup, nor the 30 s patience
+    assert parent.returncode == 130 and stderr.strip() == "interrupted", stderr
+    assert not any((tmp_path / f"cleaned-{i}").exists() for i in range(2))
+    assert all(_gone(int((tmp_path / f"ready-{i}").read_text())) for i in range(2))
