@@ -10,7 +10,7 @@ import optuna
 import pytest
 
 from nas.cli import export, replay
-from nas.study.export import export_study
+from nas.study.export import export_study, load_export, restore
 from nas.run.record import RunRecord, record_of
 from nas.cpu import cpu_model
 
@@ -30,11 +30,34 @@ def restored(tmp_path) -> str:
 def test_export_then_restore_gives_back_the_same_trials(restored, tmp_path):
     out = tmp_path / "again.json"
     assert export.main(["--storage", restored, "--out", str(out)]) == 0
-    before, after = json.loads(FIXTURE.read_text()), json.loads(out.read_text())
+    before, after = load_export(FIXTURE), load_export(out)  # version 1, version 2
     assert after["user_attrs"] == before["user_attrs"] and after["directions"] == before["directions"]
     for old, new in zip(before["trials"], after["trials"], strict=True):
         assert new["user_attrs"].pop("exported_number") == old["number"]
         assert {k: v for k, v in new.items() if k != "number"} == {k: v for k, v in old.items() if k != "number"}
+
+
+def test_the_file_names_each_distribution_once_and_a_trial_only_its_own(tmp_path):
+    """A study whose space changed on resume: the second trial's x is drawn from another range."""
+    wide = optuna.distributions.FloatDistribution(0, 10)
+    study = optuna.create_study()
+    for value, x, dist in ((1.0, 1.0, wide), (2.0, 2.0, optuna.distributions.FloatDistribution(0, 5)),
+                           (3.0, 3.0, wide)):
+        choice = optuna.distributions.CategoricalDistribution(["a", "b"])
+        study.add_trial(optuna.trial.create_trial(value=value, params={"x": x, "c": "a"},
+                                                  distributions={"x": dist, "c": choice}))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    restored = restore(export_study(study), optuna.storages.get_storage(url), "s")
+    out = tmp_path / "s.json"
+    assert export.main(["--storage", url, "--study", "s", "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["version"] == 2 and written["distributions"]["x"]["attributes"]["high"] == 10
+    assert ["distributions" in t for t in written["trials"]] == [False, True, False]
+    assert list(written["trials"][1]["distributions"]) == ["x"]
+    assert written["trials"][1]["distributions"]["x"]["attributes"]["high"] == 5
+    back = restore(load_export(out), optuna.storages.get_storage(f"sqlite:///{tmp_path / 'b.db'}"), "b")
+    assert [t.distributions for t in back.trials] == [t.distributions for t in restored.trials]
+    assert [t.distributions["x"].high for t in back.trials] == [10, 5, 10]
 
 
 def test_rejected_and_failed_trials_are_counted_not_listed(tmp_path):

@@ -12,14 +12,13 @@ not listed; failed and running trials are left out and counted.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import optuna
 
 from nas.cli.args import ArgumentParser, error, fail
 from nas.storage import StorageError, default_url, open_storage
-from nas.study.export import ExportError, export_study, load_export, restore
+from nas.study.export import ExportError, export_study, load_export, restore, write_export
 from nas.study.stored import DEFAULT_STUDY, open_study
 
 
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         name = args.study or DEFAULT_STUDY
         export = export_study(open_study(args.storage or default_url(name), name))
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(export, indent=1, sort_keys=True) + "\n")
+        write_export(export, args.out)
     except (ExportError, StorageError) as exc:
         return fail(exc)
     except OSError as exc:
