@@ -98,3 +98,21 @@ def test_a_study_of_the_previous_release_replays_exactly(restored, number, data_
         assert line.endswith("(identical)"), line
     else:
         assert abs(replayed - stored) < 1.0, line
+
+
+def test_a_restore_gives_every_trial_its_exported_number_back(tmp_path):
+    """Left-out numbers (failed, rejected) are held by failed placeholders, so that what names a
+    trial by number (the study's stored confirm runs, results files) still names the same trial."""
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(value=90.0))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, user_attrs={"rejected": "over"}))
+    study.add_trial(optuna.trial.create_trial(value=95.0, user_attrs={"arch": "the confirmed one"}))
+    study.set_user_attr("confirm:trial3:seed1", {"candidate": "trial3", "trial": 3, "score": 95.5})
+    back = restore(export_study(study), optuna.storages.get_storage(f"sqlite:///{tmp_path / 'r.db'}"), "r")
+    assert [t.state.name for t in back.trials] == ["COMPLETE", "FAIL", "FAIL", "COMPLETE"]
+    assert back.trials[3].user_attrs["arch"] == "the confirmed one" and back.trials[3].values == [95.0]
+    assert back.trials[1].user_attrs == {"left_out_of_export": True}
+    assert back.user_attrs["confirm:trial3:seed1"]["trial"] == 3
+    again = export_study(back)  # the placeholders are left out again, and the numbers kept
+    assert [t["number"] for t in again["trials"]] == [0, 3] and again["left_out"] == {"fail": 2}

@@ -5,7 +5,8 @@ outlives its database file, a lost database is rebuilt from it, and a new study 
 The file holds the study's config and directions, and for each completed or pruned trial its
 params with their distributions, values, intermediate values, user attributes (the run record,
 accuracies per epoch, confirm results) and times. Rejected candidates (never trained) are counted,
-not listed; failed and running trials are left out and counted.
+not listed; failed and running trials are left out and counted. A restore gives each trial its
+number back: a failed placeholder holds each left-out number.
 
 Since version 2 the file names each param's distribution once, at the top, and a trial carries
 only those of its own that differ (a study whose space changed on resume): repeated in every trial,
@@ -29,6 +30,7 @@ from nas.study.trials import FINISHED, is_rejected
 
 FORMAT = "nas-study-export"
 VERSION = 2  # 1: each trial held all its distributions; 2: they are shared at the top (compact)
+LEFT_OUT = "left_out_of_export"  # a restored study's placeholder for a number the export left out
 
 
 class ExportError(ValueError):
@@ -145,5 +147,17 @@ def restore(export: dict[str, Any], storage: optuna.storages.BaseStorage, name: 
         raise ExportError(f"a study named {name!r} already exists there; restore under another --study") from None
     for key, value in export["user_attrs"].items():
         study.set_user_attr(key, value)
-    study.add_trials([trial_from_dict(t) for t in export["trials"]])
+    study.add_trials(numbered_as_exported(export["trials"]))
     return study
+
+
+def numbered_as_exported(trials: list[dict[str, Any]]) -> list[FrozenTrial]:
+    """The export's trials in order, each left-out number (a failed or rejected trial) held by a
+    failed placeholder, so that every trial gets its exported number back: the study's stored
+    confirm runs, results files and docs name trials by number."""
+    filled: list[FrozenTrial] = []
+    for data in sorted(trials, key=lambda t: t["number"]):
+        while len(filled) < data["number"]:
+            filled.append(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={LEFT_OUT: True}))
+        filled.append(trial_from_dict(data))
+    return filled
