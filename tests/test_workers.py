@@ -210,8 +210,11 @@ def _interruptible_run(tmp_path: Path, cleanup_seconds: float) -> subprocess.Pop
     (tmp_path / "driver.py").write_text(INTERRUPTED_DRIVER)
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO_ROOT}", "WORK_DIR": str(tmp_path),
            "CLEANUP_SECONDS": str(cleanup_seconds)}
+    # SIGINT as a terminal's process has it: a suite started in the background by a script inherits it
+    # ignored, and Python would then never raise KeyboardInterrupt in the driver
     parent = subprocess.Popen([sys.executable, str(tmp_path / "driver.py")], cwd=tmp_path, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not all((tmp_path / f"ready-{i}").exists() for i in range(2)):
         assert parent.poll() is None, parent.communicate()
