@@ -27,7 +27,12 @@ def threads_each(processes: int) -> int:
     return max(1, available_cpus() // processes)
 
 
-WORKERS_ENV = "NAS_WORKERS"  # nas.search's default --workers where set (the tests set 1)
+WORKERS_ENV = "NAS_WORKERS"  # nas.search's and nas.confirm's default --workers where set (the tests set 1)
+
+
+def default_workers() -> str:
+    """The --workers default of nas.search and nas.confirm: $NAS_WORKERS, else auto."""
+    return os.environ.get(WORKERS_ENV, "auto")
 
 
 def resolve_workers(workers: int | str, device: torch.device) -> int:

@@ -9,7 +9,6 @@ How runs are stored, resumed and compared with Model 3: nas/study/confirm.py.
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +24,7 @@ from nas.study.confirm import (ConfirmError, ConfirmPlan, chosen_numbers, confir
                                save_note, write_results)
 from nas.study.stored import DEFAULT_STUDY, ReplayError, config_from_study, open_study, open_study_data
 from nas.train import DivergedError
-from nas.workers import WORKERS_ENV, resolve_workers
+from nas.workers import WORKERS_ENV, default_workers, resolve_workers
 
 
 def build_parser() -> ArgumentParser:
@@ -50,7 +49,7 @@ def build_parser() -> ArgumentParser:
                         "ONNX model (as nas.deploy ships it); runs stored without it train again")
     parser.add_argument("--device", help="default: the device each trial ran on, where it exists here")
     add_data_dir(parser)
-    parser.add_argument("--workers", type=workers_arg, default=os.environ.get(WORKERS_ENV, "auto"),
+    parser.add_argument("--workers", type=workers_arg, default=default_workers(),
                         help="runs at a time, the CPUs split between them, or auto: one single-thread run per "
                         f"CPU core on CPU, 1 on CUDA (default auto, or ${WORKERS_ENV}, as nas.search)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -9,7 +9,6 @@ Over-budget candidates are never trained and never counted; they are reported ap
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from nas.study.sampling import rung_pays
 from nas.study.search import quiet_optuna, run_search, summary_lines
 from nas.study.trials import finished_trials
 from nas.studyfile import DEFAULT_STUDY_FILE, ConfigError, check_fits, resolve_study_file
-from nas.workers import WORKERS_ENV, resolve_workers
+from nas.workers import WORKERS_ENV, default_workers, resolve_workers
 
 
 def build_parser() -> ArgumentParser:
@@ -40,7 +39,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--subset", type=positive_int, help="train on the first N images (quick looks)")
     parser.add_argument("--timeout", type=positive_int, help="stop starting trials after this many seconds")
     parser.add_argument("--seed", type=int, default=0, help="training and sampler seed (default 0)")
-    parser.add_argument("--workers", type=workers_arg, default=os.environ.get(WORKERS_ENV, "auto"),
+    parser.add_argument("--workers", type=workers_arg, default=default_workers(),
                         help="trial processes sharing the study, or auto: one single-thread worker per CPU "
                         f"core on CPU, 1 on CUDA (default auto, or ${WORKERS_ENV}; measured in docs/performance.md)")
     parser.add_argument("--artifact-dir", help="where trial weights go, shared by all workers "
