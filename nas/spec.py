@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nas.errors import NasError
 
-class SpecError(ValueError):
+
+class SpecError(NasError):
     """A spec that cannot be built (bad field, or a feature map that shrinks away)."""
 
 
@@ -103,6 +105,10 @@ class ArchSpec:
         return spec
 
 
+OPTIMIZERS = ("adam", "sgd")  # nas.train.make_optimizer builds each
+SCHEDULERS = ("none", "step", "onecycle")  # nas.train.lr_factor computes each
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 15
@@ -117,6 +123,12 @@ class TrainConfig:
     augment: float = 0.0  # 0..1: up to 15 degrees rotation and 10% translation at 1
     label_smoothing: float = 0.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise SpecError(f"unknown optimizer {self.optimizer!r}; one of {', '.join(OPTIMIZERS)}")
+        if self.scheduler not in SCHEDULERS:
+            raise SpecError(f"unknown scheduler {self.scheduler!r}; one of {', '.join(SCHEDULERS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -17,6 +17,7 @@ from nas.cli.bench import build_parser, concurrency_list, main, study_size
 from nas.experiments import bench
 from nas.run.setup import RunSettings
 from nas.experiments.bench import (
+    BenchError,
     GPU_CONCURRENCY,
     OURS,
     SEED_STYLE,
@@ -194,11 +195,11 @@ def test_gather_fails_at_once_when_a_process_dies_without_reporting(monkeypatch)
     messages = queue.Queue()
     messages.put(1.5)
     alive, dead = SimpleNamespace(exitcode=None), SimpleNamespace(exitcode=1)
-    with pytest.raises(RuntimeError, match="died while training .exit status 1"):
+    with pytest.raises(BenchError, match="died while training .exit status 1"):
         gather(messages, [alive, dead], "while training")
     # Both gone, one of them silently: waiting longer would hang.
     messages.put(1.5)
-    with pytest.raises(RuntimeError, match="exit status 0"):
+    with pytest.raises(BenchError, match="exit status 0"):
         gather(messages, [SimpleNamespace(exitcode=0), SimpleNamespace(exitcode=0)], "while training")
     for rate in (1.0, 2.0):
         messages.put(rate)
@@ -262,7 +263,7 @@ def test_a_real_tiny_study_reports_its_trials_and_rate(data_dir, tmp_path, capsy
 def test_a_failed_study_run_is_one_error_line(tmp_path, monkeypatch):
     failed = subprocess.CompletedProcess([], 2, "", "Traceback ...\nerror: something broke\n")
     monkeypatch.setattr(bench.subprocess, "run", lambda *args, **kwargs: failed)
-    with pytest.raises(RuntimeError, match="exit status 2: error: something broke"):
+    with pytest.raises(BenchError, match="exit status 2: error: something broke"):
         time_study(StudySize(2, 1), 1, torch.device("cpu"), "auto", tmp_path, 128)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from nas.cpu import KernelUnavailable, native
 from nas.run import setup as cpu_setup
-from nas.run.device import bf16_supported, resolve_precision
+from nas.run.device import DeviceError, bf16_supported, resolve_precision
 from nas.run.setup import Setup, choose_setup
 from nas.model import build_model
 from nas.spec import ArchSpec, BlockSpec
@@ -49,7 +49,7 @@ def test_precision_resolution():
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32"
     assert resolve_precision("auto", cpu) == ("bf16" if bf16_supported(cpu) else "fp32")
-    with pytest.raises(ValueError, match="unknown precision"):
+    with pytest.raises(DeviceError, match="unknown precision"):
         resolve_precision("fp8", cpu)
 
 

@@ -203,7 +203,7 @@ class Data:
             raise ValueError(f"evaluate_on must be 'valid' or 'test', not {evaluate_on!r}")
         if subset is not None:
             if not 1 <= subset <= len(train_x):
-                raise ValueError(f"subset must be between 1 and {len(train_x)} when evaluating on "
+                raise DataError(f"subset must be between 1 and {len(train_x)} when evaluating on "
                                  f"{evaluate_on!r}, got {subset}")
             train_x, train_y = train_x[:subset], train_y[:subset]
         # Moved as bytes, a quarter of the float32 size; normalized on the device a batch at a time.

@@ -37,6 +37,7 @@ from optuna.trial import TrialState
 
 from nas import data
 from nas.cpu import cpu_model, tune_allocator
+from nas.errors import NasError
 from nas.run.setup import RunSettings, resolve_run
 from nas.space import params_for, suggest
 from nas.spec import PRESETS, count_params, layer_string
@@ -61,7 +62,7 @@ GRACE_SECONDS = 2
 WATCH_SECONDS = 2.0  # how often compare looks at its jobs' progress
 
 
-class FidelityError(ValueError):
+class FidelityError(NasError):
     """compare or plot can't do what was asked (another run's results file, no results yet)."""
 
 

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from nas import data
 from nas.cpu import cpu_model, tune_allocator
+from nas.errors import NasError
 from nas.run.record import RunRecord
 from nas.run.setup import RunSettings, resolve_run
 from nas.spec import PRESETS, ArchSpec, SpecError, TrainConfig, count_params
@@ -51,7 +52,7 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
          10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 19: 2.093, 29: 2.045}
 
 
-class ConfirmError(RuntimeError):
+class ConfirmError(NasError):
     """A study that cannot be confirmed as asked."""
 
 

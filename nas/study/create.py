@@ -129,7 +129,7 @@ def _reexpress(stored: FrozenTrial, config: StudyConfig, shape: Shape) -> optuna
     for params in (stored.params, None):
         try:
             params = params if params is not None else params_of(arch, train_config, config.space, config.budget)
-        except ValueError:
+        except (ValueError, SpecError):
             continue
         taken = express(params, config.space, config.limits, train_config.epochs, train_config.seed, shape)
         if taken is not None and taken[1:] == (arch, train_config):

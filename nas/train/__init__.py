@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nas.data import Split
+from nas.errors import NasError
 from nas.model import build_model
 from nas.run.device import resolve_precision
 from nas.run.record import RunRecord
@@ -31,7 +32,7 @@ EVAL_BATCH = 2000
 EMA_IMAGES = 6400  # the weight average's horizon: 100 of the seed's batches of 64
 
 
-class DivergedError(RuntimeError):
+class DivergedError(NasError):
     """Training produced a non-finite loss; the run is worthless from here on."""
 
 
