@@ -15,7 +15,6 @@ from nas import workers
 from nas.cli.args import non_negative_int, run_settings
 from nas.cli.bench import build_parser, concurrency_list, main, study_size
 from nas.experiments import bench
-from nas.run.setup import RunSettings
 from nas.experiments.bench import (
     BenchError,
     GPU_CONCURRENCY,
@@ -40,6 +39,7 @@ from nas.experiments.bench import (
     study_command,
     time_study,
 )
+from nas.train.setup import RunSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

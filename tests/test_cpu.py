@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from nas.cpu import KernelUnavailable, native
-from nas.run import setup as cpu_setup
-from nas.run.device import DeviceError, bf16_supported, resolve_precision
-from nas.run.setup import Setup, choose_setup
+from nas.errors import NasError
 from nas.model import build_model
+from nas.run.device import DeviceError, bf16_supported, resolve_precision
 from nas.spec import ArchSpec, BlockSpec
+from nas.train import setup as cpu_setup
+from nas.train.setup import Setup, choose_setup
 
 TINY = ArchSpec(blocks=(BlockSpec((4, 8), padding=1), BlockSpec((8,))), tail=(8,))
 
@@ -156,7 +157,7 @@ def test_without_a_working_compiler_the_kernel_is_refused(compiler, reason, empt
     assert not native.available()
     with pytest.raises(KernelUnavailable, match=reason) as refused:
         build_model(TINY, batchnorm="native")
-    assert isinstance(refused.value, RuntimeError) and "\n" not in str(refused.value)
+    assert isinstance(refused.value, NasError) and "\n" not in str(refused.value)
     assert not list(empty_cache.glob("*.so"))
     model = build_model(TINY).to(memory_format=torch.channels_last)
     model(torch.randn(4, 1, 28, 28)).sum().backward()

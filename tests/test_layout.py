@@ -1,6 +1,7 @@
 """The package's architecture, checked: the import graph of nas/ (every import statement, those
-inside functions included) has no cycle, and no module imports a command (a module defining
-main()) but the `python -m` shims. Run as a script it prints the graph's facts and the longest
+inside functions included) has no cycle, between modules or between packages (nas.study,
+nas.train, nas.run, ...: each top-level module or subpackage of nas), and no module imports a
+command (a module defining main()) but the `python -m` shims. Run as a script it prints the graph's facts and the longest
 functions:
 
     python tests/test_layout.py
@@ -47,6 +48,22 @@ def imports_of(path: Path, known: set[str]) -> set[str]:
 def import_graph() -> dict[str, set[str]]:
     found = modules()
     return {name: imports_of(path, set(found)) - {name} for name, path in found.items()}
+
+
+def package_of(module: str) -> str:
+    """The top-level part of nas a module belongs to: nas.study for nas.study.confirm, nas.spec for nas.spec."""
+    return ".".join(module.split(".")[:2])
+
+
+def package_graph() -> dict[str, set[str]]:
+    """Which of nas's packages imports which, through any of its modules but the `python -m` shims
+    (nas/data/__main__.py hands `python -m nas.data` to nas.cli.data: an entry point, not a layer)."""
+    found, graph = modules(), {}
+    for name, deps in import_graph().items():
+        edges = graph.setdefault(package_of(name), set())
+        if not is_shim(found[name]):
+            edges.update(package_of(dep) for dep in deps)
+    return {package: deps - {package} for package, deps in graph.items()}
 
 
 def defines_main(path: Path) -> bool:
@@ -109,6 +126,10 @@ def test_the_import_graph_has_no_cycle():
     assert cycles(import_graph()) == []
 
 
+def test_the_packages_have_no_cycle():
+    assert cycles(package_graph()) == []
+
+
 def test_only_shims_import_a_command():
     graph, found = import_graph(), modules()
     offenders = {name: sorted(graph[name] & commands()) for name in graph
@@ -153,6 +174,8 @@ def test_the_cycle_finder_finds_a_cycle():
 if __name__ == "__main__":
     graph = import_graph()
     print(f"{len(graph)} modules, {sum(map(len, graph.values()))} imports; cycles: {cycles(graph) or 'none'}")
+    packages = package_graph()
+    print(f"{len(packages)} packages; cycles between them: {cycles(packages) or 'none'}")
     print("commands:", ", ".join(sorted(commands())))
     print("longest functions:")
     for lines, name in longest_functions():

@@ -25,13 +25,13 @@ from optuna.trial import TrialState
 
 from nas import search, storage
 from nas.storage import outage
-from nas.run.setup import RunSettings
 from nas.study import search as study_search
 from nas.study.objective import SearchOptions
 from nas.studyfile import StudyConfig
 from nas.storage.outage import CREATIONS, StorageUnavailable, is_outage, reason
 from nas.storage import open_storage
 from nas.study.trials import finished_trials
+from nas.train.setup import RunSettings
 from tests.pg import USER, Server, server_for_tests
 
 # These tests ask and tell by hand on a storage with heartbeats, which Optuna pairs with optimize().

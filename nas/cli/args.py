@@ -10,7 +10,7 @@ from typing import NoReturn
 
 from nas.run.device import PRECISIONS
 from nas.run.record import BATCHNORM_PATHS
-from nas.run.setup import RunSettings
+from nas.train.setup import RunSettings
 
 
 class ArgumentParser(argparse.ArgumentParser):

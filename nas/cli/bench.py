@@ -26,8 +26,8 @@ from nas.experiments.bench import (GPU_CONCURRENCY, GPU_STUDY, MODEL, OURS, QUIC
                                    machine_line, ours_process, parse_concurrency, prepare, profile_ours, ratio_line,
                                    report, resolve_ours, setup_record, time_concurrent, time_pipelines, time_study,
                                    write_report)
-from nas.run.setup import resolve_run
 from nas.spec import PRESETS
+from nas.train.setup import resolve_run
 
 
 def concurrency_list(text: str) -> list[int]:

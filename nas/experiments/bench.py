@@ -41,11 +41,11 @@ from nas.cpu import cpu_model, tune_allocator
 from nas.errors import NasError, UsageError, writing
 from nas.model import build_model
 from nas.run.record import RunRecord
-from nas.run.setup import RunSettings, resolve_run
 from nas.spec import PRESETS, ArchSpec, TrainConfig, count_params
 from nas.storage import open_storage
 from nas.study.trials import finished_trials, trial_counts
 from nas.train import train
+from nas.train.setup import RunSettings, resolve_run
 from nas.workers import SPAWN, threads_each
 
 MODEL = "model3"

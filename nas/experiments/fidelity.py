@@ -38,7 +38,6 @@ from optuna.trial import TrialState
 from nas import data
 from nas.cpu import cpu_model, tune_allocator
 from nas.errors import NasError
-from nas.run.setup import RunSettings, resolve_run
 from nas.space import params_for, suggest
 from nas.spec import PRESETS, count_params, layer_string
 from nas.storage import open_storage
@@ -48,6 +47,7 @@ from nas.study.search import load_split, quiet_optuna, run_worker
 from nas.study.trials import score
 from nas.studyfile import StudyConfig
 from nas.train import DivergedError, train
+from nas.train.setup import RunSettings, resolve_run
 from nas.workers import SPAWN, available_cpus, run_processes
 
 SCHEMES = ("median", "hyperband", "rung")

@@ -21,10 +21,10 @@ from matplotlib.figure import Figure
 from nas import data
 from nas.errors import UsageError, writing
 from nas.run.record import RunRecord
-from nas.run.setup import RunSettings, resolve_run
 from nas.spec import PRESETS, TrainConfig, count_params
 from nas.study.trials import TARGET_ACCURACY, epochs_to_target, score
 from nas.train import EpochResult, train
+from nas.train.setup import RunSettings, resolve_run
 
 LAST_EPOCHS = 3  # "accuracy that holds": the mean of the last 3 epochs, as the search scores it
 DEFAULT_OUT = Path("runs/reproduce")

@@ -36,13 +36,13 @@ from nas import data
 from nas.cpu import cpu_model, tune_allocator
 from nas.errors import NasError
 from nas.run.record import RunRecord
-from nas.run.setup import RunSettings, resolve_run
 from nas.spec import PRESETS, ArchSpec, SpecError, TrainConfig, count_params
 from nas.study.stored import (BASELINE, config_from_study, confirm_key, confirmed_best, open_study, rebuild,
                               stored_run)
 from nas.study.trials import epochs_to_target, ranked_trials, score
 from nas.studyfile import StudyConfig
 from nas.train import train
+from nas.train.setup import RunSettings, resolve_run
 from nas.workers import SPAWN, run_processes
 
 RESULTS_FORMAT = "nas-confirm-results"  # the "format" of a results file (write_results)
