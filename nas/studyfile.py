@@ -87,7 +87,7 @@ class StudyConfig:
             cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()
                    if k not in ("space", "rung", "data")}),
             space=SpaceConfig.from_dict(stored["space"]), rung=stored_rung(stored.get("rung")),
-            data=DataConfig.from_dict(stored.get("data", {})),
+            data=DataConfig.from_stored(stored.get("data", {})),
         )
 
 
