@@ -1,4 +1,5 @@
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -125,12 +126,15 @@ def test_short_runs_are_not_measured_for(monkeypatch, tmp_path):
 
 
 def test_a_setup_is_timed_for_real():
+    """Seconds per step, measured: a positive, finite number (how many depends on the machine)."""
     for setup in (Setup("fp32", False), Setup("fp32", True)):
-        assert 0 < cpu_setup._time_steps(TINY, 8, torch.device("cpu"), setup) < 5
+        seconds = cpu_setup._time_steps(TINY, 8, torch.device("cpu"), setup)
+        assert seconds > 0 and math.isfinite(seconds)
 
 
 def test_a_setup_is_timed_for_real_on_the_kernel(kernel):
-    assert 0 < cpu_setup._time_steps(TINY, 8, torch.device("cpu"), Setup("fp32", True), "native") < 5
+    seconds = cpu_setup._time_steps(TINY, 8, torch.device("cpu"), Setup("fp32", True), "native")
+    assert seconds > 0 and math.isfinite(seconds)
 
 
 @pytest.fixture

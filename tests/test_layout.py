@@ -167,6 +167,19 @@ def test_stages_print_nothing_and_import_no_study_logic():
             assert calls == [], f"{name} prints"
 
 
+def fixed_waits(path: Path) -> list[int]:
+    """Lines of `path` that sleep a constant second or more: a test waits for its condition
+    (tests/waiting.py), since on a loaded machine any fixed wait is too short some day."""
+    return [node.lineno for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("time.sleep", "sleep")
+            and node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value >= 1]
+
+
+def test_no_test_waits_a_fixed_time():
+    tests = Path(__file__).resolve().parent
+    assert {path.name: fixed_waits(path) for path in sorted(tests.glob("*.py")) if fixed_waits(path)} == {}
+
+
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
