@@ -1,8 +1,8 @@
 """Architecture and training specs: frozen, JSON-round-trippable, and the pure maths on them.
 
 An architecture is a sequence of blocks of 3x3 convs separated by 2x2 max-pools, then an optional
-tail of 1x1 convs, global average pooling and a 1x1 classifier. Every conv but the classifier is
-followed by BatchNorm + ReLU and has no bias, which is what the seed study's parameter counts show.
+tail of 1x1 convs, global average pooling and a 1x1 classifier. No conv has a bias, and every conv but
+the classifier is followed by BatchNorm + ReLU, which is what the seed study's parameter counts show.
 
 Space version 3's ops, each off by default (so every older spec reads and builds as before):
 - the net's first conv may be 5x5 (`first_kernel`); it is always a plain conv;

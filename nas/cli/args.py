@@ -63,7 +63,8 @@ def run_settings(args: argparse.Namespace) -> RunSettings:
 
 
 def add_data_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
+    parser.add_argument("--data-dir", help="where MNIST, the torchvision sets and the decoded-folder cache live "
+                        "(default: $NAS_DATA_DIR or data/)")
 
 
 def first_line(exc: BaseException) -> str:

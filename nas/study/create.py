@@ -24,7 +24,7 @@ def create_or_load(storage: optuna.storages.BaseStorage, name: str, config: Stud
     storage, so exactly one of several workers starting together enqueues. With `warm` (a study
     export, nas.study.export), its trials that fit this study join the history first, once.
     `shape` is the data's, and `identity` what the study stores of its data, or checks against
-    what it stored (ConfigError naming what changed)."""
+    what it stored (ConfigError naming what changed; DataError where its data changed)."""
     sampler = make_sampler(seed)
     pruner = make_pruner(config, epochs)
     try:
