@@ -211,7 +211,7 @@ class Measured:
         return asdict(self)
 
 
-def export_and_measure(module: RawImages, shape: tuple[int, int, int], calibration: np.ndarray,
+def export_and_measure(module: RawImages, shape: tuple[int, int, int], *, calibration: np.ndarray,
                        eval_x: np.ndarray, eval_y: np.ndarray, out: Path, latency: bool = True) -> Measured:
     """Write FP32_FILE and INT8_FILE into `out` and measure both on the evaluation images."""
     fp32, int8 = out / FP32_FILE, out / INT8_FILE
@@ -238,6 +238,7 @@ def int8_accuracy(model: nn.Sequential, mean: tuple[float, ...], std: tuple[floa
     module = deployable(model, mean, std)
     shape = tuple(eval_x.shape[1:])
     with tempfile.TemporaryDirectory() as tmp:
-        measured = export_and_measure(module, shape, calibration_images(train_x), eval_x.cpu().numpy(),
-                                      eval_y.cpu().numpy(), Path(tmp), latency=False)
+        measured = export_and_measure(module, shape, calibration=calibration_images(train_x),
+                                      eval_x=eval_x.cpu().numpy(), eval_y=eval_y.cpu().numpy(), out=Path(tmp),
+                                      latency=False)
     return measured.fp32_accuracy, measured.int8_accuracy

@@ -235,14 +235,16 @@ def test_concurrency_table_lines_up_aggregate_and_each():
 
 
 def test_study_command_is_the_search_on_its_own_storage(tmp_path):
-    command = study_command(StudySize(10, 15), "journal:///tmp/x/bench.log", 1, torch.device("cpu"), "auto",
-                            tmp_path, None)
+    command = study_command(StudySize(10, 15), "journal:///tmp/x/bench.log", workers=1, device=torch.device("cpu"),
+                            precision="auto", data_dir=tmp_path, subset=None)
     assert command[:3] == [sys.executable, "-m", "nas.search"]
     args = " ".join(command[3:])
     assert args.startswith("--trials 10 --epochs 15 --storage journal:///tmp/x/bench.log --study bench --quiet")
     assert "--device cpu" in args and f"--data-dir {tmp_path}" in args
-    assert "--workers" not in args and "--subset" not in args
-    command = study_command(StudySize(2, 1), "journal:///s.log", 4, torch.device("cpu"), "fp32", tmp_path, 256)
+    # One worker is said, not left to the search's default (auto: a process per CPU core).
+    assert args.endswith("--workers 1") and "--subset" not in args
+    command = study_command(StudySize(2, 1), "journal:///s.log", workers=4, device=torch.device("cpu"),
+                            precision="fp32", data_dir=tmp_path, subset=256)
     assert " ".join(command).endswith("--precision fp32 --data-dir " + str(tmp_path) + " --workers 4 --subset 256")
 
 

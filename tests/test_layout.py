@@ -180,6 +180,29 @@ def test_no_test_waits_a_fixed_time():
     assert {path.name: fixed_waits(path) for path in sorted(tests.glob("*.py")) if fixed_waits(path)} == {}
 
 
+MAX_POSITIONAL = 6  # beyond this a call can't be read or safely changed: the rest are keyword-only
+
+
+def wide_signatures() -> list[str]:
+    """Functions of nas taking more than MAX_POSITIONAL positional parameters (self aside), but a
+    spawned process's target, which multiprocessing calls with a tuple of arguments."""
+    found = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                positional = [a for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls")]
+                if len(positional) > MAX_POSITIONAL and node.name not in SPAWN_TARGETS:
+                    found.append(f"{name}.{node.name}")
+    return found
+
+
+SPAWN_TARGETS = {"_concurrent_training"}  # nas.experiments.bench: SPAWN.Process(target=..., args=(...))
+
+
+def test_wide_signatures_take_keywords():
+    assert wide_signatures() == []
+
+
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 

@@ -49,6 +49,18 @@ def wrapped(exc: Exception) -> optuna.exceptions.StorageInternalError:
         return wrapper
 
 
+def test_optuna_is_held_below_its_next_major_release():
+    """PatientStorage overrides RDBStorage's private methods (_create_new_trial,
+    _get_prepared_new_trial, _get_stale_trial_ids): a major release may rename or change them."""
+    import tomllib
+
+    from packaging.requirements import Requirement  # matplotlib's dependency, so always here
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    (optuna_req,) = [Requirement(d) for d in pyproject["project"]["dependencies"] if Requirement(d).name == "optuna"]
+    assert optuna.__version__ in optuna_req.specifier and "6.0" not in optuna_req.specifier
+
+
 def test_outages_are_told_from_bad_requests():
     assert is_outage(operational("database is locked"))
     assert is_outage(wrapped(operational("server closed the connection unexpectedly")))

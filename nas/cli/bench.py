@@ -102,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     try:
-        inputs = prepare(settings, data.resolve_data_dir(args.data_dir), args.quick, args.batches, args.warmup,
-                         args.concurrency, args.study, args.study_subset)
+        inputs = prepare(settings, data.resolve_data_dir(args.data_dir), quick=args.quick, batches=args.batches,
+                         warmup=args.warmup, concurrency=args.concurrency, study=args.study,
+                         study_subset=args.study_subset)
     except NasError as exc:
         return fail(exc)
     machine = machine_info(inputs.device)

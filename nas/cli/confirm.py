@@ -92,6 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + title + "\n\n" + "\n".join(rows))
     save_note(study, title, rows)
     if args.out:
-        write_results(args.out, study, candidates, results, title, rows, plan.test)
+        write_results(args.out, study, candidates, results, title=title, rows=rows, test=plan.test)
         print(f"results: {args.out}")
     return 0

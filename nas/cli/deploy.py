@@ -146,8 +146,8 @@ def deploy(trained: Trained, out: Path) -> dict:
     model = trained.model.to("cpu")
     _, correct = evaluate(RawImages(model, mean, std), test_x, test_y)  # PyTorch's own accuracy, as trained
     shape = tuple(test_x.shape[1:])
-    measured = export_and_measure(deployable(model, mean, std), shape, calibration_images(source.train_x),
-                                  test_x.numpy(), test_y.numpy(), out)
+    measured = export_and_measure(deployable(model, mean, std), shape, calibration=calibration_images(source.train_x),
+                                  eval_x=test_x.numpy(), eval_y=test_y.numpy(), out=out)
     cost = costs(trained.arch)
     import onnxruntime
 

@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         storage = open_storage(storage_url)
         enqueue = tuple(dict.fromkeys(config.enqueue + (("model1", "model2") if args.enqueue_all else ())))
         warm = load_export(args.warm_start) if args.warm_start else None
-        study = create_or_load(storage, name, config, args.seed, options.epochs, enqueue, warm, chosen.shape,
-                               chosen.identity())
+        study = create_or_load(storage, name, config, seed=args.seed, epochs=options.epochs, enqueue=enqueue,
+                               warm=warm, shape=chosen.shape, identity=chosen.identity(),
+                               say=lambda line: print(line, file=sys.stderr))
     except NasError as exc:
         return fail(exc)
     done = len(finished_trials(study))

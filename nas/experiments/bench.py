@@ -315,7 +315,7 @@ class Inputs:
     study: StudySize | None  # the study to time (None: none)
 
 
-def prepare(settings: RunSettings, data_dir: Path, quick: bool, batches: int, warmup: int,
+def prepare(settings: RunSettings, data_dir: Path, *, quick: bool, batches: int, warmup: int,
             concurrency: list[int] | None, study: StudySize | None, study_subset: int | None) -> Inputs:
     """The device, the data and the plan, each checked now rather than after minutes of timing:
     a NasError (UsageError, DeviceError, DataError) says what can't run. The
@@ -503,14 +503,13 @@ class StudySize:
         return cls(trials, epochs)
 
 
-def study_command(size: StudySize, storage: str, workers: int, device: torch.device, precision: str,
+def study_command(size: StudySize, storage: str, *, workers: int, device: torch.device, precision: str,
                   data_dir: Path, subset: int | None) -> list[str]:
-    """The search as a user runs it, on a storage of its own."""
+    """The search as a user runs it, on a storage of its own, with `workers` processes: always
+    given, since the search's own default (auto, or $NAS_WORKERS) would otherwise decide."""
     command = [sys.executable, "-m", "nas.search", "--trials", str(size.trials), "--epochs", str(size.epochs),
                "--storage", storage, "--study", STUDY_NAME, "--quiet", "--device", str(device),
-               "--precision", precision, "--data-dir", str(data_dir.resolve())]
-    if workers > 1:
-        command += ["--workers", str(workers)]
+               "--precision", precision, "--data-dir", str(data_dir.resolve()), "--workers", str(workers)]
     if subset is not None:
         command += ["--subset", str(subset)]
     return command
@@ -522,7 +521,8 @@ def time_study(size: StudySize, workers: int, device: torch.device, precision: s
     what a user waits for. The span from the first trial's start to the last one's end is beside it."""
     with tempfile.TemporaryDirectory(prefix="nas-bench-") as tmp:
         storage = f"journal:///{tmp}/bench.log"
-        command = study_command(size, storage, workers, device, precision, data_dir, subset)
+        command = study_command(size, storage, workers=workers, device=device, precision=precision, data_dir=data_dir,
+                                subset=subset)
         began = time.perf_counter()
         run = subprocess.run(command, capture_output=True, text=True)
         wall = time.perf_counter() - began
