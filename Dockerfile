@@ -8,7 +8,8 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     NAS_DATA_DIR=/data
 
-# A C compiler: CPU workers build nas/batchnorm.c for their CPU on first use (nas/native.py).
+# A C compiler: CPU workers build nas/cpu/batchnorm.c for their CPU on first use, where asked
+# (--batchnorm native; nas/cpu/native.py).
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch<=2.14.1" "torchvision<=0.29.1"
 COPY pyproject.toml README.md ./

@@ -25,7 +25,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
       CPU_VECTOR_CHANNELS, where PyTorch's channels-last kernel is several times slower than in NCHW
       and a few whole-tensor ops do the same (nas.cpu.batchnorm.channels_last_training);
     - "native": nas.cpu's C kernel, batch norm and ReLU in one pass, in training and in evaluation
-      without autograd. It must be buildable here: KernelUnavailable (a RuntimeError) otherwise.
+      without autograd. It must be buildable here: KernelUnavailable (a NasError) otherwise.
     Everything else (NCHW, bf16, CUDA, eval mode with autograd) runs nn.BatchNorm2d then ReLU, and so
     does torch.compile, which can't trace into C and fuses the rest itself. Both paths give
     nn.BatchNorm2d + ReLU's numbers to rounding, not bit for bit: a run records which one it took."""

@@ -1,8 +1,8 @@
 """Architecture and training specs: frozen, JSON-round-trippable, and the pure maths on them.
 
 An architecture is a sequence of blocks of 3x3 convs separated by 2x2 max-pools, then an optional
-tail of 1x1 convs, global average pooling and a 1x1 classifier. Every conv but the classifier is
-followed by BatchNorm + ReLU and has no bias, which is what the seed study's parameter counts show.
+tail of 1x1 convs, global average pooling and a 1x1 classifier. No conv has a bias, and every conv but
+the classifier is followed by BatchNorm + ReLU, which is what the seed study's parameter counts show.
 
 Space version 3's ops, each off by default (so every older spec reads and builds as before):
 - the net's first conv may be 5x5 (`first_kernel`); it is always a plain conv;
@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nas.errors import NasError
 
-class SpecError(ValueError):
+
+class SpecError(NasError):
     """A spec that cannot be built (bad field, or a feature map that shrinks away)."""
 
 
@@ -103,6 +105,10 @@ class ArchSpec:
         return spec
 
 
+OPTIMIZERS = ("adam", "sgd")  # nas.train.make_optimizer builds each
+SCHEDULERS = ("none", "step", "onecycle")  # nas.train.lr_factor computes each
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 15
@@ -117,6 +123,12 @@ class TrainConfig:
     augment: float = 0.0  # 0..1: up to 15 degrees rotation and 10% translation at 1
     label_smoothing: float = 0.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise SpecError(f"unknown optimizer {self.optimizer!r}; one of {', '.join(OPTIMIZERS)}")
+        if self.scheduler not in SCHEDULERS:
+            raise SpecError(f"unknown scheduler {self.scheduler!r}; one of {', '.join(SCHEDULERS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

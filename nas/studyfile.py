@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from nas.data import DataConfig, DataError
+from nas.errors import NasError
 from nas.space import DEFAULT_VERSION, VERSIONS, Budget, SpaceConfig, smallest_arch
 from nas.spec import OPS, PRESETS, Preset, Shape, SpecError, count_params, load_arch
 
@@ -30,7 +31,7 @@ SCORES = ("fp32", "int8")
 NO_MARGIN = 100.0  # a rung margin that stops no one: scores are percentages
 
 
-class ConfigError(ValueError):
+class ConfigError(NasError):
     """A study file that cannot be used as written."""
 
 
@@ -86,7 +87,7 @@ class StudyConfig:
             cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()
                    if k not in ("space", "rung", "data")}),
             space=SpaceConfig.from_dict(stored["space"]), rung=stored_rung(stored.get("rung")),
-            data=DataConfig.from_dict(stored.get("data", {})),
+            data=DataConfig.from_stored(stored.get("data", {})),
         )
 
 
@@ -110,7 +111,7 @@ def parse_study_config(data: dict[str, Any], source: str = "study file") -> Stud
         config = StudyConfig(**top, space=space, rung=rung, data=data)
     except DataError as exc:
         raise ConfigError(str(exc)) from None
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, SpecError) as exc:
         raise ConfigError(f"{source}: {exc}") from None
     check(config, source)
     return config

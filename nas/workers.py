@@ -64,7 +64,7 @@ def run_processes(target: Callable[[int, int], None], processes: int, watch: Cal
             if watch is not None:
                 watch()
     except KeyboardInterrupt:
-        stop(procs)
+        stop(procs, STOP_GRACE, STOP_PATIENCE)  # read now, not when stop was defined
         raise
     finally:
         if watch is not None:

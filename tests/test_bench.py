@@ -15,8 +15,8 @@ from nas import workers
 from nas.cli.args import non_negative_int, run_settings
 from nas.cli.bench import build_parser, concurrency_list, main, study_size
 from nas.experiments import bench
-from nas.run.setup import RunSettings
 from nas.experiments.bench import (
+    BenchError,
     GPU_CONCURRENCY,
     OURS,
     SEED_STYLE,
@@ -39,6 +39,7 @@ from nas.experiments.bench import (
     study_command,
     time_study,
 )
+from nas.train.setup import RunSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -194,11 +195,11 @@ def test_gather_fails_at_once_when_a_process_dies_without_reporting(monkeypatch)
     messages = queue.Queue()
     messages.put(1.5)
     alive, dead = SimpleNamespace(exitcode=None), SimpleNamespace(exitcode=1)
-    with pytest.raises(RuntimeError, match="died while training .exit status 1"):
+    with pytest.raises(BenchError, match="died while training .exit status 1"):
         gather(messages, [alive, dead], "while training")
     # Both gone, one of them silently: waiting longer would hang.
     messages.put(1.5)
-    with pytest.raises(RuntimeError, match="exit status 0"):
+    with pytest.raises(BenchError, match="exit status 0"):
         gather(messages, [SimpleNamespace(exitcode=0), SimpleNamespace(exitcode=0)], "while training")
     for rate in (1.0, 2.0):
         messages.put(rate)
@@ -234,14 +235,16 @@ def test_concurrency_table_lines_up_aggregate_and_each():
 
 
 def test_study_command_is_the_search_on_its_own_storage(tmp_path):
-    command = study_command(StudySize(10, 15), "journal:///tmp/x/bench.log", 1, torch.device("cpu"), "auto",
-                            tmp_path, None)
+    command = study_command(StudySize(10, 15), "journal:///tmp/x/bench.log", workers=1, device=torch.device("cpu"),
+                            precision="auto", data_dir=tmp_path, subset=None)
     assert command[:3] == [sys.executable, "-m", "nas.search"]
     args = " ".join(command[3:])
     assert args.startswith("--trials 10 --epochs 15 --storage journal:///tmp/x/bench.log --study bench --quiet")
     assert "--device cpu" in args and f"--data-dir {tmp_path}" in args
-    assert "--workers" not in args and "--subset" not in args
-    command = study_command(StudySize(2, 1), "journal:///s.log", 4, torch.device("cpu"), "fp32", tmp_path, 256)
+    # One worker is said, not left to the search's default (auto: a process per CPU core).
+    assert args.endswith("--workers 1") and "--subset" not in args
+    command = study_command(StudySize(2, 1), "journal:///s.log", workers=4, device=torch.device("cpu"),
+                            precision="fp32", data_dir=tmp_path, subset=256)
     assert " ".join(command).endswith("--precision fp32 --data-dir " + str(tmp_path) + " --workers 4 --subset 256")
 
 
@@ -262,7 +265,7 @@ def test_a_real_tiny_study_reports_its_trials_and_rate(data_dir, tmp_path, capsy
 def test_a_failed_study_run_is_one_error_line(tmp_path, monkeypatch):
     failed = subprocess.CompletedProcess([], 2, "", "Traceback ...\nerror: something broke\n")
     monkeypatch.setattr(bench.subprocess, "run", lambda *args, **kwargs: failed)
-    with pytest.raises(RuntimeError, match="exit status 2: error: something broke"):
+    with pytest.raises(BenchError, match="exit status 2: error: something broke"):
         time_study(StudySize(2, 1), 1, torch.device("cpu"), "auto", tmp_path, 128)
 
 

@@ -77,6 +77,27 @@ def test_worker_runs_the_search_cli_on_the_postgres_service(compose):
     assert args.artifact_dir == dashboard[dashboard.index("--artifact-dir") + 1]
 
 
+def test_each_worker_container_is_one_process_of_worker_threads_threads(compose, monkeypatch):
+    """`--scale worker=N` means N training processes, and WORKER_THREADS the threads of each: the
+    search's own default (auto) would start a process per CPU in every container."""
+    worker = compose["services"]["worker"]
+    command = worker["command"]
+    assert command[command.index("--workers") + 1] == "1"
+    monkeypatch.delenv("NAS_WORKERS", raising=False)  # the tests' own default must not stand in for the file's
+    args = build_parser().parse_args(command[3:])
+    assert args.workers == 1
+    assert args.threads == int(worker["environment"]["OMP_NUM_THREADS"]) == 1
+    raw = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]["worker"]
+    assert raw["command"][raw["command"].index("--threads") + 1] == raw["environment"]["OMP_NUM_THREADS"] \
+        == "${WORKER_THREADS:-1}"
+
+
+def test_the_dockerfile_names_files_that_exist():
+    text = (REPO_ROOT / "Dockerfile").read_text()
+    named = set(re.findall(r"\bnas/[\w/]+\.\w+", text))
+    assert named and all((REPO_ROOT / path).is_file() for path in named), named
+
+
 def test_dockerfile_installs_the_package_with_postgres_support():
     text = (REPO_ROOT / "Dockerfile").read_text()
     assert re.search(r"^COPY nas ", text, re.M)

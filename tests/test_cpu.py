@@ -1,4 +1,5 @@
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -7,11 +8,12 @@ import pytest
 import torch
 
 from nas.cpu import KernelUnavailable, native
-from nas.run import setup as cpu_setup
-from nas.run.device import bf16_supported, resolve_precision
-from nas.run.setup import Setup, choose_setup
+from nas.errors import NasError
 from nas.model import build_model
+from nas.run.device import DeviceError, bf16_supported, resolve_precision
 from nas.spec import ArchSpec, BlockSpec
+from nas.train import setup as cpu_setup
+from nas.train.setup import Setup, choose_setup
 
 TINY = ArchSpec(blocks=(BlockSpec((4, 8), padding=1), BlockSpec((8,))), tail=(8,))
 
@@ -49,7 +51,7 @@ def test_precision_resolution():
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32"
     assert resolve_precision("auto", cpu) == ("bf16" if bf16_supported(cpu) else "fp32")
-    with pytest.raises(ValueError, match="unknown precision"):
+    with pytest.raises(DeviceError, match="unknown precision"):
         resolve_precision("fp8", cpu)
 
 
@@ -124,12 +126,15 @@ def test_short_runs_are_not_measured_for(monkeypatch, tmp_path):
 
 
 def test_a_setup_is_timed_for_real():
+    """Seconds per step, measured: a positive, finite number (how many depends on the machine)."""
     for setup in (Setup("fp32", False), Setup("fp32", True)):
-        assert 0 < cpu_setup._time_steps(TINY, 8, torch.device("cpu"), setup) < 5
+        seconds = cpu_setup._time_steps(TINY, 8, torch.device("cpu"), setup)
+        assert seconds > 0 and math.isfinite(seconds)
 
 
 def test_a_setup_is_timed_for_real_on_the_kernel(kernel):
-    assert 0 < cpu_setup._time_steps(TINY, 8, torch.device("cpu"), Setup("fp32", True), "native") < 5
+    seconds = cpu_setup._time_steps(TINY, 8, torch.device("cpu"), Setup("fp32", True), "native")
+    assert seconds > 0 and math.isfinite(seconds)
 
 
 @pytest.fixture
@@ -156,7 +161,7 @@ def test_without_a_working_compiler_the_kernel_is_refused(compiler, reason, empt
     assert not native.available()
     with pytest.raises(KernelUnavailable, match=reason) as refused:
         build_model(TINY, batchnorm="native")
-    assert isinstance(refused.value, RuntimeError) and "\n" not in str(refused.value)
+    assert isinstance(refused.value, NasError) and "\n" not in str(refused.value)
     assert not list(empty_cache.glob("*.so"))
     model = build_model(TINY).to(memory_format=torch.channels_last)
     model(torch.randn(4, 1, 28, 28)).sum().backward()

@@ -120,7 +120,7 @@ def test_subset_keeps_the_first_training_images_and_the_whole_eval_set(mnist):
 
 @pytest.mark.parametrize("evaluate_on,subset", [("valid", 0), ("valid", -5), ("valid", 50_001), ("test", 60_001)])
 def test_bad_subset_is_rejected(mnist, evaluate_on, subset):
-    with pytest.raises(ValueError, match=f"subset must be between 1 and .*got {subset}"):
+    with pytest.raises(DataError, match=f"subset must be between 1 and .*got {subset}"):
         make_split(mnist, evaluate_on, subset=subset)
 
 

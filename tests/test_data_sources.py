@@ -292,6 +292,11 @@ def test_npz_file_that_is_missing_or_not_a_zip(tmp_path: Path):
     (tmp_path / "junk.npz").write_bytes(b"junk")
     with pytest.raises(DataError, match="junk.npz"):
         from_npz(tmp_path / "junk.npz")
+    (tmp_path / "text.npz").write_text("x_train,y_train\n0,1\n")
+    with pytest.raises(DataError) as text:
+        from_npz(tmp_path / "text.npz")
+    assert str(text.value) == (f"{tmp_path / 'text.npz'}: not an npz file (one is a zip archive of named arrays, "
+                               "as numpy.savez writes it)")
     np.save(tmp_path / "one.npy", np.zeros((2, 4, 4), np.uint8))
     with pytest.raises(DataError, match="one.npy: not an npz file numpy can read .one uint8 array"):
         from_npz(tmp_path / "one.npy")

@@ -15,11 +15,11 @@ from PIL import Image
 
 from nas.cli import replay, search
 from nas.cli import train as train_command
-from nas.data import MEAN, STD, DataConfig, DataError, Split, cut, make_split, open_data
+from nas.data import DATASETS, MEAN, SOURCES, STD, DataConfig, DataError, Split, cut, make_split, open_data
 from nas.data.sources import Images
 from nas.run.record import RunRecord
 from nas.spec import PRESETS, Shape
-from nas.studyfile import ConfigError, check_fits, load_study_config, parse_study_config
+from nas.studyfile import ConfigError, StudyConfig, check_fits, load_study_config, parse_study_config
 from nas.train import train
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -105,10 +105,36 @@ def test_a_data_table_is_checked_as_it_is_read():
                          ({"dataset": "mnist", "path": "x"}, "path is for"), ({"colour": 1}, "unknown keys"),
                          ({"dataset": "cifar10", "image_size": 16}, "folder"), ({"valid": 1.5}, "fraction"),
                          ({"dataset": "folder", "path": "p", "channels": 2}, "channels"),
-                         ({"order": "shuffled"}, "order"), ({"mean": [0.5]}, "mean and std")]:
+                         ({"order": "shuffled"}, "order"), ({"mean": [0.5]}, "mean and std"),
+                         ({"valid": 0}, "valid = 0 holds out no images"), ({"valid": 0.0}, "valid = 0 holds out"),
+                         ({"valid": -5}, "valid must be a count")]:
         with pytest.raises(ConfigError, match=words):
             parse_study_config({"data": table})
     assert parse_study_config({}).data == DataConfig()
+
+
+def test_every_dataset_has_one_reader():
+    assert tuple(SOURCES) == DATASETS
+
+
+def test_a_stored_data_table_reads_back_with_its_default_holdout():
+    """A study stores every field, `valid = 0` where its file left valid out: that is no mistake."""
+    stored = parse_study_config({"data": {"dataset": "digits"}}).to_stored()
+    assert stored["data"]["valid"] == 0
+    assert StudyConfig.from_stored(stored).data == DataConfig(dataset="digits")
+
+
+def test_one_class_is_refused_whatever_the_source(tmp_path):
+    with pytest.raises(DataError, match="every training image is labelled 'c0'; a classifier needs at least 2"):
+        cut(images(classes=1), DataConfig(dataset="digits"))
+    np.savez(tmp_path / "one.npz", x_train=np.zeros((50, 8, 8), np.uint8), y_train=np.zeros(50, np.int64))
+    with pytest.raises(DataError, match=r"one.npz: every training image is labelled '0'"):
+        open_data(DataConfig(dataset="npz", path=str(tmp_path / "one.npz")), tmp_path)
+    # Two classes, sorted, with the last fifth held out: the training part is left with one.
+    sorted_labels = Images(images(50, test=None).train_x, torch.tensor([0] * 40 + [1] * 10), None, None, ("a", "b"))
+    with pytest.raises(DataError, match="once validation is held out, every training image left is labelled 'a'"):
+        cut(sorted_labels, DataConfig(dataset="npz", path="p", valid=10, test=0.2, order="last"))
+    assert len(cut(sorted_labels, DataConfig(dataset="npz", path="p", valid=10, test=0.2, order="random")).classes) == 2
 
 
 def test_flips_are_a_data_choice_and_change_training():
@@ -244,6 +270,17 @@ def test_bad_data_ends_in_one_line(tmp_path, capsys):
     unknown = study_file(tmp_path, 'dataset = "imagenet"', "u")
     err = run_error(["--study-file", str(unknown), *common], capsys)
     assert len(err) == 1 and "imagenet" in err[0]
+    np.savez(tmp_path / "one.npz", x_train=np.zeros((50, 8, 8), np.uint8), y_train=np.full(50, 3))
+    one_class = study_file(tmp_path, f'dataset = "npz"\npath = "{tmp_path / "one.npz"}"', "o")
+    err = run_error(["--study-file", str(one_class), *common], capsys)
+    assert len(err) == 1 and "every training image is labelled '3'" in err[0]
+    (tmp_path / "text.npz").write_text("not arrays\n")
+    text = study_file(tmp_path, f'dataset = "npz"\npath = "{tmp_path / "text.npz"}"', "x")
+    err = run_error(["--study-file", str(text), *common], capsys)
+    assert len(err) == 1 and "text.npz: not an npz file" in err[0] and "pickle" not in err[0]
+    no_valid = study_file(tmp_path, 'dataset = "digits"\nvalid = 0', "v")
+    err = run_error(["--study-file", str(no_valid), *common], capsys)
+    assert len(err) == 1 and "valid = 0 holds out no images" in err[0]
     assert not (tmp_path / "e.db").exists() or not optuna.get_all_study_names(url)
 
 

@@ -12,7 +12,8 @@ from optuna.trial import TrialState
 from nas.cli import fidelity as fidelity_command
 from nas.cli import search as search_command
 from nas.experiments import fidelity
-from nas.study.sampling import RUNG_STEP, RungPruner, rung_pays
+from nas import studyfile
+from nas.study.sampling import PRUNERS, RUNG_STEP, RungPruner, make_pruner, rung_pays
 from nas.study.stored import config_from_study
 from nas.study.trials import trial_counts
 from nas.studyfile import NO_MARGIN, ConfigError, RungConfig, StudyConfig, parse_study_config
@@ -84,6 +85,13 @@ def prunes(study, value, step=RUNG_STEP):
     trial = study.ask()
     trial.report(value, step)
     return trial.should_prune()
+
+
+def test_every_pruner_a_study_file_may_name_is_made_from_one_table():
+    assert set(PRUNERS) == set(studyfile.PRUNERS)
+    kinds = {name: type(make_pruner(StudyConfig(pruner=name), 15)) for name in studyfile.PRUNERS}
+    assert kinds == {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner,
+                     "rung": RungPruner, "none": optuna.pruners.NopPruner}
 
 
 def test_the_rung_keeps_the_top_third_of_all_rung_scores_pruned_ones_included():

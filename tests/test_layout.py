@@ -1,6 +1,7 @@
 """The package's architecture, checked: the import graph of nas/ (every import statement, those
-inside functions included) has no cycle, and no module imports a command (a module defining
-main()) but the `python -m` shims. Run as a script it prints the graph's facts and the longest
+inside functions included) has no cycle, between modules or between packages (nas.study,
+nas.train, nas.run, ...: each top-level module or subpackage of nas), and no module imports a
+command (a module defining main()) but the `python -m` shims. Run as a script it prints the graph's facts and the longest
 functions:
 
     python tests/test_layout.py
@@ -47,6 +48,22 @@ def imports_of(path: Path, known: set[str]) -> set[str]:
 def import_graph() -> dict[str, set[str]]:
     found = modules()
     return {name: imports_of(path, set(found)) - {name} for name, path in found.items()}
+
+
+def package_of(module: str) -> str:
+    """The top-level part of nas a module belongs to: nas.study for nas.study.confirm, nas.spec for nas.spec."""
+    return ".".join(module.split(".")[:2])
+
+
+def package_graph() -> dict[str, set[str]]:
+    """Which of nas's packages imports which, through any of its modules but the `python -m` shims
+    (nas/data/__main__.py hands `python -m nas.data` to nas.cli.data: an entry point, not a layer)."""
+    found, graph = modules(), {}
+    for name, deps in import_graph().items():
+        edges = graph.setdefault(package_of(name), set())
+        if not is_shim(found[name]):
+            edges.update(package_of(dep) for dep in deps)
+    return {package: deps - {package} for package, deps in graph.items()}
 
 
 def defines_main(path: Path) -> bool:
@@ -109,6 +126,10 @@ def test_the_import_graph_has_no_cycle():
     assert cycles(import_graph()) == []
 
 
+def test_the_packages_have_no_cycle():
+    assert cycles(package_graph()) == []
+
+
 def test_only_shims_import_a_command():
     graph, found = import_graph(), modules()
     offenders = {name: sorted(graph[name] & commands()) for name in graph
@@ -146,6 +167,42 @@ def test_stages_print_nothing_and_import_no_study_logic():
             assert calls == [], f"{name} prints"
 
 
+def fixed_waits(path: Path) -> list[int]:
+    """Lines of `path` that sleep a constant second or more: a test waits for its condition
+    (tests/waiting.py), since on a loaded machine any fixed wait is too short some day."""
+    return [node.lineno for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("time.sleep", "sleep")
+            and node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value >= 1]
+
+
+def test_no_test_waits_a_fixed_time():
+    tests = Path(__file__).resolve().parent
+    assert {path.name: fixed_waits(path) for path in sorted(tests.glob("*.py")) if fixed_waits(path)} == {}
+
+
+MAX_POSITIONAL = 6  # beyond this a call can't be read or safely changed: the rest are keyword-only
+
+
+def wide_signatures() -> list[str]:
+    """Functions of nas taking more than MAX_POSITIONAL positional parameters (self aside), but a
+    spawned process's target, which multiprocessing calls with a tuple of arguments."""
+    found = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                positional = [a for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls")]
+                if len(positional) > MAX_POSITIONAL and node.name not in SPAWN_TARGETS:
+                    found.append(f"{name}.{node.name}")
+    return found
+
+
+SPAWN_TARGETS = {"_concurrent_training"}  # nas.experiments.bench: SPAWN.Process(target=..., args=(...))
+
+
+def test_wide_signatures_take_keywords():
+    assert wide_signatures() == []
+
+
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
@@ -153,6 +210,8 @@ def test_the_cycle_finder_finds_a_cycle():
 if __name__ == "__main__":
     graph = import_graph()
     print(f"{len(graph)} modules, {sum(map(len, graph.values()))} imports; cycles: {cycles(graph) or 'none'}")
+    packages = package_graph()
+    print(f"{len(packages)} packages; cycles between them: {cycles(packages) or 'none'}")
     print("commands:", ", ".join(sorted(commands())))
     print("longest functions:")
     for lines, name in longest_functions():

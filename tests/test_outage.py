@@ -25,13 +25,13 @@ from optuna.trial import TrialState
 
 from nas import search, storage
 from nas.storage import outage
-from nas.run.setup import RunSettings
 from nas.study import search as study_search
 from nas.study.objective import SearchOptions
 from nas.studyfile import StudyConfig
 from nas.storage.outage import CREATIONS, StorageUnavailable, is_outage, reason
 from nas.storage import open_storage
 from nas.study.trials import finished_trials
+from nas.train.setup import RunSettings
 from tests.pg import USER, Server, server_for_tests
 
 # These tests ask and tell by hand on a storage with heartbeats, which Optuna pairs with optimize().
@@ -47,6 +47,18 @@ def wrapped(exc: Exception) -> optuna.exceptions.StorageInternalError:
         raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from exc
     except optuna.exceptions.StorageInternalError as wrapper:
         return wrapper
+
+
+def test_optuna_is_held_below_its_next_major_release():
+    """PatientStorage overrides RDBStorage's private methods (_create_new_trial,
+    _get_prepared_new_trial, _get_stale_trial_ids): a major release may rename or change them."""
+    import tomllib
+
+    from packaging.requirements import Requirement  # matplotlib's dependency, so always here
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    (optuna_req,) = [Requirement(d) for d in pyproject["project"]["dependencies"] if Requirement(d).name == "optuna"]
+    assert optuna.__version__ in optuna_req.specifier and "6.0" not in optuna_req.specifier
 
 
 def test_outages_are_told_from_bad_requests():

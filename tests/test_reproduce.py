@@ -3,6 +3,7 @@ import json
 import pytest
 
 from nas.cli import reproduce
+from nas.errors import UsageError
 from nas.experiments.reproduce import SEED_RUNS, Run, Settings, best_epoch, mean_std, parse_models, results_table
 from nas.spec import PRESETS, count_params
 from nas.study.trials import epochs_to_target
@@ -49,7 +50,7 @@ def test_models_take_the_presets_names_and_their_short_forms():
     assert parse_models("m1,m2,m3") == ("model1", "model2", "model3")  # the README's spelling
     assert parse_models(" m3 , model1,model3") == ("model3", "model1")  # once each, in order
     for bad in ("m9", "model9", ",", "", "mm1"):
-        with pytest.raises(ValueError, match="--models: unknown"):
+        with pytest.raises(UsageError, match="--models: unknown"):
             parse_models(bad)
 
 

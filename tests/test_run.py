@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nas.run.record import RunRecord, record_of
+from nas.run.record import RecordError, RunRecord, record_of
 
 
 def test_a_record_round_trips_through_a_dict():
@@ -15,11 +15,11 @@ def test_a_record_round_trips_through_a_dict():
 
 
 def test_unknown_keys_and_values_are_refused():
-    with pytest.raises(ValueError, match="unknown run record keys: colour"):
+    with pytest.raises(RecordError, match="unknown run record keys: colour"):
         RunRecord.from_dict({"colour": "blue"})
-    with pytest.raises(ValueError, match="memory_format"):
+    with pytest.raises(RecordError, match="memory_format"):
         RunRecord(memory_format="nhwc")
-    with pytest.raises(ValueError, match="batchnorm"):
+    with pytest.raises(RecordError, match="batchnorm"):
         RunRecord(batchnorm="cudnn")
 
 

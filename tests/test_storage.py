@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import multiprocessing
-import time
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
 from nas.storage import SQLiteStorage, StorageError, heartbeat_settings, open_storage
+from tests.waiting import wait_for
 
 QUEUED = 40
 STALE = 40
@@ -64,15 +64,18 @@ def test_two_processes_fail_and_retry_a_stale_trial_once(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path / 'stale.db'}"
     storage = open_storage(url)
     study = optuna.create_study(study_name="stale", storage=storage)
+    asked = []
     for _ in range(STALE):
         trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
         storage.record_heartbeat(trial._trial_id)  # then its worker "dies": no more heartbeats
+        asked.append(trial._trial_id)
     context = multiprocessing.get_context("spawn")
     start = context.Barrier(3)
     procs = [context.Process(target=fail_stale, args=(url, start)) for _ in range(2)]
     for p in procs:
         p.start()
-    time.sleep(3.5)  # past the grace period (SQLite stamps whole seconds), while the workers start
+    # While the workers start: until every trial is stale (SQLite stamps whole seconds).
+    wait_for(lambda: set(asked) <= set(storage._get_stale_trial_ids(study._study_id)), "the trials to go stale")
     start.wait(timeout=120)
     for p in procs:
         p.join(timeout=120)
@@ -94,7 +97,8 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_after_th
     orphan = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})  # no heartbeat, ever
     optuna.storages.fail_stale_trials(study)
     assert study.trials[orphan.number].state == TrialState.RUNNING, "failed within the grace period"
-    time.sleep(2.5)
+    wait_for(lambda: orphan._trial_id in storage._get_stale_trial_ids(study._study_id),
+             "the orphan to be older than the grace period")
     alive = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     storage.record_heartbeat(alive._trial_id)
     optuna.storages.fail_stale_trials(study)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 
 import pytest
 
+from nas.data import MEAN, STD, VALID_SIZE, DataConfig
 from nas.space import SpaceConfig
 from nas.studyfile import (DEFAULT_STUDY_FILE, ConfigError, RungConfig, StudyConfig, differences, load_study_config,
                            parse_study_config, resolve_study_file)
@@ -16,6 +18,28 @@ def test_the_shipped_study_files_parse_and_round_trip_through_a_study():
     for path in sorted((REPO_ROOT / "studies").glob("*.toml")):
         config = load_study_config(path)
         assert StudyConfig.from_stored(config.to_stored()) == config, path.name
+
+
+REFERENCE = REPO_ROOT / "studies" / "reference.toml"
+
+
+def test_the_reference_study_file_writes_out_every_key():
+    written = tomllib.loads(REFERENCE.read_text())
+    tables = {"rung": RungConfig, "space": SpaceConfig, "data": DataConfig}
+    fields = {f.name for f in dataclasses.fields(StudyConfig)} - set(tables)
+    assert set(written) == fields | set(tables)
+    for table, cls in tables.items():
+        assert set(written[table]) == {f.name for f in dataclasses.fields(cls)}, table
+
+
+def test_the_reference_study_files_values_are_the_defaults():
+    """As its header says: only `name` and `version` differ from what a file that leaves a key out
+    gets; its [data] writes out what the defaults come to for MNIST (valid = 0 is refused)."""
+    config = load_study_config(REFERENCE)
+    expected = dataclasses.replace(StudyConfig(), name="reference", space=SpaceConfig(version=3),
+                                   data=DataConfig(valid=10000, order="last", mean=(MEAN,), std=(STD,)))
+    assert config == expected
+    assert DataConfig().holdout_order == "last" and VALID_SIZE == 10000
 
 
 def test_what_a_study_file_leaves_out_takes_the_documented_defaults():

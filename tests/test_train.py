@@ -4,11 +4,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from nas.run.device import bf16_supported, resolve_device
+from nas.run.device import DeviceError, bf16_supported, resolve_device
 from nas.data import Split
 from nas.model import BatchNormAct2d
 from nas.run.record import RunRecord
-from nas.spec import PRESETS, ArchSpec, BlockSpec, TrainConfig
+from nas.spec import PRESETS, ArchSpec, BlockSpec, SpecError, TrainConfig
 from nas.train import (
     DivergedError,
     WeightAverage,
@@ -59,8 +59,10 @@ def test_onecycle_schedule_matches_torch_onecycle():
 
 def test_no_schedule_is_constant_and_unknown_is_rejected():
     assert lr_factor(TrainConfig(scheduler="none"), 1000, 10) == 1.0
-    with pytest.raises(ValueError):
-        lr_factor(TrainConfig(scheduler="cosine"), 0, 10)
+    with pytest.raises(SpecError, match="unknown scheduler 'cosine'; one of none, step, onecycle"):
+        TrainConfig(scheduler="cosine")
+    with pytest.raises(SpecError, match="unknown optimizer"):
+        TrainConfig(optimizer="lamb")
 
 
 def test_augment_keeps_shape_and_background():
@@ -145,7 +147,7 @@ def test_bf16_training_is_deterministic_and_keeps_fp32_weights():
 
 @pytest.mark.parametrize("name", ["foo", "cuda:99" if torch.cuda.is_available() else "cuda", "meta"])
 def test_unusable_devices_are_a_clear_error(name):
-    with pytest.raises(ValueError, match="device"):
+    with pytest.raises(DeviceError, match="device"):
         resolve_device(name)
 
 

@@ -4,12 +4,13 @@ declared once, and the one-line error."""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import NoReturn
 
 from nas.run.device import PRECISIONS
 from nas.run.record import BATCHNORM_PATHS
-from nas.run.setup import RunSettings
+from nas.train.setup import RunSettings
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -22,10 +23,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def int_at_least(minimum: int):
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not re.fullmatch(r"\s*[+-]?\d+\s*", text):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+        value = int(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         return value
@@ -63,7 +63,8 @@ def run_settings(args: argparse.Namespace) -> RunSettings:
 
 
 def add_data_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", help="MNIST directory (default: $NAS_DATA_DIR or data/)")
+    parser.add_argument("--data-dir", help="where MNIST, the torchvision sets and the decoded-folder cache live "
+                        "(default: $NAS_DATA_DIR or data/)")
 
 
 def first_line(exc: BaseException) -> str:

@@ -10,36 +10,37 @@ How each is measured: nas/experiments/bench.py.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from nas import data
-from nas.run.setup import resolve_run
-from nas.spec import PRESETS
-from nas.cli.args import (ArgumentParser, add_data_dir, add_run_flags, error, fail, non_negative_int, positive_int,
+from nas.cli.args import (ArgumentParser, add_data_dir, add_run_flags, fail, non_negative_int, positive_int,
                           run_settings)
 from nas.cpu import tune_allocator
-from nas.experiments.bench import (GPU_CONCURRENCY, GPU_STUDY, MODEL, QUICK_BATCHES, REPEATS, SEED_STYLE,
-                                   WARMUP_BATCHES, OURS, StudySize, fastest, format_concurrency, format_study,
-                                   format_table, header_lines, loader_workers, machine_info, machine_line,
-                                   ours_process, parse_concurrency, prepare, format_profile, profile_ours, ratio_line, report, resolve_ours,
-                                   setup_record, time_concurrent, time_pipelines, time_study)
+from nas.errors import NasError, UsageError
+from nas.experiments.bench import (GPU_CONCURRENCY, GPU_STUDY, MODEL, OURS, QUICK_BATCHES, REPEATS, SEED_STYLE,
+                                   WARMUP_BATCHES, StudySize, fastest, format_concurrency, format_profile,
+                                   format_study, format_table, header_lines, loader_workers, machine_info,
+                                   machine_line, ours_process, parse_concurrency, prepare, profile_ours, ratio_line,
+                                   report, resolve_ours, setup_record, time_concurrent, time_pipelines, time_study,
+                                   write_report)
+from nas.spec import PRESETS
+from nas.train.setup import resolve_run
 
 
 def concurrency_list(text: str) -> list[int]:
     try:
         return parse_concurrency(text)
-    except ValueError as exc:
+    except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def study_size(text: str) -> StudySize:
     try:
         return StudySize.parse(text)
-    except ValueError as exc:
+    except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
@@ -96,14 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.json and not args.json.parent.is_dir():
         # Checked now rather than after minutes of timing.
-        return fail(ValueError(f"{args.json}: no such directory {args.json.parent}"))
+        return fail(UsageError(f"{args.json}: no such directory {args.json.parent}"))
     settings = run_settings(args)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     try:
-        inputs = prepare(settings, data.resolve_data_dir(args.data_dir), args.quick, args.batches, args.warmup,
-                         args.concurrency, args.study, args.study_subset)
-    except (ValueError, RuntimeError, data.DataError) as exc:
+        inputs = prepare(settings, data.resolve_data_dir(args.data_dir), quick=args.quick, batches=args.batches,
+                         warmup=args.warmup, concurrency=args.concurrency, study=args.study,
+                         study_subset=args.study_subset)
+    except NasError as exc:
         return fail(exc)
     machine = machine_info(inputs.device)
     loader = loader_workers(inputs.device) if args.workers is None else args.workers
@@ -133,12 +135,12 @@ def main(argv: list[str] | None = None) -> int:
             results["study"] = time_study(study, args.study_workers, inputs.device, settings.precision,
                                           inputs.data_dir, args.study_subset)
             print(format_study(results["study"]))
-    except RuntimeError as exc:
+    except NasError as exc:  # BenchError: a timed run failed, after the table above was printed
         return fail(exc, status=1)
     print(f"\n{machine_line(machine)}")
     if args.json:
         try:
-            args.json.write_text(json.dumps(results, indent=2) + "\n")
-        except OSError as exc:
-            return error(f"{args.json}: cannot write: {exc.strerror or exc}", status=1)
+            write_report(results, args.json)
+        except NasError as exc:
+            return fail(exc, status=1)
     return 0

@@ -19,11 +19,11 @@ import torch
 from nas import data
 from nas.cli.args import ArgumentParser, add_data_dir, fail, non_negative_int, positive_int, workers_arg
 from nas.cpu import tune_allocator
-from nas.storage import StorageError, default_url
-from nas.study.confirm import (ConfirmError, ConfirmPlan, chosen_numbers, confirm, leaderboard, pick_candidates,
+from nas.errors import NasError
+from nas.storage import default_url
+from nas.study.confirm import (ConfirmPlan, chosen_numbers, confirm, leaderboard, pick_candidates,
                                save_note, write_results)
-from nas.study.stored import DEFAULT_STUDY, ReplayError, config_from_study, open_study, open_study_data
-from nas.train import DivergedError
+from nas.study.stored import DEFAULT_STUDY, config_from_study, open_study, open_study_data
 from nas.workers import WORKERS_ENV, default_workers, resolve_workers
 
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         candidates = pick_candidates(study, config_from_study(study), plan.top, plan.device, numbers)
         source = open_study_data(study, root, not args.quiet, notify=lambda line: print(line, file=sys.stderr))
         workers = resolve_workers(args.workers, torch.device(candidates[0].run.device))
-    except (ConfirmError, ReplayError, StorageError, data.DataError, ValueError, RuntimeError) as exc:
+    except NasError as exc:
         return fail(exc)
     tune_allocator()
     print(f"Confirming {', '.join(c.label for c in candidates)} of study {plan.study!r}{why} over seeds "
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
           + (f", {workers} runs at a time" if workers > 1 else ""), flush=True)
     try:
         study, results = confirm(study, plan, candidates, source, workers, say=lambda line: print(line, flush=True))
-    except (DivergedError, ConfirmError) as exc:
+    except NasError as exc:
         return fail(exc, status=1)
     except KeyboardInterrupt:
         print("\ninterrupted: finished runs are stored; rerun the same command to resume", file=sys.stderr)
@@ -92,6 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + title + "\n\n" + "\n".join(rows))
     save_note(study, title, rows)
     if args.out:
-        write_results(args.out, study, candidates, results, title, rows, plan.test)
+        write_results(args.out, study, candidates, results, title=title, rows=rows, test=plan.test)
         print(f"results: {args.out}")
     return 0

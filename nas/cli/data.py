@@ -6,6 +6,7 @@ import sys
 
 from nas import data
 from nas.cli.args import ArgumentParser, add_data_dir, fail
+from nas.errors import NasError
 
 
 def build_parser() -> ArgumentParser:
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         md5s = data.prepare(data_dir, notify=lambda line: print(line, file=sys.stderr))
         mnist = data.load_mnist(data_dir)
-    except data.DataError as exc:
+    except NasError as exc:
         return fail(exc, status=1)
     counts = {
         data.TRAIN_IMAGES: len(mnist.train_images),

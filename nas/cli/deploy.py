@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import json
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,14 +27,12 @@ from nas.cli.target import add_target_flags, resolve_target
 from nas.cpu import cpu_model, tune_allocator
 from nas.deployment import (CALIBRATION_IMAGES, FP32_FILE, INT8_FILE, DeployError, RawImages, calibration_images,
                             deployable, export_and_measure)
-from nas.spec import ArchSpec, SpecError, costs, count_params, layer_string
-from nas.storage import StorageError, artifact_dir_for, default_url
-from nas.study.confirm import ConfirmError
-from nas.study.stored import (DEFAULT_STUDY, ReplayError, config_from_study, open_study, open_study_data, pick_trial,
-                              replay_setup)
-from nas.studyfile import ConfigError
+from nas.errors import NasError
+from nas.spec import ArchSpec, costs, count_params, layer_string
+from nas.storage import artifact_dir_for, default_url
+from nas.study.stored import (DEFAULT_STUDY, config_from_study, open_study, open_study_data, pick_trial, replay_setup,
+                              stored_weights)
 from nas.train import DivergedError, epoch_line, evaluate, train
-from nas.train.checkpoint import load_checkpoint
 
 REPORT_FORMAT = "nas-deploy-report"
 
@@ -88,23 +85,8 @@ def from_study(args) -> Trained:
         model = train_and_report(arch, config, split, run, args.quiet)
         return Trained(label + "-full", arch, model, source,
                        f"retrained on all {len(split.train_x):,} training images, seed {config.seed}")
-    artifact = trial.user_attrs.get("weights_artifact")
-    if artifact is None:
-        raise DeployError(f"trial {trial.number} has no stored weights (it ran before nas stored them, or without "
-                          "an artifact store); --full-train retrains it")
     directory = Path(args.artifact_dir) if args.artifact_dir else artifact_dir_for(storage_url)
-    from optuna.artifacts import FileSystemArtifactStore, download_artifact
-    from optuna.artifacts.exceptions import ArtifactNotFound
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "weights.pt"
-        try:
-            download_artifact(artifact_store=FileSystemArtifactStore(str(directory)), artifact_id=artifact,
-                              file_path=str(path))
-        except (OSError, ArtifactNotFound) as exc:
-            raise DeployError(f"trial {trial.number}'s weights are not in {directory} ({type(exc).__name__}); "
-                              "--artifact-dir names where they are, --full-train retrains it") from None
-        model, saved = load_checkpoint(path)
+    model, saved = stored_weights(trial, directory)
     arch = ArchSpec.from_dict(saved["arch"])
     images = saved["run"].get("subset") or len(source.train_x)
     return Trained(label, arch, model, source, f"the weights trial {trial.number} stored (trained on {images:,} "
@@ -146,11 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         trained = from_model(args) if args.model else from_study(args)
         out = out_dir(args, trained.label)
         out.mkdir(parents=True, exist_ok=True)
-    except (DeployError, ReplayError, StorageError, SpecError, ConfirmError, ConfigError, data.DataError,
-            ValueError, OSError) as exc:
-        return fail(exc)
-    except DivergedError as exc:
+    except DivergedError as exc:  # the training's result, not a mistake in the command
         return fail(exc, status=1)
+    except NasError as exc:
+        return fail(exc)
     report = deploy(trained, out)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     print("\n".join(summary_lines(report, out)))
@@ -165,8 +146,8 @@ def deploy(trained: Trained, out: Path) -> dict:
     model = trained.model.to("cpu")
     _, correct = evaluate(RawImages(model, mean, std), test_x, test_y)  # PyTorch's own accuracy, as trained
     shape = tuple(test_x.shape[1:])
-    measured = export_and_measure(deployable(model, mean, std), shape, calibration_images(source.train_x),
-                                  test_x.numpy(), test_y.numpy(), out)
+    measured = export_and_measure(deployable(model, mean, std), shape, calibration=calibration_images(source.train_x),
+                                  eval_x=test_x.numpy(), eval_y=test_y.numpy(), out=out)
     cost = costs(trained.arch)
     import onnxruntime
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import optuna
 
-from nas.cli.args import ArgumentParser, error, fail
-from nas.storage import StorageError, default_url, open_storage
-from nas.study.export import ExportError, export_study, load_export, restore, write_export
+from nas.cli.args import ArgumentParser, fail
+from nas.errors import NasError
+from nas.storage import default_url, open_storage
+from nas.study.export import export_study, load_export, restore, write_export
 from nas.study.stored import DEFAULT_STUDY, open_study
 
 
@@ -45,12 +46,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         name = args.study or DEFAULT_STUDY
         export = export_study(open_study(args.storage or default_url(name), name))
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         write_export(export, args.out)
-    except (ExportError, StorageError) as exc:
+    except NasError as exc:
         return fail(exc)
-    except OSError as exc:
-        return error(f"cannot write {args.out}: {exc.strerror or exc}")
     left = ", ".join(f"{n} {k}" for k, n in export["left_out"].items()) or "none"
     print(f"Exported {len(export['trials'])} finished trials of study {name!r} to {args.out} (left out: {left})")
     return 0

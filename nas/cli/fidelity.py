@@ -20,9 +20,10 @@ from pathlib import Path
 
 from nas import data
 from nas.cli.args import ArgumentParser, add_data_dir, error, fail, non_negative_int, positive_int
+from nas.errors import NasError
 from nas.experiments.fidelity import (FIGURE, RESULTS, SCHEMES, WORK_DIR, FidelityError, Plan, Scale, compare, draw,
                                       load_results, table_lines)
-from nas.studyfile import ConfigError, resolve_study_file
+from nas.studyfile import resolve_study_file
 
 
 def build_parser() -> ArgumentParser:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             base = resolve_study_file(None)
             results = compare(plan, base, args.out, command, progress=lambda line: print(line, flush=True),
                               problem=error)
-        except (ConfigError, FidelityError) as exc:
+        except NasError as exc:
             return fail(exc)
         except KeyboardInterrupt:
             print(f"\ninterrupted: the finished jobs are kept in {args.out}; rerun to run the rest", file=sys.stderr)

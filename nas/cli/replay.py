@@ -21,11 +21,12 @@ from torch import nn
 from nas import data
 from nas.cli.args import ArgumentParser, add_data_dir, fail
 from nas.cpu import tune_allocator
+from nas.errors import NasError
 from nas.model import summary_table
 from nas.run.record import BATCHNORM_PATHS
 from nas.spec import count_params
-from nas.storage import StorageError, default_url
-from nas.study.stored import (DEFAULT_STUDY, ReplayError, config_from_study, open_study, open_study_data, pick_trial,
+from nas.storage import default_url
+from nas.study.stored import (DEFAULT_STUDY, config_from_study, open_study, open_study_data, pick_trial,
                               replay_setup)
 from nas.study.trials import epochs_to_target, front_note, is_multi_objective, score
 from nas.train import EpochResult, epoch_line, evaluate, train
@@ -78,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         source = open_study_data(study, root, not args.quiet, notify=lambda line: print(line, file=sys.stderr))
         split = source.split("test" if args.full_train else "valid", run.subset, device)
         test = source.split("test", None, device)
-    except (ReplayError, StorageError, data.DataError, ValueError, RuntimeError) as exc:
-        # RuntimeError: torch's word on a device string it can't parse or a GPU that isn't there.
+    except NasError as exc:
         return fail(exc)
 
     tune_allocator()

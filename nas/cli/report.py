@@ -14,9 +14,10 @@ from pathlib import Path
 
 import optuna
 
-from nas.cli.args import ArgumentParser, error, fail, positive_int
-from nas.storage import StorageError, default_url
-from nas.study.report import ReportError, write_report
+from nas.cli.args import ArgumentParser, fail, positive_int
+from nas.errors import NasError
+from nas.storage import default_url
+from nas.study.report import write_report
 from nas.study.stored import DEFAULT_STUDY, open_study
 from nas.study.trials import ranked_trials
 
@@ -42,10 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         study = open_study(url, args.study)
         out = args.out or Path("runs") / "report" / study.study_name
         written = write_report(study, url, out, args.top)
-    except (ReportError, StorageError) as exc:
+    except NasError as exc:
         return fail(exc)
-    except OSError as exc:
-        return error(f"cannot write the report: {exc.strerror or exc}: {exc.filename or ''}")
     print(f"Report on study {study.study_name!r} ({len(ranked_trials(study))} completed trials):")
     for path in written:
         print(f"  {path}")

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from nas import data
-from nas.cli.args import ArgumentParser, add_data_dir, add_run_flags, error, fail, positive_int, run_settings
+from nas.cli.args import ArgumentParser, add_data_dir, add_run_flags, fail, positive_int, run_settings
 from nas.cpu import tune_allocator
+from nas.errors import NasError, UsageError
 from nas.experiments.reproduce import (DEFAULT_OUT, Run, Settings, model_label, parse_models,
                                        resolve_setups, results_table, run_line, run_preset, setup_text,
                                        write_outputs)
@@ -49,12 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         models = parse_models(args.models)
         device = settings.resolve_device()  # an impossible device or precision fails before the data
         if args.out.exists() and not args.out.is_dir():
-            raise ValueError(f"--out {args.out} is a file, not a directory")
+            raise UsageError(f"--out {args.out} is a file, not a directory")
         root = data.resolve_data_dir(args.data_dir)
         data.prepare(root, progress=not args.quiet, notify=lambda line: print(line, file=sys.stderr))
         split = data.make_split(data.load_mnist(root), "test", args.subset, device)
-    except (ValueError, RuntimeError, data.DataError) as exc:
-        # RuntimeError: torch's word on a device string it can't parse or a GPU that isn't there.
+    except NasError as exc:
         return fail(exc)
     tune_allocator()
     if settings.threads:
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             run = run_preset(name, seed, split, args.epochs, setups[name], progress=not args.quiet)
             runs.append(run)
             print(run_line(run), flush=True)
-    except DivergedError as exc:
+    except DivergedError as exc:  # a result to report, after the runs that finished
         code = fail(exc, status=1)
     except KeyboardInterrupt:
         print(f"\ninterrupted after {len(runs)} finished runs", file=sys.stderr)
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         return code
     try:
         written = write_outputs(runs, described, args.out)
-    except OSError as exc:
-        return error(f"cannot write to {args.out}: {exc.strerror or exc}")
+    except NasError as exc:
+        return fail(exc)
     print()
     print(results_table(runs, described))
     print()

@@ -17,14 +17,15 @@ import torch
 from nas import data
 from nas.cli.args import (ArgumentParser, add_data_dir, add_run_flags, error, fail, positive_int, run_settings,
                           workers_arg)
-from nas.storage import StorageError, default_url, open_storage
+from nas.errors import NasError
+from nas.storage import default_url, open_storage
 from nas.study.create import create_or_load
-from nas.study.export import ExportError, load_export
+from nas.study.export import load_export
 from nas.study.objective import SearchOptions
 from nas.study.sampling import rung_pays
 from nas.study.search import quiet_optuna, run_search, summary_lines
 from nas.study.trials import finished_trials
-from nas.studyfile import DEFAULT_STUDY_FILE, ConfigError, check_fits, resolve_study_file
+from nas.studyfile import DEFAULT_STUDY_FILE, check_fits, resolve_study_file
 from nas.workers import WORKERS_ENV, default_workers, resolve_workers
 
 
@@ -78,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         storage = open_storage(storage_url)
         enqueue = tuple(dict.fromkeys(config.enqueue + (("model1", "model2") if args.enqueue_all else ())))
         warm = load_export(args.warm_start) if args.warm_start else None
-        study = create_or_load(storage, name, config, args.seed, options.epochs, enqueue, warm, chosen.shape,
-                               chosen.identity())
-    except (ConfigError, StorageError, data.DataError, ExportError, ValueError) as exc:
+        study = create_or_load(storage, name, config, seed=args.seed, epochs=options.epochs, enqueue=enqueue,
+                               warm=warm, shape=chosen.shape, identity=chosen.identity(),
+                               say=lambda line: print(line, file=sys.stderr))
+    except NasError as exc:
         return fail(exc)
     done = len(finished_trials(study))
     if config.pruner == "rung" and not rung_pays(config, options.epochs, len(split.train_x)):

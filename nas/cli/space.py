@@ -8,8 +8,9 @@ import optuna
 
 from nas import data
 from nas.cli.args import ArgumentParser, add_data_dir, fail, non_negative_int, positive_int
+from nas.errors import NasError
 from nas.space import draw, sample_report
-from nas.studyfile import DEFAULT_STUDY_FILE, KNOWN_SHAPES, ConfigError, check_fits, load_study_config
+from nas.studyfile import DEFAULT_STUDY_FILE, KNOWN_SHAPES, check_fits, load_study_config
 
 
 def build_parser() -> ArgumentParser:
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         shape = KNOWN_SHAPES.get(config.data.dataset) or \
             data.open_data(config.data, data.resolve_data_dir(args.data_dir)).shape
         check_fits(config, shape, str(args.study_file))
-    except (ConfigError, data.DataError) as exc:
+    except NasError as exc:
         return fail(exc)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     archs = draw(config.space, config.limits, args.sample, args.seed, shape)

@@ -7,8 +7,9 @@ then what it costs a device (MACs, peak activation RAM and flash, int8).
 from __future__ import annotations
 
 from nas.cli.args import ArgumentParser, fail
+from nas.errors import NasError
 from nas.model import summary_table
-from nas.spec import SpecError, cost_lines, load_arch
+from nas.spec import cost_lines, load_arch
 
 
 def build_parser() -> ArgumentParser:
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         arch, _ = load_arch(args.spec)
-    except SpecError as exc:
+    except NasError as exc:
         return fail(exc)
     print(f"Input {arch.in_channels}x{arch.input_size}x{arch.input_size}, {arch.num_classes} classes")
     print(summary_table(arch))

@@ -15,10 +15,10 @@ from nas import data
 from nas.cli.args import positive_int
 from nas.cpu import tune_allocator
 from nas.run.record import RunRecord
-from nas.run.setup import RunSettings, resolve_run
 from nas.spec import PRESETS, ArchSpec, SpecError, TrainConfig, count_params, load_arch
 from nas.study.confirm import recorded_run
 from nas.studyfile import load_study_config
+from nas.train.setup import RunSettings, resolve_run
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from nas import data
 from nas.cli.args import ArgumentParser, add_data_dir, add_run_flags, fail, run_settings
 from nas.cli.target import add_target_flags, resolve_target
-from nas.spec import SpecError, count_params
-from nas.study.confirm import ConfirmError
+from nas.errors import NasError
+from nas.spec import count_params
 from nas.study.trials import score
-from nas.studyfile import ConfigError
-from nas.train import DivergedError, EpochResult, epoch_line, train
+from nas.train import EpochResult, epoch_line, train
 
 SCORE_EPOCHS = 3  # as every study file and results table: the mean of the last 3 epochs
 
@@ -36,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         target = resolve_target(args, run_settings(args))
-    except (SpecError, ConfirmError, ConfigError, ValueError, data.DataError) as exc:
+    except NasError as exc:
         return fail(exc)
     arch, config, split = target.arch, target.config, target.split
     print(f"{target.name}: {count_params(arch):,} params, {config.epochs} epochs, seed {config.seed}, "
@@ -47,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = train(arch, config, split, target.run, on_epoch=report, progress=not args.quiet)
-    except DivergedError as exc:
+    except NasError as exc:  # DivergedError: the run's result, not a mistake in the command
         return fail(exc, status=1)
     accuracies = [e.eval_acc for e in result.history]
     last = min(SCORE_EPOCHS, len(accuracies))

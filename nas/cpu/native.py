@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from nas.cache import cache_dir
+from nas.errors import NasError
 
 SOURCE = Path(__file__).with_name("batchnorm.c")
 # -ffp-contract=off: no fused multiply-adds, so the forward's ReLU test and the backward's
@@ -87,7 +88,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-class KernelUnavailable(RuntimeError):
+class KernelUnavailable(NasError):
     """The C BatchNorm kernel can't be had here; the message says why in one line."""
 
 

@@ -48,7 +48,7 @@ __all__ = [
     "DATASETS", "DATA_DIR_ENV", "DEFAULT_DATA_DIR", "EXPECTED_MD5", "MEAN", "TEST_IMAGES", "TEST_LABELS",
     "TRAIN_IMAGES", "TRAIN_LABELS", "STD", "TORCHVISION", "VALID_SIZE", "Data", "DataConfig",
     "DataError", "Images", "Mnist", "Split", "decode_idx", "differences", "encode_idx", "fallback_to_idx", "load_mnist", "make_split",
-    "open_data", "prepare", "raw_dir", "resolve_data_dir", "unpickle_fallback",
+    "SOURCES", "open_data", "prepare", "raw_dir", "resolve_data_dir", "unpickle_fallback",
 ]
 
 DATASETS = ("mnist", *TORCHVISION, "digits", "folder", "npz")
@@ -65,7 +65,7 @@ class DataConfig:
     path: str = ""  # folder or npz: where the data is (relative paths: to the working directory)
     image_size: int = 0  # folder: resize every image to this side; 0: the images' own (one square size)
     channels: int = 0  # folder: 1 grayscale, 3 RGB; 0: 1 if every image is grayscale, else 3
-    valid: float = 0  # images held out of training for validation: a count, or a fraction < 1; 0: 10,000
+    valid: float = 0  # images held out of training for validation: a count, or a fraction < 1; 0 (not given): 10,000
     # where the training images number 50,000 or more (MNIST, as the seed), else a fifth of them
     test: float = 0.2  # for sources without a test split (digits, a folder without test/)
     order: str = ""  # which images are held out: "last" (the source's last ones) or "random" (a fixed
@@ -80,6 +80,10 @@ class DataConfig:
         unknown = set(table) - {f.name for f in fields(cls)}
         if unknown:
             raise DataError(f"{source}: unknown keys {', '.join(sorted(unknown))}")
+        if "valid" in table and not isinstance(table["valid"], bool) and table["valid"] == 0:
+            # 0 is the field's "not given"; written out, it would silently mean the default holdout.
+            raise DataError(f"{source}: valid = 0 holds out no images to validate on; give a count (e.g. 1000) "
+                            "or a fraction (e.g. 0.2), or leave valid out for the default")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
         try:
             config = cls(**values)
@@ -108,6 +112,11 @@ class DataConfig:
             raise DataError(f"{source}: order must be one of {ORDERS}, got {self.order!r}")
         if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
             raise DataError(f"{source}: mean and std need one value per channel, std above 0")
+
+    @classmethod
+    def from_stored(cls, table: dict[str, Any]) -> DataConfig:
+        """The table a study stored (every field, `valid = 0` where the file left it out)."""
+        return cls.from_dict({k: v for k, v in table.items() if not (k == "valid" and v == 0)}, "stored [data]")
 
     @property
     def holdout_order(self) -> str:
@@ -203,7 +212,7 @@ class Data:
             raise ValueError(f"evaluate_on must be 'valid' or 'test', not {evaluate_on!r}")
         if subset is not None:
             if not 1 <= subset <= len(train_x):
-                raise ValueError(f"subset must be between 1 and {len(train_x)} when evaluating on "
+                raise DataError(f"subset must be between 1 and {len(train_x)} when evaluating on "
                                  f"{evaluate_on!r}, got {subset}")
             train_x, train_y = train_x[:subset], train_y[:subset]
         # Moved as bytes, a quarter of the float32 size; normalized on the device a batch at a time.
@@ -298,25 +307,37 @@ def open_data(config: DataConfig, data_dir: Path, progress: bool = False,
               notify: Callable[[str], None] | None = None) -> Data:
     """The data `config` names, read (MNIST fetched if missing, a folder decoded or taken from
     its cache under data_dir) and cut; DataError says in one line what is wrong with it."""
-    if config.dataset == "mnist":
-        prepare(data_dir, progress, notify)
-        mnist = load_mnist(data_dir)
-        images = _mnist_images(mnist)
-    elif config.dataset in TORCHVISION:
-        images = from_torchvision(config.dataset, data_dir, progress)
-    elif config.dataset == "digits":
-        images = from_digits()
-    elif config.dataset == "folder":
-        images = from_folder(Path(config.path), config.image_size or None, config.channels or None,
-                                     data_dir / CACHE_SUBDIR, progress)
-    else:
-        images = from_npz(Path(config.path))
-    return cut(images, config)
+    return cut(SOURCES[config.dataset](config, data_dir, progress, notify), config)
 
 
 def _mnist_images(mnist: Mnist) -> Images:
     return Images(mnist.train_images.unsqueeze(1), mnist.train_labels, mnist.test_images.unsqueeze(1),
                   mnist.test_labels, tuple(map(str, range(10))))
+
+
+def _from_mnist(config: DataConfig, root: Path, progress: bool, notify: Callable[[str], None] | None) -> Images:
+    prepare(root, progress, notify)
+    return _mnist_images(load_mnist(root))
+
+
+def _from_folder(config: DataConfig, root: Path, progress: bool, notify: Callable[[str], None] | None) -> Images:
+    return from_folder(Path(config.path), config.image_size or None, config.channels or None, root / CACHE_SUBDIR,
+                       progress)
+
+
+def _from_torchvision(name: str) -> Callable[..., Images]:
+    return lambda config, root, progress, notify: from_torchvision(name, root, progress)
+
+
+# Each [data] dataset's reader, (config, data directory, progress, notify) -> Images, by name: the
+# one place a name is looked up (DataConfig.check has refused any other, listing DATASETS).
+SOURCES: dict[str, Callable[[DataConfig, Path, bool, Callable[[str], None] | None], Images]] = {
+    "mnist": _from_mnist,
+    **{name: _from_torchvision(name) for name in TORCHVISION},
+    "digits": lambda config, root, progress, notify: from_digits(),
+    "folder": _from_folder,
+    "npz": lambda config, root, progress, notify: from_npz(Path(config.path)),
+}
 
 
 def cut(images: Images, config: DataConfig, source: str = "[data]") -> Data:
@@ -329,6 +350,7 @@ def cut(images: Images, config: DataConfig, source: str = "[data]") -> Data:
         test_x, test_y = images.test_x, images.test_y
     valid = config.valid or (VALID_SIZE if len(x) >= 5 * VALID_SIZE else 0.2)
     train_x, train_y, valid_x, valid_y = _holdout(x, y, _count(valid, len(x), "valid", source), order)
+    _check_classes(images, train_y, config)
     channels = train_x.shape[1]
     if config.mean:
         if len(config.mean) != channels:
@@ -340,6 +362,20 @@ def cut(images: Images, config: DataConfig, source: str = "[data]") -> Data:
         mean, std = _channel_stats(train_x)
     return Data(config, train_x, train_y, valid_x, valid_y, test_x, test_y, tuple(images.classes), mean, std, images,
                 x, y)
+
+
+def _check_classes(images: Images, train_y: torch.Tensor, config: DataConfig) -> None:
+    """DataError unless the training part holds at least 2 classes: with one, every net scores a
+    trivial 100% and the search learns nothing."""
+    present = torch.unique(train_y)
+    if len(present) >= 2:
+        return
+    where = config.path or config.dataset
+    name = images.classes[int(present[0])] if len(present) else None
+    if len(torch.unique(images.train_y)) < 2:
+        raise DataError(f"{where}: every training image is labelled {name!r}; a classifier needs at least 2 classes")
+    raise DataError(f"{where}: once validation is held out, every training image left is labelled {name!r}; "
+                    "order = \"random\" in [data] holds out a random draw instead of the last images")
 
 
 def make_split(mnist: Mnist, evaluate_on: str = "valid", subset: int | None = None,

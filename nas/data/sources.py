@@ -25,6 +25,8 @@ TORCHVISION = ("fashion-mnist", "kmnist", "cifar10", "svhn")
 GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 MIRROR_TIMEOUT_S = 10.0
 CACHE_VERSION = 1  # bump when the cached arrays' meaning changes
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip archive's first bytes: with members, and empty
+NPY_MAGIC = b"\x93NUMPY"  # a single array saved by numpy.save (refused below, by name)
 
 
 @dataclass(frozen=True, eq=False)  # tensors have no single truth value, so no generated __eq__
@@ -246,6 +248,14 @@ def from_npz(path: Path) -> Images:
     them (else "0".."K-1", K one more than the largest training label)."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as file:
+            magic = file.read(len(NPY_MAGIC))
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if not magic.startswith(ZIP_MAGIC) and magic != NPY_MAGIC:
+        # numpy would take it for a pickle and speak of allow_pickle, which is beside the point.
+        raise DataError(f"{path}: not an npz file (one is a zip archive of named arrays, as numpy.savez writes it)")
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):  # a single array saved with np.save

@@ -16,6 +16,7 @@ times a real `nas.search` run end to end (trials per hour). The command is nas/c
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import platform
@@ -37,13 +38,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from nas import data
 from nas.cpu import cpu_model, tune_allocator
+from nas.errors import NasError, UsageError, writing
 from nas.model import build_model
 from nas.run.record import RunRecord
-from nas.run.setup import RunSettings, resolve_run
 from nas.spec import PRESETS, ArchSpec, TrainConfig, count_params
 from nas.storage import open_storage
 from nas.study.trials import finished_trials, trial_counts
 from nas.train import train
+from nas.train.setup import RunSettings, resolve_run
 from nas.workers import SPAWN, threads_each
 
 MODEL = "model3"
@@ -56,6 +58,10 @@ GPU_CONCURRENCY = (1, 2, 4, 8)  # the default --concurrency on CUDA; CPU runs no
 GPU_STUDY = "10x15"  # the default --study on CUDA without --quick; CPU runs none unless asked
 STUDY_NAME = "bench"
 POLL_SECONDS = 1.0  # how often the parent looks for a dead child while waiting on the others
+
+
+class BenchError(NasError):
+    """A timed run that failed: a training process that died, a study run that exited non-zero."""
 
 
 @dataclass(frozen=True)
@@ -285,6 +291,12 @@ def report(machine: dict[str, Any], setup: dict[str, Any], runs: list[Timing]) -
     }
 
 
+def write_report(results: dict[str, Any], path: Path) -> None:
+    """The JSON record at `path`; OutputError where it can't be written."""
+    with writing(str(path)):
+        path.write_text(json.dumps(results, indent=2) + "\n")
+
+
 # --- the ratio -----------------------------------------------------------------------------------
 
 
@@ -303,10 +315,10 @@ class Inputs:
     study: StudySize | None  # the study to time (None: none)
 
 
-def prepare(settings: RunSettings, data_dir: Path, quick: bool, batches: int, warmup: int,
+def prepare(settings: RunSettings, data_dir: Path, *, quick: bool, batches: int, warmup: int,
             concurrency: list[int] | None, study: StudySize | None, study_subset: int | None) -> Inputs:
     """The device, the data and the plan, each checked now rather than after minutes of timing:
-    ValueError, RuntimeError (torch's word on a device) or data.DataError says what can't run. The
+    a NasError (UsageError, DeviceError, DataError) says what can't run. The
     data is verified, never downloaded: a benchmark should not quietly spend minutes on the network."""
     config = PRESETS[MODEL].train
     device = settings.resolve_device()  # an impossible precision fails before the data
@@ -318,7 +330,7 @@ def prepare(settings: RunSettings, data_dir: Path, quick: bool, batches: int, wa
     search_images = epoch_images - data.VALID_SIZE
     if study and study_subset is not None and study_subset > search_images:
         # As the search would refuse it.
-        raise ValueError(f"--study-subset must be at most {search_images:,}, the images a search trains on")
+        raise UsageError(f"--study-subset must be at most {search_images:,}, the images a search trains on")
     timed = math.ceil(images / config.batch_size)
     return Inputs(device, data_dir, dataset, epoch_images, images, timed, min(warmup, timed), concurrency, study)
 
@@ -373,13 +385,13 @@ def setup_record(run: RunRecord, inputs: Inputs, quick: bool, repeats: int, load
 
 
 def parse_concurrency(text: str) -> list[int]:
-    """Comma-separated process counts, e.g. 1,2,4,8; ValueError says what is wrong."""
+    """Comma-separated process counts, e.g. 1,2,4,8; UsageError says what is wrong."""
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"{text!r} is not a comma-separated list of process counts") from None
+        raise UsageError(f"{text!r} is not a comma-separated list of process counts") from None
     if min(values) < 1:
-        raise ValueError(f"process counts must be at least 1, got {text!r}")
+        raise UsageError(f"process counts must be at least 1, got {text!r}")
     return values
 
 
@@ -413,7 +425,7 @@ def gather(messages: Any, procs: list, what: str) -> list:
         except queue.Empty:
             failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
             if failed or all(p.exitcode is not None for p in procs):
-                raise RuntimeError(f"a concurrent training process died {what} "
+                raise BenchError(f"a concurrent training process died {what} "
                                    f"(exit status {failed[0] if failed else 0})") from None
     return received
 
@@ -480,25 +492,24 @@ class StudySize:
 
     @classmethod
     def parse(cls, text: str) -> StudySize:
-        """TRIALSxEPOCHS, e.g. 10x15; ValueError says what is wrong."""
+        """TRIALSxEPOCHS, e.g. 10x15; UsageError says what is wrong."""
         parts = text.lower().split("x")
         try:
             trials, epochs = (int(p) for p in parts)
         except ValueError:
-            raise ValueError(f"{text!r} is not TRIALSxEPOCHS, e.g. 10x15") from None
+            raise UsageError(f"{text!r} is not TRIALSxEPOCHS, e.g. 10x15") from None
         if trials < 1 or epochs < 1:
-            raise ValueError(f"trials and epochs must be at least 1, got {text!r}")
+            raise UsageError(f"trials and epochs must be at least 1, got {text!r}")
         return cls(trials, epochs)
 
 
-def study_command(size: StudySize, storage: str, workers: int, device: torch.device, precision: str,
+def study_command(size: StudySize, storage: str, *, workers: int, device: torch.device, precision: str,
                   data_dir: Path, subset: int | None) -> list[str]:
-    """The search as a user runs it, on a storage of its own."""
+    """The search as a user runs it, on a storage of its own, with `workers` processes: always
+    given, since the search's own default (auto, or $NAS_WORKERS) would otherwise decide."""
     command = [sys.executable, "-m", "nas.search", "--trials", str(size.trials), "--epochs", str(size.epochs),
                "--storage", storage, "--study", STUDY_NAME, "--quiet", "--device", str(device),
-               "--precision", precision, "--data-dir", str(data_dir.resolve())]
-    if workers > 1:
-        command += ["--workers", str(workers)]
+               "--precision", precision, "--data-dir", str(data_dir.resolve()), "--workers", str(workers)]
     if subset is not None:
         command += ["--subset", str(subset)]
     return command
@@ -510,13 +521,14 @@ def time_study(size: StudySize, workers: int, device: torch.device, precision: s
     what a user waits for. The span from the first trial's start to the last one's end is beside it."""
     with tempfile.TemporaryDirectory(prefix="nas-bench-") as tmp:
         storage = f"journal:///{tmp}/bench.log"
-        command = study_command(size, storage, workers, device, precision, data_dir, subset)
+        command = study_command(size, storage, workers=workers, device=device, precision=precision, data_dir=data_dir,
+                                subset=subset)
         began = time.perf_counter()
         run = subprocess.run(command, capture_output=True, text=True)
         wall = time.perf_counter() - began
         if run.returncode != 0:
             last = (run.stderr.strip().splitlines() or ["no output"])[-1]
-            raise RuntimeError(f"the study run failed with exit status {run.returncode}: {last}")
+            raise BenchError(f"the study run failed with exit status {run.returncode}: {last}")
         with warnings.catch_warnings():
             # The storage's retry callback is marked experimental; a benchmark's reader needn't say so.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -37,7 +37,7 @@ from optuna.trial import TrialState
 
 from nas import data
 from nas.cpu import cpu_model, tune_allocator
-from nas.run.setup import RunSettings, resolve_run
+from nas.errors import NasError
 from nas.space import params_for, suggest
 from nas.spec import PRESETS, count_params, layer_string
 from nas.storage import open_storage
@@ -47,6 +47,7 @@ from nas.study.search import load_split, quiet_optuna, run_worker
 from nas.study.trials import score
 from nas.studyfile import StudyConfig
 from nas.train import DivergedError, train
+from nas.train.setup import RunSettings, resolve_run
 from nas.workers import SPAWN, available_cpus, run_processes
 
 SCHEMES = ("median", "hyperband", "rung")
@@ -61,7 +62,7 @@ GRACE_SECONDS = 2
 WATCH_SECONDS = 2.0  # how often compare looks at its jobs' progress
 
 
-class FidelityError(ValueError):
+class FidelityError(NasError):
     """compare or plot can't do what was asked (another run's results file, no results yet)."""
 
 
@@ -93,7 +94,7 @@ def _deadline(signum, frame) -> None:
     raise _Deadline
 
 
-def run_search(scheme: str, seed: int, minutes: float, storage_url: str, scale: Scale, base: StudyConfig,
+def run_search(scheme: str, seed: int, *, minutes: float, storage_url: str, scale: Scale, base: StudyConfig,
                data_dir: Path) -> None:
     """One run: a fresh study `scheme` in `storage_url` searched single-threaded on the CPU for
     `minutes`, its start stored as T0_ATTR. The trial under way at the deadline is abandoned
@@ -105,7 +106,8 @@ def run_search(scheme: str, seed: int, minutes: float, storage_url: str, scale: 
     quiet_optuna()
     storage = open_storage(storage_url)
     split = load_split(options, config, torch.device("cpu"))
-    study = create_or_load(storage, STUDY, config, seed, scale.epochs, enqueue=())
+    study = create_or_load(storage, STUDY, config, seed=seed, epochs=scale.epochs, enqueue=(),
+                           say=lambda line: print(line, file=sys.stderr))
     study.set_user_attr(T0_ATTR, datetime.now(timezone.utc).isoformat())
     previous = signal.signal(signal.SIGALRM, _deadline)
     try:
@@ -362,8 +364,8 @@ def _run_job(job: Job, plan: Plan, base: StudyConfig) -> str | None:
                                  on_row=lambda line: print(line, flush=True))
                 (plan.work_dir / "rank.json").write_text(json.dumps(rows, indent=1))
             else:
-                run_search(job.scheme, job.seed, plan.minutes, plan.storage_url(job.name), plan.scale, base,
-                           plan.data_dir)
+                run_search(job.scheme, job.seed, minutes=plan.minutes, storage_url=plan.storage_url(job.name),
+                           scale=plan.scale, base=base, data_dir=plan.data_dir)
         except Exception as exc:
             traceback.print_exc()
             lines = str(exc).strip().splitlines()

@@ -19,11 +19,12 @@ import torch
 from matplotlib.figure import Figure
 
 from nas import data
+from nas.errors import UsageError, writing
 from nas.run.record import RunRecord
-from nas.run.setup import RunSettings, resolve_run
 from nas.spec import PRESETS, TrainConfig, count_params
 from nas.study.trials import TARGET_ACCURACY, epochs_to_target, score
 from nas.train import EpochResult, train
+from nas.train.setup import RunSettings, resolve_run
 
 LAST_EPOCHS = 3  # "accuracy that holds": the mean of the last 3 epochs, as the search scores it
 DEFAULT_OUT = Path("runs/reproduce")
@@ -134,14 +135,14 @@ def preset_name(name: str) -> str:
 
 
 def parse_models(text: str) -> tuple[str, ...]:
-    """Comma-separated presets, long (model1) or short (m1), in order and once each; ValueError
+    """Comma-separated presets, long (model1) or short (m1), in order and once each; UsageError
     names the unknown ones."""
     given = [n.strip() for n in text.split(",") if n.strip()]
     names = tuple(dict.fromkeys(preset_name(n) for n in given))
     unknown = [n for n in given if preset_name(n) not in PRESETS]
     if unknown or not names:
         short = ", ".join(f"m{n.removeprefix('model')}" for n in PRESETS if re.fullmatch(r"model\d+", n))
-        raise ValueError(f"--models: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(PRESETS)}"
+        raise UsageError(f"--models: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(PRESETS)}"
                          + (f" (or {short})" if short else ""))
     return names
 
@@ -305,10 +306,12 @@ def raw_json(runs: list[Run], settings: Settings) -> dict:
 
 
 def write_outputs(runs: list[Run], settings: Settings, out: Path) -> list[Path]:
-    """reproduce.md, test_accuracy.png and reproduce.json in `out`; returns their paths."""
-    out.mkdir(parents=True, exist_ok=True)
+    """reproduce.md, test_accuracy.png and reproduce.json in `out`; returns their paths. OutputError
+    where `out` can't be written."""
     table, figure, raw = out / "reproduce.md", out / "test_accuracy.png", out / "reproduce.json"
-    raw.write_text(json.dumps(raw_json(runs, settings), indent=1))
-    accuracy_figure(runs, settings.models).savefig(figure, dpi=120)
-    table.write_text(report_markdown(runs, settings, figure.name))
+    with writing(f"to {out}"):
+        out.mkdir(parents=True, exist_ok=True)
+        raw.write_text(json.dumps(raw_json(runs, settings), indent=1))
+        accuracy_figure(runs, settings.models).savefig(figure, dpi=120)
+        table.write_text(report_markdown(runs, settings, figure.name))
     return [table, figure, raw]

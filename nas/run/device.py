@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from nas.errors import NasError
+
 PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class DeviceError(NasError):
+    """A device or precision that this machine does not have."""
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -13,14 +19,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+            raise DeviceError(f"device {name!r} asked for, but CUDA is not available here")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r} asked for, but there are {torch.cuda.device_count()} GPUs")
+            raise DeviceError(f"device {name!r} asked for, but there are {torch.cuda.device_count()} GPUs")
     elif device.type != "cpu":
-        raise ValueError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+        raise DeviceError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
     return device
 
 
@@ -34,9 +40,9 @@ def bf16_supported(device: torch.device) -> bool:
 def resolve_precision(name: str, device: torch.device) -> str:
     """"auto" is bf16 autocast where the hardware runs it natively, else fp32."""
     if name not in PRECISIONS:
-        raise ValueError(f"unknown precision {name!r}; choose from {', '.join(PRECISIONS)}")
+        raise DeviceError(f"unknown precision {name!r}; choose from {', '.join(PRECISIONS)}")
     if name == "auto":
         return "bf16" if bf16_supported(device) else "fp32"
     if name == "bf16" and not bf16_supported(device):
-        raise ValueError(f"bf16 asked for, but {device} has no native bf16 support")
+        raise DeviceError(f"bf16 asked for, but {device} has no native bf16 support")
     return name

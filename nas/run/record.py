@@ -8,9 +8,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from nas.errors import NasError
+
 BATCHNORM_PATHS = ("pytorch", "native")  # native: the C kernel of nas/cpu (opt-in)
 MEMORY_FORMATS = ("nchw", "channels_last")
 RUN_ATTR = "run"  # the user attribute a trial stores its record under
+
+
+class RecordError(NasError):
+    """A run record this version of nas cannot read (a stored trial's, or a results file's)."""
 
 
 @dataclass(frozen=True)
@@ -27,9 +33,9 @@ class RunRecord:
 
     def __post_init__(self) -> None:
         if self.memory_format not in MEMORY_FORMATS:
-            raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, not {self.memory_format!r}")
+            raise RecordError(f"memory_format must be one of {MEMORY_FORMATS}, not {self.memory_format!r}")
         if self.batchnorm not in BATCHNORM_PATHS:
-            raise ValueError(f"batchnorm must be one of {BATCHNORM_PATHS}, not {self.batchnorm!r}")
+            raise RecordError(f"batchnorm must be one of {BATCHNORM_PATHS}, not {self.batchnorm!r}")
 
     @property
     def channels_last(self) -> bool:
@@ -43,7 +49,7 @@ class RunRecord:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown run record keys: {', '.join(sorted(unknown))}")
+            raise RecordError(f"unknown run record keys: {', '.join(sorted(unknown))}")
         return cls(**data)
 
     def describe(self) -> str:

@@ -17,6 +17,7 @@ from filelock import FileLock
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
+from nas.errors import NasError
 from nas.storage.outage import OUTAGE_SECONDS, Patience, PatientStorage
 from nas.storage.urls import artifact_dir_for, default_url, journal_path, sqlite_path
 
@@ -49,7 +50,7 @@ class SQLiteStorage(PatientStorage):
             return super().set_trial_state_values(trial_id, state, values)
 
 
-class StorageError(RuntimeError):
+class StorageError(NasError):
     """A storage URL that cannot be opened."""
 
 

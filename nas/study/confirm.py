@@ -34,14 +34,15 @@ from tqdm import tqdm
 
 from nas import data
 from nas.cpu import cpu_model, tune_allocator
+from nas.errors import NasError
 from nas.run.record import RunRecord
-from nas.run.setup import RunSettings, resolve_run
 from nas.spec import PRESETS, ArchSpec, SpecError, TrainConfig, count_params
 from nas.study.stored import (BASELINE, config_from_study, confirm_key, confirmed_best, open_study, rebuild,
                               stored_run)
 from nas.study.trials import epochs_to_target, ranked_trials, score
 from nas.studyfile import StudyConfig
 from nas.train import train
+from nas.train.setup import RunSettings, resolve_run
 from nas.workers import SPAWN, run_processes
 
 RESULTS_FORMAT = "nas-confirm-results"  # the "format" of a results file (write_results)
@@ -51,7 +52,7 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
          10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 19: 2.093, 29: 2.045}
 
 
-class ConfirmError(RuntimeError):
+class ConfirmError(NasError):
     """A study that cannot be confirmed as asked."""
 
 
@@ -209,12 +210,12 @@ def stored_run_of(study: optuna.Study, candidate: Candidate, seed: int, plan: Co
     return stored
 
 
-def run_and_store(study: optuna.Study, candidate: Candidate, seed: int, plan: ConfirmPlan, source: data.Data,
+def run_and_store(study: optuna.Study, candidate: Candidate, seed: int, *, plan: ConfirmPlan, source: data.Data,
                   splits: dict, score_epochs: int, threads: int | None, progress: bool) -> dict:
     run, config = settings_for(candidate, seed, plan)
     # threads: this process's share of the CPU, whatever the trial's worker had (None: all of it)
-    stored = confirm_one(candidate, config, replace(run, threads=threads), source, plan.test, splits, score_epochs,
-                         progress, plan.int8)
+    stored = confirm_one(candidate, config, replace(run, threads=threads), source=source, test=plan.test,
+                         splits=splits, score_epochs=score_epochs, progress=progress, int8=plan.int8)
     study.set_user_attr(confirm_key(plan.prefix, candidate.label, seed), stored)
     return stored
 
@@ -245,8 +246,8 @@ def confirm(study: optuna.Study, plan: ConfirmPlan, candidates: list[Candidate],
         for seed in seeds:
             stored = stored_run_of(study, candidate, seed, plan)
             if stored is None:
-                stored = run_and_store(study, candidate, seed, plan, source, splits, config.score_epochs, None,
-                                       progress=not plan.quiet)
+                stored = run_and_store(study, candidate, seed, plan=plan, source=source, splits=splits,
+                                       score_epochs=config.score_epochs, threads=None, progress=not plan.quiet)
             results[candidate.label].append(stored)
             say(run_line(stored, plan.test, config.score_epochs))
     return study, results
@@ -292,8 +293,8 @@ def _worker_entry(plan: ConfirmPlan, jobs, worker: int, threads: int) -> None:
             except queue.Empty:
                 return
             # the parent's bar counts runs; no epoch bars
-            stored = run_and_store(study, by_label[label], seed, plan, source, splits, config.score_epochs, threads,
-                                   progress=False)
+            stored = run_and_store(study, by_label[label], seed, plan=plan, source=source, splits=splits,
+                                   score_epochs=config.score_epochs, threads=threads, progress=False)
             print(run_line(stored, plan.test, config.score_epochs, who=f"[worker {worker}] "), flush=True)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -315,7 +316,7 @@ def rewinner(path: Path) -> str:
     return winner["label"]
 
 
-def write_results(path: Path, study: optuna.Study, candidates: list[Candidate], results: dict[str, list[dict]],
+def write_results(path: Path, study: optuna.Study, candidates: list[Candidate], results: dict[str, list[dict]], *,
                   title: str, rows: list[str], test: bool) -> None:
     """The confirm runs as a small JSON file to commit: the winner (the study trial with the best
     mean score, Model 3 aside) on top as "arch" and "train", so `nas.train --model` reads it, then
@@ -343,7 +344,7 @@ def write_results(path: Path, study: optuna.Study, candidates: list[Candidate], 
     path.write_text(json.dumps(body, indent=1) + "\n")
 
 
-def confirm_one(candidate: Candidate, config: TrainConfig, run: RunRecord, source: data.Data, test: bool,
+def confirm_one(candidate: Candidate, config: TrainConfig, run: RunRecord, *, source: data.Data, test: bool,
                 splits: dict, score_epochs: int, progress: bool, int8: bool = False) -> dict:
     device = torch.device(run.device)
     which = ("test", run.subset) if test else ("valid", run.subset)

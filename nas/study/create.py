@@ -4,7 +4,7 @@ presets queued once, and a warm start from another study's export."""
 from __future__ import annotations
 
 import dataclasses
-import sys
+from collections.abc import Callable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -16,15 +16,18 @@ from nas.study.sampling import make_pruner, make_sampler
 from nas.study.stored import DATA_ATTR, check_data, config_from_study
 from nas.studyfile import ConfigError, StudyConfig, design, differences
 
-def create_or_load(storage: optuna.storages.BaseStorage, name: str, config: StudyConfig, seed: int, epochs: int,
+def create_or_load(storage: optuna.storages.BaseStorage, name: str, config: StudyConfig, *, seed: int, epochs: int,
                    enqueue: tuple[str, ...], warm: dict | None = None, shape: Shape = MNIST_SHAPE,
-                   identity: dict | None = None) -> optuna.Study:
+                   identity: dict | None = None, say: Callable[[str], None] | None = None) -> optuna.Study:
     """Load the study `name`, or create it and enqueue the presets; its sampler is seeded by `seed`
     and its pruner spans `epochs`. Creating is atomic in the
     storage, so exactly one of several workers starting together enqueues. With `warm` (a study
     export, nas.study.export), its trials that fit this study join the history first, once.
     `shape` is the data's, and `identity` what the study stores of its data, or checks against
-    what it stored (ConfigError naming what changed)."""
+    what it stored (ConfigError naming what changed; DataError where its data changed). `say` hears a
+    line for each thing a user would want to know that was done or left undone (a warm start's
+    count, a preset not enqueued); None: nothing is said."""
+    say = say or (lambda line: None)
     sampler = make_sampler(seed)
     pruner = make_pruner(config, epochs)
     try:
@@ -55,13 +58,13 @@ def create_or_load(storage: optuna.storages.BaseStorage, name: str, config: Stud
                 study.set_user_attr(DATA_ATTR, identity)
     if warm is not None and created:
         added, skipped = warm_start(study, warm, config, shape)
-        print(f"Warm start from study {warm['study']!r}: {added} trials added to the history, "
-              f"{skipped} skipped (outside this study's budget or space)", file=sys.stderr)
+        say(f"Warm start from study {warm['study']!r}: {added} trials added to the history, "
+            f"{skipped} skipped (outside this study's budget or space)")
         scaled = enqueue_scaled(study, warm, config, shape)
         if scaled:
-            print(f"Warm start: the shapes of its best trials that do not fit ({', '.join(map(str, scaled))}) "
-                  "are queued, scaled to this budget", file=sys.stderr)
-    enqueue_presets(study, config, enqueue, fresh=created, shape=shape)
+            say(f"Warm start: the shapes of its best trials that do not fit ({', '.join(map(str, scaled))}) "
+                "are queued, scaled to this budget")
+    enqueue_presets(study, config, enqueue, fresh=created, shape=shape, say=say)
     return study
 
 
@@ -129,7 +132,7 @@ def _reexpress(stored: FrozenTrial, config: StudyConfig, shape: Shape) -> optuna
     for params in (stored.params, None):
         try:
             params = params if params is not None else params_of(arch, train_config, config.space, config.budget)
-        except ValueError:
+        except (ValueError, SpecError):
             continue
         taken = express(params, config.space, config.limits, train_config.epochs, train_config.seed, shape)
         if taken is not None and taken[1:] == (arch, train_config):
@@ -138,10 +141,10 @@ def _reexpress(stored: FrozenTrial, config: StudyConfig, shape: Shape) -> optuna
 
 
 def enqueue_presets(study: optuna.Study, config: StudyConfig, names: tuple[str, ...], fresh: bool,
-                    shape: Shape = MNIST_SHAPE) -> None:
+                    shape: Shape = MNIST_SHAPE, say: Callable[[str], None] = lambda line: None) -> None:
     """Run each named preset (or design file, nas.studyfile.design) once per study, its input and classifier made to the data's `shape`.
     A preset whose trial failed (interrupted) is queued again; one whose trial (or the same params,
-    queued another way) is waiting, running, finished or was retried is not. One that does not fit the data or the budget is skipped, in a line."""
+    queued another way) is waiting, running, finished or was retried is not. One that does not fit the data or the budget is skipped, in a line to `say`."""
     trials = study.get_trials(deepcopy=False)
     if not fresh and not trials:
         return  # another worker created the study a moment ago and is enqueueing
@@ -156,18 +159,17 @@ def enqueue_presets(study: optuna.Study, config: StudyConfig, names: tuple[str, 
         try:
             params = count_params(arch)
         except SpecError as exc:
-            print(f"note: {name} does not fit {shape.size}x{shape.size} inputs ({exc}); not enqueued", file=sys.stderr)
+            say(f"note: {name} does not fit {shape.size}x{shape.size} inputs ({exc}); not enqueued")
             continue
         broken = config.limits.over(arch)
         if broken:
-            print(f"note: {name} is over this study's budget on this data ({'; '.join(broken)}); not enqueued",
-                  file=sys.stderr)
+            say(f"note: {name} is over this study's budget on this data ({'; '.join(broken)}); not enqueued")
             continue
         preset = Preset(arch, preset.train)
         params = params_for(preset, config.space, config.budget)
         taken = express(params, config.space, config.limits, preset.train.epochs, preset.train.seed, shape)
         if taken is None or taken[1:] != (preset.arch, preset.train):
-            print(f"note: {name} lies outside this study's search space; not enqueued", file=sys.stderr)
+            say(f"note: {name} lies outside this study's search space; not enqueued")
             continue
         if params in present_params:
             continue

@@ -26,6 +26,7 @@ import optuna
 from optuna.distributions import distribution_to_json, json_to_distribution
 from optuna.trial import FrozenTrial, TrialState
 
+from nas.errors import NasError, writing
 from nas.study.trials import FINISHED, is_rejected
 
 FORMAT = "nas-study-export"
@@ -33,7 +34,7 @@ VERSION = 2  # 1: each trial held all its distributions; 2: they are shared at t
 LEFT_OUT = "left_out_of_export"  # a restored study's placeholder for a number the export left out
 
 
-class ExportError(ValueError):
+class ExportError(NasError):
     """A file that is not a study export this version can read."""
 
 
@@ -107,7 +108,10 @@ def compact(export: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_export(export: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(compact(export), indent=1, sort_keys=True) + "\n")
+    """`export` as a JSON file at `path`, its directory made; OutputError where it can't be written."""
+    with writing(str(path)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(compact(export), indent=1, sort_keys=True) + "\n")
 
 
 def _expanded(data: dict[str, Any], path: Path) -> dict[str, Any]:

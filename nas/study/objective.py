@@ -19,7 +19,6 @@ from tqdm import tqdm
 from nas.data import Split, describe
 from nas.model import summary_table
 from nas.run.record import RUN_ATTR, RunRecord
-from nas.run.setup import RunSettings, resolve_run
 from nas.space import suggest
 from nas.spec import ArchSpec, SpecError, TrainConfig, cost_lines, costs, count_params, layer_string, receptive_field
 from nas.study.sampling import RUNG_STEP, rung_pays
@@ -28,6 +27,7 @@ from nas.study.trials import epochs_to_target, score
 from nas.studyfile import StudyConfig
 from nas.train import DivergedError, EpochResult, epoch_line, train
 from nas.train.checkpoint import checkpoint
+from nas.train.setup import RunSettings, resolve_run
 
 @dataclass(frozen=True)
 class SearchOptions:

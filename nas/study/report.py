@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 from optuna.trial import FrozenTrial
 
+from nas.errors import NasError, writing
 from nas.study.trials import (
     is_multi_objective,
     pareto_trials,
@@ -29,7 +30,7 @@ from nas.study.trials import (
 ACCURACY_LABEL = "validation accuracy (%)"
 
 
-class ReportError(RuntimeError):
+class ReportError(NasError):
     """A study that cannot be reported on."""
 
 
@@ -289,13 +290,12 @@ def figure_sections(study: optuna.Study, save) -> list[Section]:
 
 def write_report(study: optuna.Study, url: str, out: Path, top: int = 10) -> list[Path]:
     """Every PNG and the index.md, in `out`; returns the paths written. Raises ReportError for a
-    study without a completed trial (before writing anything) and OSError where `out` can't be
+    study without a completed trial (before writing anything) and OutputError where `out` can't be
     written. Uses pyplot's current backend: a command picks a non-interactive one first."""
     import matplotlib.pyplot as plt
 
     if not ranked_trials(study):
         raise ReportError(f"study {study.study_name!r} has no completed trial to report on yet")
-    out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     sections: list[Section] = []
 
@@ -306,11 +306,12 @@ def write_report(study: optuna.Study, url: str, out: Path, top: int = 10) -> lis
         written.append(path)
         return name
 
-    with warnings.catch_warnings():
+    with writing(f"the report into {out}"), warnings.catch_warnings():
+        out.mkdir(parents=True, exist_ok=True)
         # Optuna's matplotlib plots are marked experimental; the figures are what the user asked for.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sections += figure_sections(study, save)
-    index = out / "index.md"
-    index.write_text(index_markdown(study, url, sections, top))
+        index = out / "index.md"
+        index.write_text(index_markdown(study, url, sections, top))
     written.append(index)
     return written

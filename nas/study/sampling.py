@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -16,13 +17,9 @@ RUNG_STEP = 0  # the rung's score is the trial's intermediate value at step 0; e
 
 
 def make_pruner(config: StudyConfig, epochs: int) -> optuna.pruners.BasePruner:
-    if config.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
-    if config.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
-    if config.pruner == "rung":
-        return RungPruner(config.rung.keep, config.rung.startup, config.rung.margin)
-    return optuna.pruners.NopPruner()
+    """The pruner the study file names (nas.studyfile.check has refused any name not in PRUNERS),
+    for trials of `epochs` epochs."""
+    return PRUNERS[config.pruner](config, epochs)
 
 
 def rung_pays(config: StudyConfig, epochs: int, train_images: int) -> bool:
@@ -79,6 +76,16 @@ class RungPruner(optuna.pruners.BasePruner):
             time.sleep(PRESET_POLL_SECONDS)
             waited += PRESET_POLL_SECONDS
         return not goes_on(trial.intermediate_values[RUNG_STEP], others, self.keep, self.startup, self.margin)
+
+
+# Each study-file pruner name and how to make it from the study's config and its epochs per trial.
+PRUNERS: dict[str, Callable[[StudyConfig, int], optuna.pruners.BasePruner]] = {
+    "median": lambda config, epochs: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2),
+    "hyperband": lambda config, epochs: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs,
+                                                                        reduction_factor=3),
+    "rung": lambda config, epochs: RungPruner(config.rung.keep, config.rung.startup, config.rung.margin),
+    "none": lambda config, epochs: optuna.pruners.NopPruner(),
+}
 
 
 class TrialSeededSampler(optuna.samplers.BaseSampler):

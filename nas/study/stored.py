@@ -3,6 +3,7 @@ function that made them with the run record they trained with, and the confirm r
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -10,9 +11,11 @@ from pathlib import Path
 import optuna
 import torch
 from optuna.trial import FixedTrial, FrozenTrial, TrialState
+from torch import nn
 
 from nas import data
 from nas.cpu import native
+from nas.errors import NasError
 from nas.run.device import resolve_device, resolve_precision
 from nas.run.record import RunRecord, record_of
 from nas.space import suggest
@@ -20,13 +23,14 @@ from nas.spec import ArchSpec, TrainConfig
 from nas.storage import StorageError, open_storage
 from nas.studyfile import StudyConfig
 from nas.study.trials import best_trial
+from nas.train.checkpoint import load_checkpoint
 
 DEFAULT_STUDY = "mnist-8k"
 DATA_ATTR = "data"  # the study's user attribute holding its data's identity (nas.data.Data.identity)
 BASELINE = "model3"  # the hand design every confirmation compares against
 
 
-class ReplayError(RuntimeError):
+class ReplayError(NasError):
     """A stored trial that can't be trained again here, as it was."""
 
 
@@ -150,3 +154,24 @@ def replay_setup(trial: FrozenTrial, config: StudyConfig, seed: int | None, devi
     if full_train:
         run = replace(run, subset=None)
     return arch, train_config, run
+
+
+def stored_weights(trial: FrozenTrial, directory: Path) -> tuple[nn.Module, dict]:
+    """The model `trial` stored in the artifact store at `directory`, and its checkpoint
+    (nas.train.checkpoint); ReplayError where the trial stored none or the store lacks it."""
+    from optuna.artifacts import FileSystemArtifactStore, download_artifact
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    artifact = trial.user_attrs.get("weights_artifact")
+    if artifact is None:
+        raise ReplayError(f"trial {trial.number} has no stored weights (it ran before nas stored them, or without "
+                          "an artifact store); --full-train retrains it")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "weights.pt"
+        try:
+            download_artifact(artifact_store=FileSystemArtifactStore(str(directory)), artifact_id=artifact,
+                              file_path=str(path))
+        except (OSError, ArtifactNotFound) as exc:
+            raise ReplayError(f"trial {trial.number}'s weights are not in {directory} ({type(exc).__name__}); "
+                              "--artifact-dir names where they are, --full-train retrains it") from None
+        return load_checkpoint(path)

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nas.data import Split
+from nas.errors import NasError
 from nas.model import build_model
 from nas.run.device import resolve_precision
 from nas.run.record import RunRecord
@@ -31,7 +32,7 @@ EVAL_BATCH = 2000
 EMA_IMAGES = 6400  # the weight average's horizon: 100 of the seed's batches of 64
 
 
-class DivergedError(RuntimeError):
+class DivergedError(NasError):
     """Training produced a non-finite loss; the run is worthless from here on."""
 
 
@@ -178,7 +179,7 @@ def flip_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return torch.where(flipped.view(-1, 1, 1, 1), images.flip(3), images)
 
 
-def _train_epoch(forward: nn.Module, optimizer: torch.optim.Optimizer, scheduler, average: WeightAverage | None,
+def _train_epoch(forward: nn.Module, optimizer: torch.optim.Optimizer, scheduler, average: WeightAverage | None, *,
                  split: Split, order: torch.Tensor, config: TrainConfig,
                  precision: str, generator: torch.Generator, background: float | torch.Tensor,
                  bar: tqdm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,6 +216,7 @@ def train(
     config: TrainConfig,
     split: Split,
     run: RunRecord,
+    *,
     on_epoch: Callable[[EpochResult, nn.Module], None] | None = None,
     progress: bool = True,
     background: float | torch.Tensor | None = None,
@@ -255,8 +257,8 @@ def train(
         bar = tqdm(total=steps_per_epoch, disable=not progress, file=sys.stdout,
                    desc=f"Epoch {epoch} train",
                    **({"position": 1, "leave": False} if nested else {}))
-        loss_sum, correct = _train_epoch(
-            forward, optimizer, scheduler, average, split, order, config, precision, generator, background, bar)
+        loss_sum, correct = _train_epoch(forward, optimizer, scheduler, average, split=split, order=order, config=config,
+                                         precision=precision, generator=generator, background=background, bar=bar)
         train_loss = loss_sum.item() / n
         train_acc = 100.0 * correct.item() / n
         seconds = time.perf_counter() - start
