@@ -37,7 +37,10 @@ from nas.model import Residual
 
 TFLITE_FILE = "model-int8.tflite"
 SCHEMA_VERSION = 3
-BUFFER_ALIGNMENT = 16  # the schema's force_align for Buffer.data: int32 biases are read in place
+# Buffer.data alignment: 4 bytes, what a microcontroller's word loads of the int32 biases need (the
+# C array is 16-aligned, so offsets in the file are addresses' alignment). The schema's force_align
+# of 16 serves phones' SIMD loads, and would pad Model 3's file by ~100 B.
+BUFFER_ALIGNMENT = 4
 
 
 class TFLiteError(NasError):
@@ -363,19 +366,34 @@ def serialize(graph: Graph) -> bytes:
             tflite.BufferAddData(builder, vector)
         buffers.append(tflite.BufferEnd(builder))
 
-    tensors = []
-    for index, t in enumerate(graph.tensors):
-        quant = None
-        if len(t.scale):
-            scale = builder.CreateNumpyVector(t.scale.astype("<f4"))
-            zero = builder.CreateNumpyVector(t.zero_point.astype("<i8"))
+    # Equal vectors and quantization tables are written once and shared (a flatbuffer may point
+    # to one object from many places): shapes, a pool's quantization, the weights' zero point 0.
+    written: dict[tuple, int] = {}
+
+    def once(key: tuple, make) -> int:
+        if key not in written:
+            written[key] = make()
+        return written[key]
+
+    def vector(values: np.ndarray) -> int:
+        return once(("vector", values.dtype.str, values.tobytes()), lambda: builder.CreateNumpyVector(values))
+
+    def quantization(t: Tensor) -> int:
+        scale, zero = vector(t.scale.astype("<f4")), vector(t.zero_point.astype("<i8"))
+
+        def make() -> int:
             tflite.QuantizationParametersStart(builder)
             tflite.QuantizationParametersAddScale(builder, scale)
             tflite.QuantizationParametersAddZeroPoint(builder, zero)
             if t.dimension:
                 tflite.QuantizationParametersAddQuantizedDimension(builder, t.dimension)
-            quant = tflite.QuantizationParametersEnd(builder)
-        shape = builder.CreateNumpyVector(np.array(t.shape, "<i4"))
+            return tflite.QuantizationParametersEnd(builder)
+        return once(("quantization", scale, zero, t.dimension), make)
+
+    tensors = []
+    for index, t in enumerate(graph.tensors):
+        quant = quantization(t) if len(t.scale) else None
+        shape = vector(np.array(t.shape, "<i4"))
         tflite.TensorStart(builder)
         tflite.TensorAddShape(builder, shape)
         tflite.TensorAddType(builder, TYPES[t.dtype])
@@ -385,7 +403,7 @@ def serialize(graph: Graph) -> bytes:
             tflite.TensorAddQuantization(builder, quant)
         tensors.append(tflite.TensorEnd(builder))
 
-    operators = [_operator(builder, tflite, op, codes.index(op.code)) for op in graph.ops]
+    operators = [_operator(builder, tflite, op, codes.index(op.code), once) for op in graph.ops]
 
     tensor_vector = _offsets(builder, tflite.SubGraphStartTensorsVector, tensors)
     inputs = builder.CreateNumpyVector(np.array(graph.inputs, "<i4"))
@@ -402,7 +420,6 @@ def serialize(graph: Graph) -> bytes:
     for code in codes:
         number = getattr(tflite.BuiltinOperator, code)
         tflite.OperatorCodeStart(builder)
-        tflite.OperatorCodeAddDeprecatedBuiltinCode(builder, min(number, 127))
         tflite.OperatorCodeAddBuiltinCode(builder, number)
         op_codes.append(tflite.OperatorCodeEnd(builder))
     code_vector = _offsets(builder, tflite.ModelStartOperatorCodesVector, op_codes)
@@ -424,7 +441,25 @@ def _offsets(builder, start, offsets: list[int]) -> int:
     return builder.EndVector()
 
 
-def _operator(builder, tflite, op: Op, code_index: int) -> int:
+def _operator(builder, tflite, op: Op, code_index: int, once) -> int:
+    """One Operator table; its options table is shared with every earlier op of the same options."""
+    kind, options = once(("options", op.code, op.padding, op.stride, op.filter, op.relu),
+                         lambda: _options(builder, tflite, op))
+    inputs = builder.CreateNumpyVector(np.array(op.inputs, "<i4"))
+    outputs = builder.CreateNumpyVector(np.array(op.outputs, "<i4"))
+    tflite.OperatorStart(builder)
+    if code_index:
+        tflite.OperatorAddOpcodeIndex(builder, code_index)
+    tflite.OperatorAddInputs(builder, inputs)
+    tflite.OperatorAddOutputs(builder, outputs)
+    if options is not None:
+        tflite.OperatorAddBuiltinOptionsType(builder, kind)
+        tflite.OperatorAddBuiltinOptions(builder, options)
+    return tflite.OperatorEnd(builder)
+
+
+def _options(builder, tflite, op: Op) -> tuple[int, int | None]:
+    """(BuiltinOptions type, table) of an op; None where every option is its default."""
     activation = tflite.ActivationFunctionType.RELU if op.relu else tflite.ActivationFunctionType.NONE
     padding = getattr(tflite.Padding, op.padding)
     options, kind = None, tflite.BuiltinOptions.NONE
@@ -452,25 +487,15 @@ def _operator(builder, tflite, op: Op, code_index: int) -> int:
         tflite.Pool2DOptionsAddFilterHeight(builder, op.filter)
         tflite.Pool2DOptionsAddFusedActivationFunction(builder, activation)
         options, kind = tflite.Pool2DOptionsEnd(builder), tflite.BuiltinOptions.Pool2DOptions
-    elif op.code == "ADD":
+    elif op.code == "ADD" and op.relu:  # without one, every option is its default: no table
         tflite.AddOptionsStart(builder)
         tflite.AddOptionsAddFusedActivationFunction(builder, activation)
         options, kind = tflite.AddOptionsEnd(builder), tflite.BuiltinOptions.AddOptions
-    elif op.code == "FULLY_CONNECTED":
+    elif op.code == "FULLY_CONNECTED" and op.relu:
         tflite.FullyConnectedOptionsStart(builder)
         tflite.FullyConnectedOptionsAddFusedActivationFunction(builder, activation)
         options, kind = tflite.FullyConnectedOptionsEnd(builder), tflite.BuiltinOptions.FullyConnectedOptions
-    inputs = builder.CreateNumpyVector(np.array(op.inputs, "<i4"))
-    outputs = builder.CreateNumpyVector(np.array(op.outputs, "<i4"))
-    tflite.OperatorStart(builder)
-    if code_index:
-        tflite.OperatorAddOpcodeIndex(builder, code_index)
-    tflite.OperatorAddInputs(builder, inputs)
-    tflite.OperatorAddOutputs(builder, outputs)
-    if options is not None:
-        tflite.OperatorAddBuiltinOptionsType(builder, kind)
-        tflite.OperatorAddBuiltinOptions(builder, options)
-    return tflite.OperatorEnd(builder)
+    return kind, options
 
 
 def convert(folded: nn.Sequential, mean: tuple[float, ...], std: tuple[float, ...],
