@@ -236,6 +236,8 @@ class Lowering:
             filter_ = self.constant(values.transpose(1, 2, 3, 0), "int8", w_scale, dimension=3)
         else:  # (O, I, kh, kw) -> (O, kh, kw, I)
             filter_ = self.constant(values.transpose(0, 2, 3, 1), "int8", w_scale, dimension=0)
+        if bias is None and depthwise:  # TFLM's depthwise conv needs its bias input (it crashes without)
+            bias = torch.zeros(conv.out_channels)
         bias_index = -1
         if bias is not None:
             b_values, b_scale = bias_quant(bias.numpy(), self.graph.tensors[tensor].scale[0], w_scale)
