@@ -2,6 +2,9 @@
 into the convolutions, exported to ONNX in fp32 with torch.onnx, quantized to int8 with ONNX
 Runtime's static quantization (QDQ, per-channel weights, activations calibrated on training
 images), and both files measured with ONNX Runtime: accuracy, latency per image at batch 1, size.
+Then the same folded net, with the same calibration images, as a full-integer .tflite (nas.tflite)
+and C source for TensorFlow Lite Micro, measured in TFLM's interpreter (nas.tflm): accuracy and the
+smallest arena it runs in.
 
 The exported graph takes the images as stored, uint8 (N, C, H, W), and normalizes them itself, so
 a caller feeds it raw pixels and needs no mean or std.
@@ -35,6 +38,7 @@ ORT_BATCH = 1000  # images per ONNX Runtime call when measuring accuracy
 LATENCY_WARMUP = 20
 LATENCY_RUNS = 300
 FP32_FILE, INT8_FILE = "model.onnx", "model-int8.onnx"
+C_SOURCE, C_HEADER = "model_data.cc", "model_data.h"  # the .tflite as C, for a TFLM project (nas.tflm)
 
 
 class DeployError(NasError):
@@ -229,6 +233,105 @@ def export_and_measure(module: RawImages, shape: tuple[int, int, int], *, calibr
     return Measured(difference, accuracy(fp32, eval_x, eval_y), accuracy(int8, eval_x, eval_y),
                     os.path.getsize(fp32), os.path.getsize(int8),
                     latency_ms(fp32, shape) if latency else None, latency_ms(int8, shape) if latency else None)
+
+
+@dataclass(frozen=True)
+class TFLiteMeasured:
+    """What deploy measured of the int8 .tflite (nas.tflite) in TensorFlow Lite Micro (nas.tflm)."""
+
+    tflite_bytes: int
+    weight_bytes: int  # its int8 weights and int32 biases
+    ops: tuple[str, ...]  # the TFLM ops it uses, in order of first use
+    arena_bytes: int  # the smallest arena TFLM's 64-bit interpreter runs it in (bisection)
+    device_arena_bytes: int  # a 32-bit build's, by our count of its smaller structs (nas.tflm.device_arena)
+    head_bytes: int  # of the arena: the planned activations
+    accuracy: float  # TFLM, percent of the evaluation images
+    seconds: float  # converting and writing the .tflite
+    litert_accuracy: float | None = None  # the same file in LiteRT's interpreter, where ai-edge-litert is installed
+    litert_same: int | None = None  # images whose int8 outputs LiteRT and TFLM agree on exactly
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def write_tflite(module: RawImages, mean: tuple[float, ...], std: tuple[float, ...], calibration: np.ndarray,
+                 out: Path) -> tuple[bytes, list[str]]:
+    """TFLITE_FILE (nas.tflite) of the deployable net into `out`; its bytes and ops."""
+    from nas import tflite
+
+    graph, model = tflite.convert(module.net, mean, std, calibration)
+    (out / tflite.TFLITE_FILE).write_bytes(model)
+    return model, graph.op_codes
+
+
+def measure_tflite(module: RawImages, mean: tuple[float, ...], std: tuple[float, ...], *, calibration: np.ndarray,
+                   eval_x: np.ndarray, eval_y: np.ndarray, out: Path, arena: int | None = None) -> TFLiteMeasured:
+    """Writes the .tflite, then model_data.cc/.h with the smallest arena TFLM runs it in, and
+    measures its accuracy in TFLM (in `arena` bytes where given: ArenaTooSmall if it needs more)
+    and, where installed, in LiteRT. TFLMError where tflite-micro is missing; TFLiteError for a
+    layer without an int8 op."""
+    from nas import tflm
+
+    tflm.runtime()  # before any work: says how to install it
+    start = time.perf_counter()
+    try:
+        model, ops = write_tflite(module, mean, std, calibration, out)
+        seconds = time.perf_counter() - start
+        smallest = tflm.smallest_arena(model)
+        found = tflm.allocations(model, smallest)
+        device = tflm.device_arena(found, smallest)
+        cc, h = tflm.c_source(model, arena=smallest, device=device, ops=ops)
+        (out / C_SOURCE).write_text(cc)
+        (out / C_HEADER).write_text(h)
+    except OSError as exc:
+        raise DeployError(f"cannot write the TFLite files into {out}: {exc.strerror or exc}") from exc
+    if arena is not None and arena < smallest:
+        raise tflm.ArenaTooSmall(f"the model needs a {smallest:,}-byte TFLM arena, more than --arena {arena:,} "
+                                 f"(files written into {out})")
+    outputs = tflm.logits(model, eval_x, arena or smallest)
+    accuracy = 100.0 * float((outputs.argmax(1) == eval_y).mean())
+    litert = litert_logits(model, eval_x)
+    return TFLiteMeasured(len(model), _weight_bytes(model), tuple(ops), smallest, device,
+                          found.head, accuracy, seconds,
+                          None if litert is None else 100.0 * float((litert.argmax(1) == eval_y).mean()),
+                          None if litert is None else int((litert == outputs).all(axis=1).sum()))
+
+
+def _weight_bytes(model: bytes) -> int:
+    """The bytes of a .tflite's constant buffers (its weights and biases), read back from the file."""
+    import tflite
+
+    read = tflite.Model.GetRootAs(model, 0)
+    return sum(read.Buffers(i).DataLength() for i in range(read.BuffersLength()))
+
+
+def litert_logits(model: bytes, images: np.ndarray) -> np.ndarray | None:
+    """The .tflite's outputs in LiteRT's interpreter (ai-edge-litert), or None where it is not installed."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        return None
+    runner = Interpreter(model_content=model)
+    runner.allocate_tensors()
+    source, target = runner.get_input_details()[0]["index"], runner.get_output_details()[0]["index"]
+    rows = []
+    for image in images:
+        runner.set_tensor(source, np.ascontiguousarray(image.transpose(1, 2, 0)[None]))
+        runner.invoke()
+        rows.append(runner.get_tensor(target).reshape(-1).copy())
+    return np.stack(rows)
+
+
+def tflm_accuracy(model: nn.Sequential, mean: tuple[float, ...], std: tuple[float, ...], train_x: torch.Tensor,
+                  eval_x: torch.Tensor, eval_y: torch.Tensor) -> float | None:
+    """TFLM's accuracy of the int8 .tflite nas.deploy would write of a trained model, on the
+    evaluation images (None where tflite-micro is not installed): what `nas.confirm --int8` stores."""
+    from nas import tflite, tflm
+
+    if not tflm.available():
+        return None
+    _, binary = tflite.convert(deployable(model, mean, std).net, mean, std, calibration_images(train_x))
+    return tflm.accuracy(binary, eval_x.cpu().numpy(), eval_y.cpu().numpy(), tflm.smallest_arena(binary))
 
 
 def int8_accuracy(model: nn.Sequential, mean: tuple[float, ...], std: tuple[float, ...], train_x: torch.Tensor,

@@ -43,21 +43,25 @@ class ArenaTooSmall(TFLMError):
     """The model needs a larger arena than given."""
 
 
+class TFLMMissing(TFLMError):
+    """tflite-micro (or the writer's tflite and flatbuffers) is not installed."""
+
+
 def runtime():
-    """tflite_micro.runtime, or TFLMError saying how to install it."""
+    """tflite_micro.runtime, or TFLMMissing saying how to install it (and what nas.tflite writes with)."""
     try:
+        import flatbuffers  # noqa: F401  (nas.tflite writes with them)
+        import tflite  # noqa: F401
         from tflite_micro import runtime as tflm_runtime
     except ImportError as exc:
-        raise TFLMError(f"TensorFlow Lite Micro is not installed ({exc.name} missing): {INSTALL_HINT}") from None
+        raise TFLMMissing(f"TensorFlow Lite Micro is not installed ({exc.name} missing): {INSTALL_HINT}") from None
     return tflm_runtime
 
 
 def available() -> bool:
     try:
         runtime()
-        import flatbuffers  # noqa: F401  (the writer's)
-        import tflite  # noqa: F401
-    except (TFLMError, ImportError):
+    except TFLMMissing:
         return False
     return True
 

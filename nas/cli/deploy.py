@@ -5,8 +5,9 @@ both measured on the test images (accuracy, size, latency per image at batch 1 o
     python -m nas.deploy --trial 7 --full-train   # trial 7 retrained on all training images first
     python -m nas.deploy --model model3 --epochs 15 --out model3/
 
-Writes model.onnx, model-int8.onnx and report.json into --out. The graphs take uint8 images
-(N, C, H, W) and normalize them themselves. How: nas/deployment.py.
+Writes model.onnx, model-int8.onnx, model-int8.tflite, model_data.cc/.h (the .tflite as C for a
+TensorFlow Lite Micro project, with the arena it needs) and report.json into --out. Every file takes
+uint8 images and normalizes them itself. How: nas/deployment.py, nas/tflite.py, nas/tflm.py.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ import torch
 from torch import nn
 
 from nas import data
-from nas.cli.args import ArgumentParser, add_data_dir, add_run_flags, fail, run_settings
+from nas.cli.args import ArgumentParser, add_data_dir, add_run_flags, fail, positive_int, run_settings
 from nas.cli.target import add_target_flags, resolve_target
 from nas.cpu import cpu_model, tune_allocator
-from nas.deployment import (CALIBRATION_IMAGES, FP32_FILE, INT8_FILE, DeployError, RawImages, calibration_images,
-                            deployable, export_and_measure)
+from nas.deployment import (C_HEADER, C_SOURCE, CALIBRATION_IMAGES, FP32_FILE, INT8_FILE, DeployError, RawImages,
+                            TFLiteMeasured, calibration_images, deployable, export_and_measure, measure_tflite)
 from nas.errors import NasError
 from nas.spec import ArchSpec, costs, count_params, layer_string
 from nas.storage import artifact_dir_for, default_url
@@ -49,6 +50,8 @@ def build_parser() -> ArgumentParser:
     add_target_flags(parser, "deploy")
     parser.add_argument("--out", type=Path, help="directory for the two models and report.json "
                         "(default runs/deploy-<study>-trial<N> or runs/deploy-<model>)")
+    parser.add_argument("--arena", type=positive_int, metavar="N", help="the device's TFLM arena in bytes: fail "
+                        "(after writing the files) if the model needs more, else measure it in N bytes")
     add_data_dir(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_run_flags(parser)
@@ -132,14 +135,34 @@ def main(argv: list[str] | None = None) -> int:
         return fail(exc, status=1)
     except NasError as exc:
         return fail(exc)
-    report = deploy(trained, out)
+    try:
+        report, problem = deploy(trained, out, arena=args.arena)
+    except NasError as exc:  # --out's files could not be written
+        return fail(exc, status=1)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     print("\n".join(summary_lines(report, out)))
+    if problem is not None:
+        return fail(problem, status=1)
     return 0
 
 
-def deploy(trained: Trained, out: Path) -> dict:
-    """Export, quantize and measure `trained` into `out`; the report as a dict."""
+def tflite_part(module: RawImages, source: data.Data, out: Path,
+                arena: int | None) -> tuple[TFLiteMeasured | None, NasError | None]:
+    """The .tflite and its C source, measured in TFLM; or None and the one line that says why not
+    (tflite-micro missing, a layer without an int8 op, a larger arena than --arena)."""
+    from nas.tflite import TFLiteError
+    from nas.tflm import ArenaTooSmall, TFLMError
+
+    try:
+        return measure_tflite(module, source.mean, source.std, calibration=calibration_images(source.train_x),
+                              eval_x=source.test_x.numpy(), eval_y=source.test_y.numpy(), out=out, arena=arena), None
+    except (TFLiteError, ArenaTooSmall, TFLMError) as exc:
+        return None, exc
+
+
+def deploy(trained: Trained, out: Path, arena: int | None = None) -> tuple[dict, NasError | None]:
+    """Export, quantize and measure `trained` into `out`; the report as a dict, and what kept the
+    TFLite part from finishing (None: nothing)."""
     source = trained.source
     mean, std = source.mean, source.std
     test_x, test_y = source.test_x, source.test_y
@@ -148,10 +171,11 @@ def deploy(trained: Trained, out: Path) -> dict:
     shape = tuple(test_x.shape[1:])
     measured = export_and_measure(deployable(model, mean, std), shape, calibration=calibration_images(source.train_x),
                                   eval_x=test_x.numpy(), eval_y=test_y.numpy(), out=out)
+    tfl, problem = tflite_part(deployable(model, mean, std), source, out, arena)
     cost = costs(trained.arch)
     import onnxruntime
 
-    return {
+    report = {
         "format": REPORT_FORMAT, "model": trained.label, "trained": trained.how,
         "arch": trained.arch.to_dict(), "layers": layer_string(trained.arch), "params": count_params(trained.arch),
         "macs": cost.macs, "peak_ram": cost.peak_ram, "flash": cost.flash,
@@ -168,7 +192,25 @@ def deploy(trained: Trained, out: Path) -> dict:
                         "method": "MinMax, per-channel int8 weights, int8 activations (QDQ)"},
         "cpu": cpu_model(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
         "date": datetime.date.today().isoformat(),
+        "tflm_accuracy": tfl.accuracy if tfl else None,
+        "tflm_arena_bytes": tfl.arena_bytes if tfl else None,
+        "tflite_bytes": tfl.tflite_bytes if tfl else None,
+        "tflite": tfl.to_dict() if tfl else {"not_written": str(problem)},
     }
+    if tfl:
+        report["files"].update({"model-int8.tflite": tfl.tflite_bytes, C_SOURCE: (out / C_SOURCE).stat().st_size,
+                                C_HEADER: (out / C_HEADER).stat().st_size})
+        report["tflite"]["tflm"] = tflm_version()
+    from nas.tflm import TFLMMissing
+
+    # tflite-micro missing is a note (the ONNX files are a deployment); anything else fails the command
+    return report, None if isinstance(problem, TFLMMissing) else problem
+
+
+def tflm_version() -> str:
+    from importlib.metadata import version
+
+    return version("tflite-micro")
 
 
 def summary_lines(report: dict, out: Path) -> list[str]:
@@ -182,5 +224,26 @@ def summary_lines(report: dict, out: Path) -> list[str]:
         f"({acc['int8'] - acc['fp32']:+.2f} points); {FP32_FILE} {files[FP32_FILE]:,} B, {INT8_FILE} "
         f"{files[INT8_FILE]:,} B; {latency['fp32']:.3f} ms fp32, {latency['int8']:.3f} ms int8 per image "
         f"(batch 1, 1 thread, {report['cpu']})",
-        f"wrote {out / FP32_FILE}, {out / INT8_FILE} and {out / 'report.json'}",
+    ] + tflite_lines(report, out) + [
+        f"wrote {out / FP32_FILE}, {out / INT8_FILE}"
+        + (f", {out / 'model-int8.tflite'}, {out / C_SOURCE}, {out / C_HEADER}" if report["tflite_bytes"] else "")
+        + f" and {out / 'report.json'}",
     ]
+
+
+def tflite_lines(report: dict, out: Path) -> list[str]:
+    tfl = report["tflite"]
+    if report["tflite_bytes"] is None:
+        return [f"model-int8.tflite not written: {tfl['not_written']}"]
+    lines = [
+        f"TFLite int8: model-int8.tflite {tfl['tflite_bytes']:,} B ({tfl['weight_bytes']:,} B of weights and "
+        f"biases); TFLM {tfl['accuracy']:.2f}% on {report['test_images']:,} test images (ONNX Runtime int8 "
+        f"{report['accuracy']['int8']:.2f}%)",
+        f"TFLM arena: {tfl['arena_bytes']:,} B at the least on this 64-bit build ({tfl['head_bytes']:,} B of "
+        f"activations), a bound for a 32-bit device, which needs about {tfl['device_arena_bytes']:,} B; ops: "
+        f"{', '.join(tfl['ops'])}",
+    ]
+    if tfl["litert_accuracy"] is not None:
+        lines.append(f"LiteRT runs the same file at {tfl['litert_accuracy']:.2f}%, its int8 outputs the same as "
+                     f"TFLM's on {tfl['litert_same']:,} of {report['test_images']:,} images")
+    return lines
