@@ -15,7 +15,6 @@ MACs are the same in both. Pure functions of the spec: no torch, no TFLM.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from nas.spec import ArchSpec, Costs, layer_table
@@ -26,20 +25,27 @@ CURRENT = "tflm"  # what new studies count with
 BEFORE = "mcunet"  # what a study stored before cost models had names counted with
 ALIGNMENT = 16  # TFLM's MicroArenaBufferAlignment: every planned buffer's size is rounded up to it
 
-# The tail's bytes, bounds measured on tflite-micro's 64-bit Python interpreter (2026-12-07;
-# docs/devices.md): its allocator's own objects and the input's and output's TfLiteTensors, and
-# per tensor, per op and per output channel of a conv.
-TAIL_FIXED = 1200
-TAIL_PER_TENSOR = 24  # TfLiteEvalTensor
-TAIL_PER_OP = 64 + 48  # NodeAndRegistration, and the op's data
-TAIL_PER_CHANNEL = 8  # a conv's per-channel multiplier and shift (int32 each)
-TAIL_PER_CONV = 96  # a conv's op data beyond the per-op share, with its arrays' alignment
-# The .tflite's bytes beyond its constants, bounds of the flatbuffer's tables (nas.tflite.serialize)
-FILE_FIXED = 400
-FILE_PER_TENSOR = 48  # a tensor table, its shape and (shared where equal) quantization
-FILE_PER_CONSTANT = 24  # a buffer table and its data's length and alignment
-FILE_PER_CHANNEL = 8  # a weight's and a bias's float scale
-FILE_PER_OP = 64  # an operator table, its input and output vectors, its options
+# TFLM's arena tail, 64-bit, from its allocations (tflite-micro's recording allocator; fitted on the
+# 85 nets of docs/devices.md to within 3 bytes, then rounded up): the allocator's own objects, the
+# input's and output's TfLiteTensors and the QUANTIZE, AVERAGE_POOL_2D and FULLY_CONNECTED ops' data;
+# a TfLiteEvalTensor per tensor; a node, op data and parsed options per op; a conv's (and the
+# classifier's) per-channel multipliers and shifts, two int32 arrays each aligned to 16 bytes.
+TAIL_FIXED = 1136
+TAIL_PER_TENSOR = 24
+TAIL_PER_CONV = 176  # CONV_2D, DEPTHWISE_CONV_2D
+TAIL_PER_OTHER = 144  # MAX_POOL_2D, ADD
+# Planning needs room for an AllocationInfo per tensor and the planner's arrays per buffer (64-bit),
+# which a net with small activations and many tensors may need more than its plan.
+PLANNING_FIXED, PLANNING_PER_TENSOR, PLANNING_PER_BUFFER = 256, 32, 40
+# The .tflite's bytes beyond its constants (nas.tflite.serialize): its distinct shape vectors and the
+# per-channel scale vectors are counted exactly, the rest by part (fitted on the 85 nets of
+# docs/devices.md to within 150 bytes, then raised to bound them)
+FILE_FIXED = 300  # root, Model, SubGraph and their vectors, the vtables, the empty buffer
+FILE_PER_TENSOR = 64  # a Tensor table, its buffer and quantization tables, its index in op vectors
+FILE_PER_ACTIVATION_QUANT = 20  # an activation's own scale and int64 zero point
+FILE_PER_OP = 8
+FILE_PER_OPTIONS = 48  # an options table (ops with equal options share one)
+FILE_PER_CODE = 20  # an OperatorCode
 
 
 class CostModelError(ValueError):
@@ -56,16 +62,32 @@ class Buffer:
 
 
 @dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    kind: str  # "activation", "weight" or "bias"
+    nbytes: int
+    shares: bool = False  # an activation with its input's quantization (a pool's output)
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    code: str
+    inputs: int
+    options: tuple  # what makes its options table (ops with equal options share one)
+
+
+@dataclass(frozen=True)
 class Layout:
     """The tensors and ops nas.tflite writes for a spec, counted without building it."""
 
     buffers: tuple[Buffer, ...]  # activations, in tensor order
-    tensors: int
-    ops: int
-    convs: int  # convs, depthwise convs and the classifier (ops with per-channel data)
-    channels: int  # their output channels, summed
-    constant_bytes: int  # int8 weights and int32 biases
-    constants: int
+    tensors: tuple[TensorInfo, ...]
+    ops: tuple[OpInfo, ...]
+    channels: tuple[int, ...]  # output channels of each op with per-channel multipliers
+
+    @property
+    def constant_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors if t.kind != "activation")
 
 
 def layout(spec: ArchSpec) -> Layout:
@@ -74,50 +96,71 @@ def layout(spec: ArchSpec) -> Layout:
     FULLY_CONNECTED at the end. Each activation lives from the op that writes it to the last that reads it."""
     rows = layer_table(spec)
     spans: list[list[int]] = []  # [bytes, first op, last op] of each activation, in tensor order
+    tensors: list[TensorInfo] = []
+    ops: list[OpInfo] = []
+    channels: list[int] = []
 
-    def new(size: int, op: int) -> int:
-        spans.append([size, op, op])
+    def activation(shape: tuple[int, int, int], op: int, shares: bool = False) -> int:
+        c, h, w = shape
+        tensors.append(TensorInfo((1, h, w, c) if (h, w) != (0, 0) else (1, c), "activation", c * h * w, shares))
+        spans.append([c * h * w, op, op])
         return len(spans) - 1
 
-    pixels = spec.in_channels * spec.input_size * spec.input_size
-    source = new(pixels, 0)  # the uint8 input
-    op = 1
-    spans[source][2] = op
-    current = new(pixels, op)  # QUANTIZE's int8 copy
-    tensors, convs, channels, constant_bytes, constants = 2, 0, 0, 0, 0
+    def read(buffer: int, op: int) -> None:
+        spans[buffer][2] = op
+
+    shape = (spec.in_channels, spec.input_size, spec.input_size)
+    source = activation(shape, 0)  # the uint8 input
+    ops.append(OpInfo("QUANTIZE", 1, ()))
+    read(source, 1)
+    current = activation(shape, 1)  # its int8 copy
     block_input = None
     for index, row in enumerate(rows):
-        starts_residual = row.residual and row.name != "pwconv1x1" or (
-            row.name == "dwconv3x3" and index + 1 < len(rows) and rows[index + 1].residual)
-        if starts_residual:
+        if row.residual and row.name != "pwconv1x1" or (
+                row.name == "dwconv3x3" and index + 1 < len(rows) and rows[index + 1].residual):
             block_input = current
-        op += 1
-        spans[current][2] = op
-        current = new(math.prod(row.out_shape), op)
-        tensors += 1
+        op = len(ops) + 1
+        read(current, op)
+        out, (c, h, w) = row.out_shape[0], row.in_shape
         if row.name in ("maxpool", "gap"):
+            size = 2 if row.name == "maxpool" else h
+            ops.append(OpInfo("MAX_POOL_2D" if row.name == "maxpool" else "AVERAGE_POOL_2D", 1, (size,)))
+            current = activation(row.out_shape, op, shares=True)
             continue
-        out = row.out_shape[0]
-        has_bias = row.norm or row.name == "dwconv3x3"  # nas.tflite gives a depthwise conv a bias always
-        constant_bytes += row.params - 2 * out * row.norm + 4 * out * has_bias
-        constants += 1 + has_bias
-        tensors += 1 + has_bias
-        convs += 1
-        channels += out
+        kernel = {"conv3x3": 3, "conv5x5": 5, "dwconv3x3": 3}.get(row.name, 1)
+        padded = row.out_shape[1] == h and kernel > 1
+        if row.name == "classifier":
+            tensors.append(TensorInfo((out, c), "weight", out * c))
+            ops.append(OpInfo("FULLY_CONNECTED", 3, ()))
+            tensors.append(TensorInfo((1, out), "activation", out))
+            spans.append([out, op, op])
+            current = len(spans) - 1
+            channels.append(out)
+            continue
+        depthwise = row.name == "dwconv3x3"
+        tensors.append(TensorInfo((1, kernel, kernel, out) if depthwise else (out, kernel, kernel, c), "weight",
+                                  kernel * kernel * out * (1 if depthwise else c)))
+        tensors.append(TensorInfo((out,), "bias", 4 * out))  # nas.tflite gives a depthwise conv a bias always
+        relu = row.norm
+        ops.append(OpInfo("DEPTHWISE_CONV_2D" if depthwise else "CONV_2D", 3, (padded, relu)))
+        channels.append(out)
+        current = activation(row.out_shape, op)
         if row.residual:  # its ADD
             op += 1
-            spans[block_input][2] = spans[current][2] = op
-            current = new(math.prod(row.out_shape), op)
-            tensors += 1
+            ops.append(OpInfo("ADD", 2, ()))
+            read(block_input, op)
+            read(current, op)
+            current = activation(row.out_shape, op)
     aligned = tuple(Buffer(-(-size // ALIGNMENT) * ALIGNMENT, first, last) for size, first, last in spans)
-    return Layout(aligned, tensors, op, convs, channels, constant_bytes, constants)
+    return Layout(aligned, tuple(tensors), tuple(ops), tuple(channels))
 
 
 def greedy_plan(buffers: tuple[Buffer, ...]) -> int:
     """The arena head TFLM's GreedyMemoryPlanner lays `buffers` out in
-    (tensorflow/lite/micro/memory_planner/greedy_memory_planner.cc): largest first, ties in the
-    order added; each at the lowest offset where it overlaps no placed buffer alive at the same time."""
-    order = sorted(range(len(buffers)), key=lambda i: -buffers[i].size)  # stable, as its bubble sort
+    (tensorflow/lite/micro/memory_planner/greedy_memory_planner.cc): largest first, each at the
+    lowest offset where it overlaps no placed buffer alive at the same time."""
+    # Its bubble sort is stable, and it fills the array from the end: equal sizes go last added first.
+    order = sorted(range(len(buffers)), key=lambda i: (-buffers[i].size, -i))
     placed: list[tuple[int, int]] = []  # (offset, buffer index), by offset
     for index in order:
         wanted = buffers[index]
@@ -134,17 +177,37 @@ def greedy_plan(buffers: tuple[Buffer, ...]) -> int:
     return max((start + buffers[i].size for start, i in placed), default=0)
 
 
+def arena_bound(counted: Layout) -> int:
+    """A bound on TFLM's arena (64-bit): the planned head (exact) or what planning needs, whichever
+    is more, and a bound on the tail."""
+    head = max(greedy_plan(counted.buffers),
+               PLANNING_FIXED + PLANNING_PER_TENSOR * len(counted.tensors) + PLANNING_PER_BUFFER * len(counted.buffers))
+    convs = sum(op.code in ("CONV_2D", "DEPTHWISE_CONV_2D") for op in counted.ops)
+    others = sum(op.code in ("MAX_POOL_2D", "ADD") for op in counted.ops)
+    arrays = sum(2 * -(-4 * c // ALIGNMENT) * ALIGNMENT for c in counted.channels)
+    return head + TAIL_FIXED + TAIL_PER_TENSOR * len(counted.tensors) + TAIL_PER_CONV * convs \
+        + TAIL_PER_OTHER * others + arrays
+
+
+def file_bound(counted: Layout) -> int:
+    """A bound on the .tflite's bytes: its constants (with up to 3 bytes of padding each), its shapes
+    and per-channel scales exactly, the flatbuffer's tables by part."""
+    shapes = {t.shape for t in counted.tensors}
+    constants = [t for t in counted.tensors if t.kind != "activation"]
+    quantized = [t for t in counted.tensors if t.kind == "activation" and not t.shares]
+    options = {(op.code, op.options) for op in counted.ops if op.options}
+    codes = {op.code for op in counted.ops}
+    scales = sum(4 + 4 * (t.shape[-1] if t.shape[0] == 1 and len(t.shape) == 4 else t.shape[0]) for t in constants)
+    return (FILE_FIXED + sum(t.nbytes + 3 for t in constants) + scales + sum(4 + 4 * len(s) for s in shapes)
+            + FILE_PER_TENSOR * len(counted.tensors) + FILE_PER_ACTIVATION_QUANT * len(quantized)
+            + FILE_PER_OP * len(counted.ops) + FILE_PER_OPTIONS * len(options) + FILE_PER_CODE * len(codes))
+
+
 def tflm_costs(spec: ArchSpec) -> Costs:
     """The "tflm" count: `peak_ram` a bound on TFLM's arena, `flash` a bound on the .tflite's bytes."""
     counted = layout(spec)
-    head = greedy_plan(counted.buffers)
-    tail = (TAIL_FIXED + TAIL_PER_TENSOR * counted.tensors + TAIL_PER_OP * counted.ops
-            + TAIL_PER_CONV * counted.convs + TAIL_PER_CHANNEL * counted.channels)
-    file = (FILE_FIXED + counted.constant_bytes + FILE_PER_TENSOR * counted.tensors
-            + FILE_PER_CONSTANT * counted.constants + FILE_PER_CHANNEL * 2 * counted.channels
-            + FILE_PER_OP * counted.ops)
     reference = mcunet_costs(spec)
-    return Costs(reference.macs, head + tail, reference.peak_layer, file)
+    return Costs(reference.macs, arena_bound(counted), reference.peak_layer, file_bound(counted))
 
 
 def costs(spec: ArchSpec, model: str = CURRENT) -> Costs:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nas.costmodel import BEFORE, COST_MODELS, CURRENT
 from nas.data import DataConfig, DataError
 from nas.errors import NasError
 from nas.space import DEFAULT_VERSION, VERSIONS, Budget, SpaceConfig, smallest_arch
@@ -57,6 +58,7 @@ class StudyConfig:
     max_macs: int = 0  # and at most this many multiply-accumulates (0: no limit)
     max_peak_ram: int = 0  # bytes of int8 activations in RAM at once (0: no limit)
     max_flash: int = 0  # bytes of int8 weights, BatchNorm folded (0: no limit)
+    cost_model: str = CURRENT  # how peak RAM and flash are counted (nas.costmodel); a stored study keeps its own
     epochs: int = 15
     objectives: tuple[str, ...] = ("accuracy",)  # ("accuracy", "params") asks for a Pareto front
     score_epochs: int = 3  # the accuracy objective is the mean of the last N epochs' validation accuracy
@@ -70,7 +72,7 @@ class StudyConfig:
     @property
     def limits(self) -> Budget:
         """Every budget the study holds its nets to."""
-        return Budget(self.budget, self.max_macs, self.max_peak_ram, self.max_flash)
+        return Budget(self.budget, self.max_macs, self.max_peak_ram, self.max_flash, self.cost_model)
 
     @property
     def directions(self) -> list[str]:
@@ -82,7 +84,9 @@ class StudyConfig:
 
     @classmethod
     def from_stored(cls, stored: dict[str, Any]) -> StudyConfig:
-        """The description a study stored when it was created (any version since the first)."""
+        """The description a study stored when it was created (any version since the first); one
+        stored before cost models had names counted with BEFORE."""
+        stored = {"cost_model": BEFORE, **stored}
         return dataclasses.replace(
             cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()
                    if k not in ("space", "rung", "data")}),
@@ -126,6 +130,8 @@ def check(config: StudyConfig, source: str) -> None:
         raise ConfigError(f"{source}: objectives must be drawn from {OBJECTIVES}, got {config.objectives}")
     if config.objectives[0] != "accuracy":
         raise ConfigError(f"{source}: the first objective must be accuracy")
+    if config.cost_model not in COST_MODELS:
+        raise ConfigError(f"{source}: cost_model must be one of {COST_MODELS}, got {config.cost_model!r}")
     if config.score not in SCORES:
         raise ConfigError(f"{source}: score must be one of {SCORES}, got {config.score!r}")
     if config.pruner not in PRUNERS:
@@ -213,13 +219,14 @@ def resolve_study_file(path: Path | None) -> StudyConfig:
 
 def differences(stored: StudyConfig, wanted: StudyConfig) -> list[str]:
     """What a study file changes in the description a study stored when it was made: everything
-    that decides which trials it holds and how they are scored (its name and presets aside, and the
-    [rung] table unless either uses the rung)."""
+    that decides which trials it holds and how they are scored (its name and presets aside, the
+    [rung] table unless either uses the rung, and the cost model: a stored study keeps its own)."""
     def values(config: StudyConfig) -> dict[str, Any]:
         flat = {}
         for f in dataclasses.fields(config):
             value = getattr(config, f.name)
-            if f.name in ("name", "enqueue") or f.name == "rung" and "rung" not in (stored.pruner, wanted.pruner):
+            if f.name in ("name", "enqueue", "cost_model") or f.name == "rung" and "rung" not in (stored.pruner,
+                                                                                                 wanted.pruner):
                 continue
             if dataclasses.is_dataclass(value):
                 flat.update({f"{f.name}.{k}": tuple(v) if isinstance(v, list) else v

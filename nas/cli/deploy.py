@@ -29,7 +29,8 @@ from nas.cpu import cpu_model, tune_allocator
 from nas.deployment import (C_HEADER, C_SOURCE, CALIBRATION_IMAGES, FP32_FILE, INT8_FILE, DeployError, RawImages,
                             TFLiteMeasured, calibration_images, deployable, export_and_measure, measure_tflite)
 from nas.errors import NasError
-from nas.spec import ArchSpec, costs, count_params, layer_string
+from nas.costmodel import CURRENT, costs
+from nas.spec import ArchSpec, count_params, layer_string
 from nas.storage import artifact_dir_for, default_url
 from nas.study.stored import (DEFAULT_STUDY, config_from_study, open_study, open_study_data, pick_trial, replay_setup,
                               stored_weights)
@@ -172,13 +173,14 @@ def deploy(trained: Trained, out: Path, arena: int | None = None) -> tuple[dict,
     measured = export_and_measure(deployable(model, mean, std), shape, calibration=calibration_images(source.train_x),
                                   eval_x=test_x.numpy(), eval_y=test_y.numpy(), out=out)
     tfl, problem = tflite_part(deployable(model, mean, std), source, out, arena)
-    cost = costs(trained.arch)
+    cost, before = costs(trained.arch), costs(trained.arch, "mcunet")
     import onnxruntime
 
     report = {
         "format": REPORT_FORMAT, "model": trained.label, "trained": trained.how,
         "arch": trained.arch.to_dict(), "layers": layer_string(trained.arch), "params": count_params(trained.arch),
-        "macs": cost.macs, "peak_ram": cost.peak_ram, "flash": cost.flash,
+        "macs": cost.macs, "peak_ram": cost.peak_ram, "flash": cost.flash, "cost_model": CURRENT,
+        "mcunet": {"peak_ram": before.peak_ram, "flash": before.flash},
         "files": {FP32_FILE: measured.fp32_bytes, INT8_FILE: measured.int8_bytes},
         "input": {"dtype": "uint8", "shape": ["N", *shape], "mean": list(mean), "std": list(std),
                   "note": "pixels as stored (0-255); the graph normalizes them"},
@@ -216,8 +218,9 @@ def tflm_version() -> str:
 def summary_lines(report: dict, out: Path) -> list[str]:
     acc, files, latency = report["accuracy"], report["files"], report["latency_ms_per_image"]
     return [
-        f"{report['model']}: {report['params']:,} params, {report['macs']:,} MACs, peak RAM {report['peak_ram']:,} B, "
-        f"flash {report['flash']:,} B (int8); {report['trained']}",
+        f"{report['model']}: {report['params']:,} params, {report['macs']:,} MACs, TFLM arena at most "
+        f"{report['peak_ram']:,} B, .tflite at most {report['flash']:,} B (cost model {report['cost_model']!r}); "
+        f"{report['trained']}",
         f"ONNX Runtime fp32 matches PyTorch: max abs difference {report['max_abs_difference']:.2e} on 256 images "
         f"(PyTorch {acc['pytorch']:.2f}%)",
         f"test accuracy on {report['test_images']:,} images: fp32 {acc['fp32']:.2f}%, int8 {acc['int8']:.2f}% "

@@ -31,7 +31,8 @@ from typing import Any
 
 import optuna
 
-from nas.spec import (MNIST_SHAPE, ArchSpec, BlockSpec, Preset, Shape, SpecError, TrainConfig, costs, count_params,
+from nas.costmodel import CURRENT, costs
+from nas.spec import (MNIST_SHAPE, ArchSpec, BlockSpec, Preset, Shape, SpecError, TrainConfig, count_params,
                       layer_string, layer_table, receptive_field)
 
 VERSIONS = (1, 2, 3)
@@ -42,26 +43,30 @@ DEFAULT_VERSION = 2  # what a study file without `version` searches
 class Budget:
     """What a net may cost: strictly fewer than `params` parameters, and at most `macs`
     multiply-accumulates, `peak_ram` bytes of int8 activations and `flash` bytes of int8 weights
-    (0: no such limit). Every cost grows with the widths, so the widest net within all of them is
-    found by one bisection (fit_widths)."""
+    (0: no such limit), counted by `cost_model` (nas.costmodel: "tflm", TFLM's arena and .tflite
+    bytes; "mcunet", the count before 2026-12-07). Every cost grows with the widths, so the widest
+    net within all of them is found by one bisection (fit_widths)."""
 
     params: int
     macs: int = 0
     peak_ram: int = 0
     flash: int = 0
+    cost_model: str = CURRENT
 
     def within(self, arch: ArchSpec, fraction: float = 1.0) -> bool:
         """Whether `arch` fits `fraction` of every budget (SpecError if it does not build)."""
         if count_params(arch) > min(fraction * self.params, self.params - 1):
             return False
-        cost = costs(arch)
+        if not (self.macs or self.peak_ram or self.flash):
+            return True
+        cost = costs(arch, self.cost_model)
         return all(not limit or value <= fraction * limit
                    for value, limit in ((cost.macs, self.macs), (cost.peak_ram, self.peak_ram),
                                         (cost.flash, self.flash)))
 
     def over(self, arch: ArchSpec) -> list[str]:
         """Each budget `arch` breaks, as a phrase; empty if it fits them all."""
-        params, cost = count_params(arch), costs(arch)
+        params, cost = count_params(arch), costs(arch, self.cost_model)
         broken = [f"{params:,} params >= {self.params:,}"] if params >= self.params else []
         for name, value, limit in (("MACs", cost.macs, self.macs), ("peak RAM B", cost.peak_ram, self.peak_ram),
                                    ("flash B", cost.flash, self.flash)):
@@ -476,7 +481,8 @@ def sample_report(archs: list[ArchSpec], budget: int | Budget, examples: int = 5
                                    ("peak RAM (B):   ", budget.peak_ram, lambda c: c.peak_ram),
                                    ("flash (B):      ", budget.flash, lambda c: c.flash)):
             if limit:
-                lines.append(name + " " + _spread([value(costs(arch)) for _, arch in counted], "{:,}"))
+                counts = [value(costs(arch, budget.cost_model)) for _, arch in counted]
+                lines.append(name + " " + _spread(counts, "{:,}"))
     if ops and counted:
         lines.append("draws using each op: " + ", ".join(
             f"{name} {count}" for name, count in op_counts([arch for _, arch in counted]).items()))

@@ -46,7 +46,11 @@ def create_or_load(storage: optuna.storages.BaseStorage, name: str, config: Stud
                 f"the study file asks for {config.directions}: use another --study name"
             )
         if "config" in study.user_attrs:
-            changed = differences(config_from_study(study), config)
+            stored = config_from_study(study)
+            if stored.cost_model != config.cost_model:
+                say(f"note: study {name!r} counts peak RAM and flash as {stored.cost_model!r} (nas.costmodel), the "
+                    f"count it was made with, not the file's {config.cost_model!r}")
+            changed = differences(stored, config)
             if changed:
                 raise ConfigError(
                     f"study {name!r} was made from another version of its study file ({'; '.join(changed)}); "

@@ -16,11 +16,12 @@ import optuna
 import torch
 from tqdm import tqdm
 
+from nas.costmodel import costs
 from nas.data import Split, describe
 from nas.model import summary_table
 from nas.run.record import RUN_ATTR, RunRecord
 from nas.space import suggest
-from nas.spec import ArchSpec, SpecError, TrainConfig, cost_lines, costs, count_params, layer_string, receptive_field
+from nas.spec import ArchSpec, SpecError, TrainConfig, cost_lines, count_params, layer_string, receptive_field
 from nas.study.sampling import RUNG_STEP, rung_pays
 from nas.study.stored import DATA_ATTR
 from nas.study.trials import epochs_to_target, score
@@ -63,7 +64,8 @@ class Objective:
         except SpecError as exc:
             return self.reject(trial, f"invalid: {exc}", over=1.0)
         trial.set_user_attr("params", params)
-        cost = costs(arch)  # what it costs a device, int8 (sortable in the dashboard)
+        cost = costs(arch, self.config.cost_model)  # what it costs a device, int8 (sortable in the dashboard)
+        trial.set_user_attr("cost_model", self.config.cost_model)
         trial.set_user_attr("macs", cost.macs)
         trial.set_user_attr("peak_ram", cost.peak_ram)
         trial.set_user_attr("flash", cost.flash)

@@ -70,6 +70,8 @@ def run_worker(options: SearchOptions, config: StudyConfig, split: data.Split | 
                               pruner=make_pruner(config, options.epochs))
     if len(finished_trials(study)) >= options.trials:
         return
+    if "config" in study.user_attrs:  # a study counts device costs as it was made to (nas.costmodel)
+        config = dataclasses.replace(config, cost_model=StudyConfig.from_stored(study.user_attrs["config"]).cost_model)
     objective = Objective(config, options, split, device, artifact_dir(options))
     callbacks: list = [StopAtTarget(options.trials)]
     bar = None
