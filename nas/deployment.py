@@ -21,7 +21,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -247,8 +247,9 @@ class TFLiteMeasured:
     head_bytes: int  # of the arena: the planned activations
     accuracy: float  # TFLM, percent of the evaluation images
     seconds: float  # converting and writing the .tflite
-    litert_accuracy: float | None = None  # the same file in LiteRT's interpreter, where ai-edge-litert is installed
-    litert_same: int | None = None  # images whose int8 outputs LiteRT and TFLM agree on exactly
+    litert_accuracy: float | None = None  # the same file in LiteRT's interpreter (its default, XNNPACK), where
+    litert_same_class: int | None = None  # ai-edge-litert is installed; images it gives TFLM's class
+    litert_reference_identical: int | None = None  # images LiteRT's reference kernels give TFLM's int8 outputs
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -290,11 +291,14 @@ def measure_tflite(module: RawImages, mean: tuple[float, ...], std: tuple[float,
                                  f"(files written into {out})")
     outputs = tflm.logits(model, eval_x, arena or smallest)
     accuracy = 100.0 * float((outputs.argmax(1) == eval_y).mean())
-    litert = litert_logits(model, eval_x)
-    return TFLiteMeasured(len(model), _weight_bytes(model), tuple(ops), smallest, device,
-                          found.head, accuracy, seconds,
-                          None if litert is None else 100.0 * float((litert.argmax(1) == eval_y).mean()),
-                          None if litert is None else int((litert == outputs).all(axis=1).sum()))
+    measured = TFLiteMeasured(len(model), _weight_bytes(model), tuple(ops), smallest, device, found.head, accuracy,
+                              seconds)
+    litert, reference = litert_logits(model, eval_x), litert_logits(model, eval_x, reference=True)
+    if litert is None:
+        return measured
+    return replace(measured, litert_accuracy=100.0 * float((litert.argmax(1) == eval_y).mean()),
+                   litert_same_class=int((litert.argmax(1) == outputs.argmax(1)).sum()),
+                   litert_reference_identical=int((reference == outputs).all(axis=1).sum()))
 
 
 def _weight_bytes(model: bytes) -> int:
@@ -305,14 +309,19 @@ def _weight_bytes(model: bytes) -> int:
     return sum(read.Buffers(i).DataLength() for i in range(read.BuffersLength()))
 
 
-def litert_logits(model: bytes, images: np.ndarray) -> np.ndarray | None:
-    """The .tflite's outputs in LiteRT's interpreter (ai-edge-litert), or None where it is not installed."""
+def litert_logits(model: bytes, images: np.ndarray, reference: bool = False) -> np.ndarray | None:
+    """The .tflite's outputs in LiteRT's interpreter (ai-edge-litert: its default kernels, XNNPACK's
+    on this CPU, or with `reference` its reference kernels), or None where it is not installed."""
     try:
-        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
     except ImportError:
         return None
-    runner = Interpreter(model_content=model)
-    runner.allocate_tensors()
+    from nas.tflm import captured
+
+    kernels = OpResolverType.BUILTIN_REF if reference else OpResolverType.AUTO
+    with captured():  # its "INFO: Created TensorFlow Lite XNNPACK delegate" line
+        runner = Interpreter(model_content=model, experimental_op_resolver_type=kernels)
+        runner.allocate_tensors()
     source, target = runner.get_input_details()[0]["index"], runner.get_output_details()[0]["index"]
     rows = []
     for image in images:

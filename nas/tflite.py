@@ -53,7 +53,7 @@ class Tensor:
     shape: tuple[int, ...]
     dtype: str  # "uint8", "int8" or "int32"
     scale: np.ndarray  # float32, one value (per tensor) or one per channel
-    zero_point: np.ndarray  # int64, one value (a per-channel weight's zero points are all 0)
+    zero_point: np.ndarray  # int64, one per scale (a weight's or bias's are all 0)
     dimension: int = 0  # the channel axis of per-channel scales
     data: np.ndarray | None = None  # a constant's values, of `dtype`
 
@@ -160,7 +160,8 @@ class Lowering:
         self.first_conv = True
 
     def constant(self, values: np.ndarray, dtype: str, scale: np.ndarray, dimension: int = 0) -> int:
-        return self.graph.add(Tensor(tuple(values.shape), dtype, scale, np.zeros(1, np.int64), dimension,
+        # one zero point per scale, as TFLite (and LiteRT's loader) requires; TFLM alone would take one
+        return self.graph.add(Tensor(tuple(values.shape), dtype, scale, np.zeros(len(scale), np.int64), dimension,
                                      np.ascontiguousarray(values.astype(dtype))))
 
     def activation(self, like: torch.Tensor, quant: tuple[np.ndarray, np.ndarray]) -> int:
@@ -319,7 +320,7 @@ def lower(folded: nn.Sequential, mean: tuple[float, ...], std: tuple[float, ...]
     ranges the minimum and maximum over `calibration` (uint8 images, N C H W)."""
     lowering = Lowering(tuple(mean), tuple(std))
     with torch.inference_mode():
-        tensor, x = lowering.start(torch.from_numpy(np.ascontiguousarray(calibration)))
+        tensor, x = lowering.start(torch.from_numpy(np.array(calibration, dtype=np.uint8)))
         tensor, x = lowering.sequence(list(folded.eval()), tensor, x)
     if x.dim() != 2:
         raise TFLiteError("the net does not end in a classifier on a pooled 1x1 map")

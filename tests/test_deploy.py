@@ -13,8 +13,8 @@ from optuna.trial import TrialState
 from torch import nn
 
 from nas.cli import deploy
-from nas.deployment import (FP32_FILE, INT8_FILE, RawImages, calibration_images, deployable, fold_batchnorm,
-                            int8_accuracy)
+from nas.deployment import (C_HEADER, C_SOURCE, FP32_FILE, INT8_FILE, RawImages, calibration_images, deployable,
+                            fold_batchnorm, int8_accuracy, tflm_accuracy)
 from nas.model import BatchNormAct2d, build_model
 from nas.space import SpaceConfig, suggest
 from nas.spec import PRESETS, ArchSpec, BlockSpec
@@ -88,12 +88,22 @@ def test_model3_deploys_with_int8_smaller_and_close(tmp_path, data_dir, capsys):
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert (out / INT8_FILE).stat().st_size < (out / FP32_FILE).stat().st_size
-    assert report["files"] == {FP32_FILE: (out / FP32_FILE).stat().st_size, INT8_FILE: (out / INT8_FILE).stat().st_size}
+    written = [FP32_FILE, INT8_FILE, "model-int8.tflite", C_SOURCE, C_HEADER]
+    assert report["files"] == {name: (out / name).stat().st_size for name in written}
     acc = report["accuracy"]
     assert acc["fp32"] > 20 and abs(acc["int8"] - acc["fp32"]) <= 1.0
     assert abs(acc["fp32"] - acc["pytorch"]) <= 0.02 and report["max_abs_difference"] < 1e-4
     assert f"fp32 {acc['fp32']:.2f}%, int8 {acc['int8']:.2f}%" in printed
-    assert (report["params"], report["macs"], report["peak_ram"], report["flash"]) == (7918, 2021056, 15680, 8122)
+    assert (report["params"], report["macs"], report["mcunet"]) == (7918, 2021056, {"peak_ram": 15680, "flash": 8122})
+    # the TFLite file, measured in TFLM: within the cost model's bounds, the C source holding its bytes
+    assert report["tflite_bytes"] == (out / "model-int8.tflite").stat().st_size <= report["flash"]
+    assert report["tflm_arena_bytes"] <= report["peak_ram"] <= 1.1 * report["tflm_arena_bytes"] + 1024
+    assert abs(report["tflm_accuracy"] - acc["int8"]) <= 1.5 and report["tflite"]["weight_bytes"] == 8122
+    from nas import tflm
+
+    assert tflm.bytes_of_c_array((out / C_SOURCE).read_text()) == (out / "model-int8.tflite").read_bytes()
+    assert f"= {report['tflm_arena_bytes']};" in (out / C_HEADER).read_text()
+    assert f"TFLM {report['tflm_accuracy']:.2f}%" in printed
     assert report["latency_ms_per_image"]["int8"] > 0 and report["cpu"] and report["test_images"] == 10000
     # the int8 file runs on its own, on raw pixels
     import onnxruntime as ort
@@ -110,6 +120,34 @@ def test_int8_accuracy_of_a_model_in_memory(mnist):
     with torch.no_grad():
         expected = 100.0 * float((RawImages(model, (0.1307,), (0.3081,))(x).argmax(1) == y).float().mean())
     assert fp32 == pytest.approx(expected, abs=0.34) and 0 <= int8 <= 100
+    tflm = tflm_accuracy(model, (0.1307,), (0.3081,), mnist.train_images[:200].unsqueeze(1), x, y)
+    assert abs(tflm - int8) <= 3.0  # 300 images: 3 points is 9 of them
+
+
+def test_an_arena_too_small_and_tflite_micro_missing_are_one_line_each(tmp_path, data_dir, capsys, monkeypatch):
+    common = ["--model", "model3", "--epochs", "1", "--subset", "256", "--data-dir", str(data_dir), "--quiet"]
+    assert deploy.main(common + ["--out", str(tmp_path / "a"), "--arena", "16384"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the model needs a ") and "more than --arena 16,384" in err and err.count("\n") == 1
+    assert (tmp_path / "a" / "model-int8.tflite").exists() and (tmp_path / "a" / "report.json").exists()
+
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without_tflm(name, *args, **kwargs):
+        if name.startswith("tflite_micro"):
+            raise ImportError(name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_tflm)
+    assert deploy.main(common + ["--out", str(tmp_path / "b")]) == 0
+    printed = capsys.readouterr().out
+    lines = [line for line in printed.splitlines() if line.startswith("model-int8.tflite")]
+    assert lines == ['model-int8.tflite not written: TensorFlow Lite Micro is not installed (tflite_micro missing): '
+                     'pip install "tflite-micro" "tflite"']
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["tflm_accuracy"] is None and report["tflite_bytes"] is None and (tmp_path / "b" / INT8_FILE).exists()
 
 
 @pytest.fixture

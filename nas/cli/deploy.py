@@ -247,6 +247,8 @@ def tflite_lines(report: dict, out: Path) -> list[str]:
         f"{', '.join(tfl['ops'])}",
     ]
     if tfl["litert_accuracy"] is not None:
-        lines.append(f"LiteRT runs the same file at {tfl['litert_accuracy']:.2f}%, its int8 outputs the same as "
-                     f"TFLM's on {tfl['litert_same']:,} of {report['test_images']:,} images")
+        images = report["test_images"]
+        lines.append(f"LiteRT runs the same file at {tfl['litert_accuracy']:.2f}% (TFLM's class on "
+                     f"{tfl['litert_same_class']:,} of {images:,} images); its reference kernels give TFLM's int8 "
+                     f"outputs on {tfl['litert_reference_identical']:,} of {images:,}")
     return lines
