@@ -187,11 +187,14 @@ def test_confirm_int8_adds_each_runs_int8_accuracy_and_retrains_runs_stored_with
     out = tmp_path / "int8.json"
     assert confirm.main(args + ["--int8", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| fp32 final | int8 final | int8 − fp32 |" in printed and "; int8 " in printed
+    assert "| fp32 final | int8 final | int8 − fp32 | TFLM int8 |" in printed and "; int8 " in printed
     runs = confirm_runs(optuna.load_study(study_name="mnist-8k", storage=study_url))
     measured = [r for rs in runs.values() for r in rs if r["subset"] == 192]
     assert len(measured) == 2 and all(0 <= r["int8_acc"] <= 100 for r in measured)
+    # TensorFlow Lite Micro's accuracy of the int8 .tflite, beside ONNX Runtime's, printed with each run
+    assert all(abs(r["tflm_int8_acc"] - r["int8_acc"]) <= 5 for r in measured)
+    assert all(f", TFLM int8 {r['tflm_int8_acc']:.2f}% against" in printed for r in measured)
     # ONNX Runtime's fp32 is PyTorch's evaluation of the final weights, to the rounding of a few images
     assert all(abs(r["onnx_fp32_acc"] - r["eval_acc"][-1]) <= 0.05 for r in measured)
     written = json.loads(out.read_text())
-    assert all("int8_acc" in run for c in written["candidates"] for run in c["runs"])
+    assert all("int8_acc" in run and "tflm_int8_acc" in run for c in written["candidates"] for run in c["runs"])

@@ -145,8 +145,8 @@ def leaderboard(candidates: list[Candidate], results: dict[str, list[dict]]) -> 
     base = {r["seed"]: r["score"] for r in results.get(BASELINE, [])}
     int8 = any("int8_acc" in r for runs in results.values() for r in runs)
     rows = ["| candidate | params | seeds | score mean ± std | vs Model 3 (paired, 95%) | beats Model 3 |"
-            + (" fp32 final | int8 final | int8 − fp32 |" if int8 else ""),
-            "|:--|--:|--:|--:|--:|:--|" + ("--:|--:|--:|" if int8 else "")]
+            + (" fp32 final | int8 final | int8 − fp32 | TFLM int8 |" if int8 else ""),
+            "|:--|--:|--:|--:|--:|:--|" + ("--:|--:|--:|--:|" if int8 else "")]
     order = sorted(candidates, key=lambda c: -statistics.mean([r["score"] for r in results[c.label]] or [0]))
     for c in order:
         runs = results[c.label]
@@ -168,13 +168,15 @@ def leaderboard(candidates: list[Candidate], results: dict[str, list[dict]]) -> 
 
 
 def int8_cells(runs: list[dict]) -> str:
-    """The final weights' ONNX Runtime accuracy, fp32 and int8, mean over the runs that measured it."""
+    """The final weights' ONNX Runtime accuracy, fp32 and int8, and the int8 .tflite's in TFLM, mean
+    over the runs that measured it."""
     measured = [r for r in runs if "int8_acc" in r]
     if not measured:
-        return " - | - | - |"
+        return " - | - | - | - |"
     fp32 = statistics.mean(r["onnx_fp32_acc"] for r in measured)
     int8 = statistics.mean(r["int8_acc"] for r in measured)
-    return f" {fp32:.3f} | {int8:.3f} | {int8 - fp32:+.3f} |"
+    tflm = [r["tflm_int8_acc"] for r in measured if r.get("tflm_int8_acc") is not None]
+    return f" {fp32:.3f} | {int8:.3f} | {int8 - fp32:+.3f} | " + (f"{statistics.mean(tflm):.3f} |" if tflm else "- |")
 
 
 def chosen_numbers(study: optuna.Study, plan: ConfirmPlan) -> tuple[list[int] | None, str]:
@@ -199,14 +201,20 @@ def settings_for(candidate: Candidate, seed: int, plan: ConfirmPlan) -> tuple[Ru
     return run, replace(candidate.train, seed=seed, epochs=plan.epochs or candidate.train.epochs)
 
 
+def tflm_available() -> bool:
+    from nas.tflm import available
+
+    return available()
+
+
 def stored_run_of(study: optuna.Study, candidate: Candidate, seed: int, plan: ConfirmPlan) -> dict | None:
     """The stored run of this candidate and seed, if one was trained with these epochs and subset."""
     run, config = settings_for(candidate, seed, plan)
     stored = study.user_attrs.get(confirm_key(plan.prefix, candidate.label, seed))
     if stored is None or stored["epochs"] != config.epochs or stored["subset"] != run.subset:
         return None
-    if plan.int8 and "int8_acc" not in stored:
-        return None  # stored without its int8 accuracy: the weights are gone, so it trains again
+    if plan.int8 and ("int8_acc" not in stored or "tflm_int8_acc" not in stored and tflm_available()):
+        return None  # stored without its int8 accuracies: the weights are gone, so it trains again
     return stored
 
 
@@ -222,7 +230,8 @@ def run_and_store(study: optuna.Study, candidate: Candidate, seed: int, *, plan:
 
 def run_line(stored: dict, test: bool, score_epochs: int, who: str = "") -> str:
     last = min(score_epochs, stored["epochs"])
-    int8 = (f"; int8 {stored['int8_acc']:.2f}% against fp32 {stored['onnx_fp32_acc']:.2f}%, final weights"
+    tflm = f", TFLM int8 {stored['tflm_int8_acc']:.2f}%" if stored.get("tflm_int8_acc") is not None else ""
+    int8 = (f"; int8 {stored['int8_acc']:.2f}%{tflm} against fp32 {stored['onnx_fp32_acc']:.2f}%, final weights"
             if "int8_acc" in stored else "")
     return (f"{who}{stored['candidate']} seed {stored['seed']}: {stored['score']:.3f}% "
             f"({'test' if test else 'validation'}, mean of the last {last} epoch{'s' * (last > 1)}){int8}")
@@ -325,7 +334,7 @@ def write_results(path: Path, study: optuna.Study, candidates: list[Candidate], 
         runs = [{"seed": r["seed"], "score": r["score"], "eval_acc": r["eval_acc"],
                  "best_epoch": max(range(len(r["eval_acc"])), key=r["eval_acc"].__getitem__) + 1,
                  "best_acc": max(r["eval_acc"]), "epochs_to_99_4": epochs_to_target(r["eval_acc"]),
-                 "run": r["run"], **{k: r[k] for k in ("onnx_fp32_acc", "int8_acc") if k in r}}
+                 "run": r["run"], **{k: r[k] for k in ("onnx_fp32_acc", "int8_acc", "tflm_int8_acc") if k in r}}
                 for r in results[c.label]]
         scores = [r["score"] for r in runs]
         return {"label": c.label, "trial": c.trial.number if c.trial else None, "params": count_params(c.arch),
@@ -363,11 +372,15 @@ def confirm_one(candidate: Candidate, config: TrainConfig, run: RunRecord, *, so
     stored = {"candidate": candidate.label, "trial": candidate.trial.number if candidate.trial else None,
               "seed": config.seed, "epochs": config.epochs, "subset": run.subset, "split": which[0],
               "eval_acc": accuracies, "score": score(accuracies, score_epochs), "run": run.to_dict()}
-    if int8:  # the final weights as nas.deploy ships them: ONNX Runtime fp32 and int8, calibrated on training images
-        from nas.deployment import int8_accuracy
+    if int8:  # the final weights as nas.deploy ships them: ONNX Runtime fp32 and int8, calibrated on training
+        # images, and the int8 .tflite in TensorFlow Lite Micro (where tflite-micro is installed)
+        from nas.deployment import int8_accuracy, tflm_accuracy
 
         stored["onnx_fp32_acc"], stored["int8_acc"] = int8_accuracy(result.model, split.mean, split.std,
                                                                     source.train_x, split.eval_x, split.eval_y)
+        tflm = tflm_accuracy(result.model, split.mean, split.std, source.train_x, split.eval_x, split.eval_y)
+        if tflm is not None:
+            stored["tflm_int8_acc"] = tflm
     return stored
 
 
