@@ -38,7 +38,7 @@ TAIL_PER_OTHER = 144  # MAX_POOL_2D, ADD
 # which a net with small activations and many tensors may need more than its plan.
 PLANNING_FIXED, PLANNING_PER_TENSOR, PLANNING_PER_BUFFER = 256, 32, 40
 # The .tflite's bytes beyond its constants (nas.tflite.serialize): its distinct shape vectors and the
-# per-channel scale vectors are counted exactly, the rest by part (fitted on the 85 nets of
+# per-channel scale and zero-point vectors are counted exactly, the rest by part (fitted on the 85 nets of
 # docs/devices.md to within 150 bytes, then raised to bound them)
 FILE_FIXED = 300  # root, Model, SubGraph and their vectors, the vtables, the empty buffer
 FILE_PER_TENSOR = 64  # a Tensor table, its buffer and quantization tables, its index in op vectors
@@ -190,15 +190,17 @@ def arena_bound(counted: Layout) -> int:
 
 
 def file_bound(counted: Layout) -> int:
-    """A bound on the .tflite's bytes: its constants (with up to 3 bytes of padding each), its shapes
-    and per-channel scales exactly, the flatbuffer's tables by part."""
+    """A bound on the .tflite's bytes: its constants (with up to 3 bytes of padding each), its shapes,
+    per-channel scales and zero points exactly, the flatbuffer's tables by part."""
     shapes = {t.shape for t in counted.tensors}
     constants = [t for t in counted.tensors if t.kind != "activation"]
     quantized = [t for t in counted.tensors if t.kind == "activation" and not t.shares]
     options = {(op.code, op.options) for op in counted.ops if op.options}
     codes = {op.code for op in counted.ops}
-    scales = sum(4 + 4 * (t.shape[-1] if t.shape[0] == 1 and len(t.shape) == 4 else t.shape[0]) for t in constants)
-    return (FILE_FIXED + sum(t.nbytes + 3 for t in constants) + scales + sum(4 + 4 * len(s) for s in shapes)
+    lengths = [t.shape[-1] if t.shape[0] == 1 and len(t.shape) == 4 else t.shape[0] for t in constants]
+    scales = sum(4 + 4 * n for n in lengths)
+    zeros = sum(8 + 8 * n for n in set(lengths))  # int64 zero points, one a scale; equal vectors shared
+    return (FILE_FIXED + sum(t.nbytes + 3 for t in constants) + scales + zeros + sum(4 + 4 * len(s) for s in shapes)
             + FILE_PER_TENSOR * len(counted.tensors) + FILE_PER_ACTIVATION_QUANT * len(quantized)
             + FILE_PER_OP * len(counted.ops) + FILE_PER_OPTIONS * len(options) + FILE_PER_CODE * len(codes))
 
