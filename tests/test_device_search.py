@@ -352,3 +352,37 @@ def test_a_warm_start_carries_each_trial_at_its_side(sided_study):
     assert added == 4 and skipped == 0
     assert sorted(t.params["image_size"] for t in fresh.trials) == sorted(t.params["image_size"] for t in
                                                                            study.trials if t.state == TrialState.COMPLETE)
+
+
+def test_the_report_draws_the_front_against_its_cost_and_labels_side_and_cost(sided_study):
+    from nas.study.report import pareto_figure
+    from nas.study.search import summary_lines
+    from nas.study.trials import front_note, pareto_trials
+
+    url, study, _ = sided_study
+    front = pareto_trials(study)
+    ax = pareto_figure(study).axes[0]
+    assert ax.get_xlabel() == "flash (int8 weight bytes)"
+    labels = [text.get_text() for text in ax.texts]
+    for t in front:
+        side = t.user_attrs["image_size"]
+        assert any(label.startswith(f"#{t.number} ") and f"{t.user_attrs['flash']:,}" in label
+                   and f"{side}px" in label for label in labels)
+    lines = summary_lines(study, url)
+    assert any("validation accuracy up, flash down" in line for line in lines)
+    assert any("| side | stride | MACs | peak RAM B | flash B |" in line for line in lines)
+    assert f"{front[0].user_attrs['flash']:,} B flash" in front_note(study, front[0], picked=True)
+
+
+def test_the_reports_budget_line_is_the_studys_budget_of_that_cost(tmp_path):
+    from nas.study.report import pareto_figure
+
+    config = parse_study_config({"name": "r", "objectives": ["accuracy", "peak_ram"], "max_peak_ram": 8192})
+    study = optuna.create_study(directions=config.directions)
+    study.set_user_attr("config", config.to_stored())
+    for number, (acc, ram) in enumerate([(97.0, 2000), (98.5, 5000), (96.0, 6000)]):
+        study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, values=[acc, float(ram)],
+                                                  user_attrs={"peak_ram": ram, "arch": {"input_size": 28}}))
+    ax = pareto_figure(study).axes[0]
+    assert [line.get_xdata()[0] for line in ax.lines if line.get_linestyle() == ":"] == [8192]
+    assert sorted(text.get_text().split()[0] for text in ax.texts) == ["#0", "#1"]

@@ -85,7 +85,8 @@ class Objective:
         run = resolve_run(arch, train_config, self.options.run, self.device, len(split.train_x),
                           self.options.subset)
         trial.set_user_attr(RUN_ATTR, run.to_dict())
-        self.say(f"Trial {trial.number}: {params:,} params, {layer_string(arch)}; {train_config.optimizer} "
+        side = f" at {arch.input_size}x{arch.input_size}" if self.config.space.image_sizes else ""
+        self.say(f"Trial {trial.number}: {params:,} params{side}, {layer_string(arch)}; {train_config.optimizer} "
                  f"lr {train_config.lr:.3g}, batch {train_config.batch_size}, {train_config.scheduler}, "
                  f"augment {train_config.augment:.2f}")
         if self.config.pruner == "rung" and rung_pays(self.config, train_config.epochs, len(split.train_x)):

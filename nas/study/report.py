@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial
 
 from nas.errors import NasError, writing
 from nas.study.trials import (
+    cost_objective,
     is_multi_objective,
     pareto_trials,
     ranked_trials,
@@ -277,7 +278,7 @@ def index_markdown(study: optuna.Study, url: str, sections: list[Section], top: 
         "",
         "Completed trials that no other completed trial beats on both validation accuracy and size.",
         "",
-        trials_table(front),
+        trials_table(front, device=is_multi_objective(study) and cost_objective(study) != "params"),
         "",
         f"## Top {top} trials by validation accuracy",
         "",
