@@ -161,8 +161,9 @@ class Objective:
             stops = trial.should_prune()
         if stops:
             trial.set_user_attr("pruned_at", RUNG_STEP)
+            why = " (a trial that costs no more beat it there)" if self.multi else ""
             self.say(f"Trial {trial.number}: stopped at the rung, {value:.2f}% validation after {rung.epochs} "
-                     f"epochs on {len(split.train_x):,} images" + (" (a cheaper trial beat it there)" * self.multi))
+                     f"epochs on {len(split.train_x):,} images{why}")
             raise optuna.TrialPruned("not among the rung's best")
         self.say(f"Trial {trial.number}: rung {value:.2f}% validation, moves on to full training")
 
