@@ -33,7 +33,7 @@ ALIGNMENT = 16  # TFLM's MicroArenaBufferAlignment: every planned buffer's size 
 TAIL_FIXED = 1136
 TAIL_PER_TENSOR = 24
 TAIL_PER_CONV = 176  # CONV_2D, DEPTHWISE_CONV_2D
-TAIL_PER_OTHER = 144  # MAX_POOL_2D, ADD
+TAIL_PER_OTHER = 144  # MAX_POOL_2D, ADD, PAD
 # Planning needs room for an AllocationInfo per tensor and the planner's arrays per buffer (64-bit),
 # which a net with small activations and many tensors may need more than its plan.
 PLANNING_FIXED, PLANNING_PER_TENSOR, PLANNING_PER_BUFFER = 256, 32, 40
@@ -64,7 +64,7 @@ class Buffer:
 @dataclass(frozen=True)
 class TensorInfo:
     shape: tuple[int, ...]
-    kind: str  # "activation", "weight" or "bias"
+    kind: str  # "activation", "weight", "bias" or "paddings" (a PAD's, int32, no quantization)
     nbytes: int
     shares: bool = False  # an activation with its input's quantization (a pool's output)
 
@@ -128,7 +128,17 @@ def layout(spec: ArchSpec) -> Layout:
             current = activation(row.out_shape, op, shares=True)
             continue
         kernel = {"conv3x3": 3, "conv5x5": 5, "dwconv3x3": 3}.get(row.name, 1)
-        padded = row.out_shape[1] == h and kernel > 1
+        first = index == 0
+        stride = spec.first_stride if first else 1
+        pad = kernel // 2 if (spec.blocks[0].padding if first else row.out_shape[1] == h) else 0
+        padded = pad > 0
+        if pad and not same_pads_as_pytorch(h, kernel, stride, pad):  # nas.tflite pads with a PAD op
+            ops.append(OpInfo("PAD", 2, ()))
+            current = activation((c, h + 2 * pad, w + 2 * pad), op, shares=True)
+            tensors.append(TensorInfo((4, 2), "paddings", 32))
+            op += 1
+            read(current, op)
+            padded = False
         if row.name == "classifier":
             tensors.append(TensorInfo((out, c), "weight", out * c))
             ops.append(OpInfo("FULLY_CONNECTED", 3, ()))
@@ -153,6 +163,13 @@ def layout(spec: ArchSpec) -> Layout:
             current = activation(row.out_shape, op)
     aligned = tuple(Buffer(-(-size // ALIGNMENT) * ALIGNMENT, first, last) for size, first, last in spans)
     return Layout(aligned, tuple(tensors), tuple(ops), tuple(channels))
+
+
+def same_pads_as_pytorch(size: int, kernel: int, stride: int, pad: int) -> bool:
+    """Whether TFLite's SAME padding pads a conv as PyTorch's `pad` pixels a side do (nas.tflite.Lowering.padded)."""
+    out = (size + 2 * pad - kernel) // stride + 1
+    total = max((out - 1) * stride + kernel - size, 0)
+    return out == -(-size // stride) and total // 2 == pad
 
 
 def greedy_plan(buffers: tuple[Buffer, ...]) -> int:
@@ -183,7 +200,7 @@ def arena_bound(counted: Layout) -> int:
     head = max(greedy_plan(counted.buffers),
                PLANNING_FIXED + PLANNING_PER_TENSOR * len(counted.tensors) + PLANNING_PER_BUFFER * len(counted.buffers))
     convs = sum(op.code in ("CONV_2D", "DEPTHWISE_CONV_2D") for op in counted.ops)
-    others = sum(op.code in ("MAX_POOL_2D", "ADD") for op in counted.ops)
+    others = sum(op.code in ("MAX_POOL_2D", "ADD", "PAD") for op in counted.ops)
     arrays = sum(2 * -(-4 * c // ALIGNMENT) * ALIGNMENT for c in counted.channels)
     return head + TAIL_FIXED + TAIL_PER_TENSOR * len(counted.tensors) + TAIL_PER_CONV * convs \
         + TAIL_PER_OTHER * others + arrays
@@ -194,10 +211,11 @@ def file_bound(counted: Layout) -> int:
     per-channel scales and zero points exactly, the flatbuffer's tables by part."""
     shapes = {t.shape for t in counted.tensors}
     constants = [t for t in counted.tensors if t.kind != "activation"]
+    quantized_constants = [t for t in constants if t.kind != "paddings"]
     quantized = [t for t in counted.tensors if t.kind == "activation" and not t.shares]
     options = {(op.code, op.options) for op in counted.ops if op.options}
     codes = {op.code for op in counted.ops}
-    lengths = [t.shape[-1] if t.shape[0] == 1 and len(t.shape) == 4 else t.shape[0] for t in constants]
+    lengths = [t.shape[-1] if t.shape[0] == 1 and len(t.shape) == 4 else t.shape[0] for t in quantized_constants]
     scales = sum(4 + 4 * n for n in lengths)
     zeros = sum(8 + 8 * n for n in set(lengths))  # int64 zero points, one a scale; equal vectors shared
     return (FILE_FIXED + sum(t.nbytes + 3 for t in constants) + scales + zeros + sum(4 + 4 * len(s) for s in shapes)

@@ -41,6 +41,11 @@ def draws() -> list[ArchSpec]:
     for name in ("mnist-2k", "mnist-8k-v3"):
         config = load_study_config(REPO_ROOT / "studies" / f"{name}.toml")
         archs += draw(config.space, config.limits, 3, seed=11)
+    # stride-2 first convs: padded ones get an explicit PAD (TFLite's SAME pads the other side)
+    archs += [ArchSpec((BlockSpec((10, 10, 10), padding=1), BlockSpec((16, 16))), tail=(8,), first_stride=2),
+              ArchSpec((BlockSpec((6, 8), padding=1, op="sep"), BlockSpec((10,))), first_kernel=5, first_stride=2,
+                       input_size=20),
+              ArchSpec((BlockSpec((6, 8)), BlockSpec((10,))), first_stride=2)]
     return archs
 
 

@@ -25,6 +25,8 @@ NETS = {
     "residual": ArchSpec((BlockSpec((8, 8, 8), padding=1, residual=True),
                           BlockSpec((12, 12), padding=1, op="sep", residual=True)), first_kernel=5),
     "rgb": ArchSpec((BlockSpec((6, 6), padding=1), BlockSpec((8,))), in_channels=3, input_size=12),
+    "stride-2": ArchSpec((BlockSpec((6, 8), padding=1, op="sep"), BlockSpec((10,))), first_kernel=5, first_stride=2,
+                         input_size=20),
 }
 MEANS = {"rgb": ((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))}
 
