@@ -144,3 +144,12 @@ def test_reference_rounding_helpers_follow_tflite():
     assert list(tflite_reference.rounding_divide_by_pot(np.array([5, -5, 6, -6, 7]), np.array(1))) == [3, -3, 3, -3, 4]
     assert tflite_reference.same_padding(28, 3, 1) == (1, 1)
     assert tflite_reference.same_padding(28, 3, 2) == (0, 1)
+
+
+def test_an_op_tflm_lacks_is_one_line():
+    import dataclasses
+
+    graph, _, _ = converted("model3")
+    graph.ops[2] = dataclasses.replace(graph.ops[2], code="UNIQUE")  # TFLM has no kernel for it
+    with pytest.raises(tflm.TFLMError, match="^TensorFlow Lite Micro has no kernel for the op UNIQUE$"):
+        tflm.interpreter(tflite.serialize(graph), 100_000)
