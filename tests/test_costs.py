@@ -8,6 +8,7 @@ import pytest
 from ptflops import get_model_complexity_info
 from torch import nn
 
+from nas import costmodel
 from nas.cli import summary
 from nas.model import BatchNormAct2d, build_model
 from nas.space import Budget, SpaceConfig, draw
@@ -72,8 +73,9 @@ def test_every_trained_trial_stores_its_costs(searched):
     study = optuna.load_study(study_name="mnist-8k", storage=searched[0])
     trained = [t for t in study.trials if "arch" in t.user_attrs]
     assert trained
-    for t in trained:
-        cost = costs(ArchSpec.from_dict(t.user_attrs["arch"]))
+    for t in trained:  # counted as the study counts (a new study: TFLM's, nas.costmodel)
+        assert t.user_attrs["cost_model"] == "tflm"
+        cost = costmodel.costs(ArchSpec.from_dict(t.user_attrs["arch"]), t.user_attrs["cost_model"])
         assert (t.user_attrs["macs"], t.user_attrs["peak_ram"], t.user_attrs["flash"]) == (
             cost.macs, cost.peak_ram, cost.flash)
 
@@ -110,7 +112,8 @@ def test_draws_fit_a_macs_budget_by_construction(tmp_path):
     assert len(over) <= 20
     for arch in archs:
         if arch not in over:
-            assert costs(arch).macs <= 600_000 and costs(arch).peak_ram <= 12_000
+            counted = costmodel.costs(arch, config.cost_model)  # TFLM's arena bound: a new study's count
+            assert counted.macs <= 600_000 and counted.peak_ram <= 12_000
 
 
 def test_a_device_budget_no_net_meets_is_refused_before_training(tmp_path):
