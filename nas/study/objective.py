@@ -8,8 +8,10 @@ import json
 from dataclasses import dataclass
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -22,6 +24,7 @@ from nas.run.record import RUN_ATTR, RunRecord
 from nas.space import suggest
 from nas.spec import ArchSpec, SpecError, TrainConfig, cost_lines, costs, count_params, layer_string, receptive_field
 from nas.study.sampling import RUNG_STEP, rung_pays
+from nas.study.progress import TrialProgress
 from nas.study.stored import DATA_ATTR
 from nas.study.trials import epochs_to_target, score
 from nas.studyfile import StudyConfig
@@ -54,6 +57,8 @@ class Objective:
         self.artifact_dir = artifact_dir
         self.multi = len(config.objectives) > 1
         self.nested = False  # True while a study bar is drawn above the epoch bars (run_worker)
+        self.bars = not options.quiet  # epoch bars and lines (a spawned worker's steps show in the parent's bar)
+        self.progress: Callable[[TrialProgress], None] | None = None  # hears each trial's steps
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         arch, train_config = suggest(trial, self.config.space, self.options.epochs, self.options.seed,
@@ -82,20 +87,23 @@ class Objective:
         trial.set_user_attr(RUN_ATTR, run.to_dict())
         self.say(f"Trial {trial.number}: {params:,} params, {layer_string(arch)}; {train_config.optimizer} "
                  f"lr {train_config.lr:.3g}, batch {train_config.batch_size}, {train_config.scheduler}, "
-                 f"augment {train_config.augment:.2f}")
+                 f"augment {train_config.augment:.2f}", detail=True)
         if self.config.pruner == "rung" and not self.multi and rung_pays(self.config, train_config.epochs,
                                                                             len(self.split.train_x)):
             self.run_rung(trial, arch, train_config, run)
         accuracies: list[float] = []
         int8: list[float] = []  # score = "int8": the int8 model's accuracy in each scored epoch
+        steps = Steps(self.progress, self.options.worker, trial.number, "preset" in trial.user_attrs)
+        steps.training(train_config.epochs)
 
         def on_epoch(result: EpochResult, model: torch.nn.Module) -> None:
             accuracies.append(result.eval_acc)
+            steps.epoch(result.epoch, result.eval_acc)
             trial.set_user_attr("epoch_acc", accuracies)
             if self.config.score == "int8" and result.epoch > train_config.epochs - self.config.score_epochs:
                 int8.append(self.int8_accuracy(model))
                 trial.set_user_attr("int8_acc", int8)
-            if not self.options.quiet:
+            if self.bars:
                 tqdm.write(f"Epoch {result.epoch}: {epoch_line(result, 'valid')}", file=sys.stdout)
             if self.multi:
                 return
@@ -106,7 +114,7 @@ class Objective:
                 raise optuna.TrialPruned(f"pruned after epoch {result.epoch}")
 
         try:
-            result = train(arch, train_config, self.split, run, on_epoch=on_epoch, progress=not self.options.quiet,
+            result = train(arch, train_config, self.split, run, on_epoch=on_epoch, progress=self.bars,
                            nested=self.nested)
         except DivergedError as exc:
             trial.set_user_attr("failed_reason", str(exc))
@@ -144,7 +152,10 @@ class Objective:
         short = dataclasses.replace(train_config, epochs=rung.epochs)
         split = self.split.head(rung.subset)
         try:
-            result = train(arch, short, split, run, progress=not self.options.quiet, nested=self.nested)
+            if self.progress is not None:
+                self.progress(TrialProgress(self.options.worker, trial.number, "rung",
+                                            preset="preset" in trial.user_attrs))
+            result = train(arch, short, split, run, progress=self.bars, nested=self.nested)
             value = result.history[-1].eval_acc
         except DivergedError:
             value = 0.0
@@ -155,7 +166,7 @@ class Objective:
             self.say(f"Trial {trial.number}: stopped at the rung, {value:.2f}% validation after {rung.epochs} "
                      f"epochs on {len(split.train_x):,} images")
             raise optuna.TrialPruned("not among the rung's best")
-        self.say(f"Trial {trial.number}: rung {value:.2f}% validation, moves on to full training")
+        self.say(f"Trial {trial.number}: rung {value:.2f}% validation, moves on to full training", detail=True)
 
     def reject(self, trial: optuna.Trial, reason: str, over: float) -> Any:
         """Never train it, but tell the sampler how far out it was (Optuna's constraints)."""
@@ -164,8 +175,11 @@ class Objective:
         self.say(f"Trial {trial.number}: rejected, {reason} (never trained)")
         raise optuna.TrialPruned(reason)
 
-    def say(self, line: str) -> None:
-        """One line per trial event, above any progress bars (kept under --quiet)."""
+    def say(self, line: str, detail: bool = False) -> None:
+        """A line of the trial's story, above any progress bars; under --quiet only its end (one
+        line a trial), not the `detail` on the way."""
+        if detail and self.options.quiet:
+            return
         tqdm.write(line if self.options.worker == 0 else f"[worker {self.options.worker}] {line}", file=sys.stdout)
 
     def save_weights(self, trial: optuna.Trial, arch: ArchSpec, config: TrainConfig, run: RunRecord,
@@ -204,3 +218,26 @@ def save_layer_note(trial: optuna.Trial, arch: ArchSpec, config: TrainConfig) ->
         f"Training config:\n\n```json\n{json.dumps(config.to_dict(), indent=2)}\n```\n"
     )
     save_note(trial, body)
+
+
+class Steps:
+    """A trial's steps as its Objective reports them (TrialProgress) to whoever draws the bar: full
+    training begun, then each epoch with its accuracy and the epochs' mean wall time so far."""
+
+    def __init__(self, progress: Callable[[TrialProgress], None] | None, worker: int, trial: int, preset: bool):
+        self.progress, self.worker, self.trial, self.preset = progress, worker, trial, preset
+        self.epochs, self.started = 0, time.monotonic()
+
+    def training(self, epochs: int) -> None:
+        self.epochs, self.started = epochs, time.monotonic()
+        self.send(0, None)
+
+    def epoch(self, epoch: int, accuracy: float) -> None:
+        self.send(epoch, accuracy)
+
+    def send(self, epoch: int, accuracy: float | None) -> None:
+        if self.progress is None:
+            return
+        seconds = (time.monotonic() - self.started) / epoch if epoch else None
+        self.progress(TrialProgress(self.worker, self.trial, "train", epoch, self.epochs, accuracy, seconds,
+                                    self.preset))

@@ -14,6 +14,7 @@ from optuna.trial import FrozenTrial
 from nas.studyfile import StudyConfig
 
 RUNG_STEP = 0  # the rung's score is the trial's intermediate value at step 0; epochs are steps 1..N
+TPE_STARTUP = 10  # TPE's first trials are random draws (n_startup_trials)
 
 
 def make_pruner(config: StudyConfig, epochs: int) -> optuna.pruners.BasePruner:
@@ -130,4 +131,5 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 
 def make_sampler(seed: int) -> optuna.samplers.BaseSampler:
     # constant_liar keeps parallel workers from sampling the same point while trials run.
-    return TrialSeededSampler(seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=10)
+    return TrialSeededSampler(seed, multivariate=True, group=True, constant_liar=True,
+                              n_startup_trials=TPE_STARTUP)
