@@ -9,7 +9,9 @@ import functools
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
 import torch
@@ -87,38 +89,48 @@ def run_worker(options: SearchOptions, config: StudyConfig, split: data.Split | 
     if slots is None:
         slots = Slots(options.trials - len(finished_trials(study)))
     objective = Objective(config, options, split, device, artifact_dir(options))
-    ended: list[FrozenTrial] = []
-    callbacks: list = [lambda study, trial: ended.append(trial)]
     bar = None
     if outbox is not None:
         objective.bars = False
         objective.progress = outbox.send
     elif not options.quiet:
         bar = ProgressBar(study, options.trials, disable=False)
-        callbacks.append(bar)
         objective.nested = True
         objective.progress = bar.progress
     deadline = None if options.timeout is None else time.monotonic() + options.timeout
     try:
-        while len(finished_trials(study)) < options.trials and (deadline is None or time.monotonic() < deadline):
-            if not slots.claim():
-                break
-            ended.clear()
-            try:
-                study.optimize(objective, n_trials=1, callbacks=callbacks, catch=(), gc_after_trial=False)
-            except (optuna.exceptions.UpdateFinishedTrialError, ValueError, AssertionError) as exc:
-                if not lost_to_a_peer(exc):
-                    raise
-                print(f"worker {options.worker}: a peer failed this worker's trial as stale while the storage "
-                      "was unreachable, and queued its retry; this result is dropped", file=sys.stderr, flush=True)
-            finally:
-                if not (ended and counts(ended[-1])):
-                    slots.release()
-                if objective.progress is not None:
-                    objective.progress(TrialProgress(options.worker, None))
+        run_trials(study, objective, slots, target=options.trials, deadline=deadline, callbacks=[bar] if bar else None,
+                   worker=options.worker, between=objective.progress)
     finally:
         if bar:
             bar.close()
+
+
+def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], Any], slots: Slots, *, target: int,
+               deadline: float | None = None, callbacks: list | None = None, worker: int = 0,
+               between: Callable[[TrialProgress], None] | None = None) -> None:
+    """Trials of `objective`, one at a time, until the study holds `target` counted trials, no
+    slot is left or the `deadline` (monotonic seconds) has passed. Each needs a slot claimed first;
+    a trial that does not count (rejected, failed, lost to a peer) gives it back. `between` hears
+    that `worker` is between trials."""
+    ended: list[FrozenTrial] = []
+    callbacks = [lambda study, trial: ended.append(trial), *(callbacks or [])]
+    while len(finished_trials(study)) < target and (deadline is None or time.monotonic() < deadline):
+        if not slots.claim():
+            return
+        ended.clear()
+        try:
+            study.optimize(objective, n_trials=1, callbacks=callbacks, catch=(), gc_after_trial=False)
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError, AssertionError) as exc:
+            if not lost_to_a_peer(exc):
+                raise
+            print(f"worker {worker}: a peer failed this worker's trial as stale while the storage "
+                  "was unreachable, and queued its retry; this result is dropped", file=sys.stderr, flush=True)
+        finally:
+            if not (ended and counts(ended[-1])):
+                slots.release()
+            if between is not None:
+                between(TrialProgress(worker, None))
 
 
 def _worker_entry(options: SearchOptions, config: StudyConfig, slots: Slots, worker: int, threads: int,
