@@ -23,7 +23,8 @@ from nas.model import summary_table
 from nas.run.record import RUN_ATTR, RunRecord
 from nas.space import suggest
 from nas.spec import ArchSpec, SpecError, TrainConfig, cost_lines, costs, count_params, layer_string, receptive_field
-from nas.study.sampling import RUNG_STEP, rung_pays
+from nas.study.levers import SECOND_RUNG_ATTR, keep_share, second_rung_pays, second_rung_scores
+from nas.study.sampling import RUNG_STEP, goes_on, rung_pays
 from nas.study.progress import TrialProgress
 from nas.study.stored import DATA_ATTR
 from nas.study.trials import epochs_to_target, score
@@ -91,6 +92,7 @@ class Objective:
         if self.config.pruner == "rung" and not self.multi and rung_pays(self.config, train_config.epochs,
                                                                             len(self.split.train_x)):
             self.run_rung(trial, arch, train_config, run)
+            self.run_second_rung(trial, arch, train_config, run)
         accuracies: list[float] = []
         int8: list[float] = []  # score = "int8": the int8 model's accuracy in each scored epoch
         steps = Steps(self.progress, self.options.worker, trial.number, "preset" in trial.user_attrs)
@@ -167,6 +169,31 @@ class Objective:
                      f"epochs on {len(split.train_x):,} images")
             raise optuna.TrialPruned("not among the rung's best")
         self.say(f"Trial {trial.number}: rung {value:.2f}% validation, moves on to full training", detail=True)
+
+    def run_second_rung(self, trial: optuna.Trial, arch: ArchSpec, train_config: TrainConfig, run: RunRecord) -> None:
+        """The second, longer rung (nas.study.levers, lever b), where the study file asks for one and it
+        costs less than full training: a run of rung.second_epochs on the first rung.second_subset
+        images, held to the rung's margin and keep share against the other trials' second-rung scores."""
+        rung = self.config.rung
+        if not second_rung_pays(rung, train_config.epochs, len(self.split.train_x)):
+            return
+        split = self.split.head(rung.second_subset or len(self.split.train_x))
+        if self.progress is not None:
+            self.progress(TrialProgress(self.options.worker, trial.number, "rung 2",
+                                        preset="preset" in trial.user_attrs))
+        try:
+            value = train(arch, dataclasses.replace(train_config, epochs=rung.second_epochs), split, run,
+                          progress=self.bars, nested=self.nested).history[-1].eval_acc
+        except DivergedError:
+            value = 0.0
+        others = second_rung_scores(trial.study.get_trials(deepcopy=False), trial.number)
+        trial.set_user_attr(SECOND_RUNG_ATTR, value)
+        if not goes_on(value, others, keep_share(others, rung), rung.startup, rung.margin):
+            trial.set_user_attr("pruned_at", RUNG_STEP)
+            self.say(f"Trial {trial.number}: stopped at the second rung, {value:.2f}% validation after "
+                     f"{rung.second_epochs} epochs on {len(split.train_x):,} images")
+            raise optuna.TrialPruned("not among the second rung's best")
+        self.say(f"Trial {trial.number}: second rung {value:.2f}% validation, moves on to full training", detail=True)
 
     def reject(self, trial: optuna.Trial, reason: str, over: float) -> Any:
         """Never train it, but tell the sampler how far out it was (Optuna's constraints)."""
