@@ -176,3 +176,21 @@ def _with_second_rung(text: str) -> str:
             continue
         out.append(line)
     return "\n".join(out) + "\n"
+
+
+LEVER_KEYS = {"crowd_noise", "crowd_window", "crowd_keep", "second_epochs", "second_subset", "curve_epochs",
+              "curve_margin"}
+
+
+@pytest.mark.parametrize("lever", ["crowd", "second", "curve", "all"])
+def test_each_lever_study_file_is_the_default_study_with_its_lever_on(lever):
+    """studies/levers/*.toml, measured against studies/mnist-8k.toml (docs/performance.md): they
+    differ in their name and their [rung] lever keys, nothing else."""
+    from nas.studyfile import load_study_config
+
+    default = load_study_config(REPO_ROOT / "studies" / "mnist-8k.toml")
+    with_lever = load_study_config(REPO_ROOT / "studies" / "levers" / f"{lever}.toml")
+    assert with_lever.name == f"mnist-8k-{lever}"
+    changed = {k for k, v in dataclasses.asdict(with_lever.rung).items() if dataclasses.asdict(default.rung)[k] != v}
+    assert changed and changed <= LEVER_KEYS
+    assert dataclasses.replace(with_lever, name=default.name, rung=default.rung) == default
