@@ -43,7 +43,7 @@ def test_rung_scores_crowd_when_their_middle_half_lies_within_the_noise(recent, 
     ([97.0, 97.2, 96.9, 97.3], dataclasses.replace(CROWD, crowd_keep=0.5), 1 / 3),  # never looser than keep
 ])
 def test_the_keep_share_tightens_while_recent_rung_scores_crowd(scores, rung, keep):
-    assert keep_share(scores, rung) == pytest.approx(keep)
+    assert keep_share(scores, 1 / 3, rung) == pytest.approx(keep)
 
 
 def rung_study(scores, levers: RungConfig) -> optuna.Study:

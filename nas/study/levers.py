@@ -31,14 +31,14 @@ def crowded(recent: list[float], noise: float) -> bool:
     return ranked[-1 - quarter] - ranked[quarter] <= noise
 
 
-def keep_share(scores: list[float], rung: RungConfig) -> float:
+def keep_share(scores: list[float], keep: float, rung: RungConfig) -> float:
     """The keep share a candidate's rung score is held to, given the other rung scores in trial
-    order: rung.keep, or the tighter rung.crowd_keep while the last rung.crowd_window of them crowd
+    order: `keep`, or the tighter rung.crowd_keep while the last rung.crowd_window of them crowd
     within rung.crowd_noise (a; crowd_noise 0: never)."""
     if rung.crowd_noise > 0 and len(scores) >= rung.crowd_window and crowded(scores[-rung.crowd_window:],
                                                                               rung.crowd_noise):
-        return min(rung.keep, rung.crowd_keep)
-    return rung.keep
+        return min(keep, rung.crowd_keep)
+    return keep
 
 
 def second_rung_pays(rung: RungConfig, epochs: int, train_images: int) -> bool:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -24,8 +24,8 @@ from nas.run.record import RUN_ATTR, RunRecord
 from nas.space import suggest
 from nas.spec import ArchSpec, SpecError, TrainConfig, cost_lines, costs, count_params, layer_string, receptive_field
 from nas.study.levers import SECOND_RUNG_ATTR, keep_share, second_rung_pays, second_rung_scores
-from nas.study.sampling import RUNG_STEP, goes_on, rung_pays
 from nas.study.progress import TrialProgress
+from nas.study.sampling import RUNG_STEP, goes_on, rung_pays
 from nas.study.stored import DATA_ATTR
 from nas.study.trials import epochs_to_target, score
 from nas.studyfile import StudyConfig
@@ -188,7 +188,7 @@ class Objective:
             value = 0.0
         others = second_rung_scores(trial.study.get_trials(deepcopy=False), trial.number)
         trial.set_user_attr(SECOND_RUNG_ATTR, value)
-        if not goes_on(value, others, keep_share(others, rung), rung.startup, rung.margin):
+        if not goes_on(value, others, keep_share(others, rung.keep, rung), rung.startup, rung.margin):
             trial.set_user_attr("pruned_at", RUNG_STEP)
             self.say(f"Trial {trial.number}: stopped at the second rung, {value:.2f}% validation after "
                      f"{rung.second_epochs} epochs on {len(split.train_x):,} images")

@@ -3,7 +3,6 @@ pruner, which screens every candidate with a short run before full training."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
 from collections.abc import Callable
@@ -65,7 +64,7 @@ class RungPruner(optuna.pruners.BasePruner):
                  levers: RungConfig | None = None):
         self.keep, self.startup, self.margin = keep, startup, margin
         self.patience = patience  # seconds a verdict waits at most for a running preset's rung score
-        self.levers = levers or RungConfig(keep=keep, startup=startup, margin=margin)  # nas.study.levers
+        self.levers = levers or RungConfig()  # its crowd_* and curve_* keys (nas.study.levers); default: off
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         if trial.last_step != RUNG_STEP:
@@ -81,7 +80,7 @@ class RungPruner(optuna.pruners.BasePruner):
                 break
             time.sleep(PRESET_POLL_SECONDS)
             waited += PRESET_POLL_SECONDS
-        keep = keep_share(others, dataclasses.replace(self.levers, keep=self.keep))
+        keep = keep_share(others, self.keep, self.levers)
         return not goes_on(trial.intermediate_values[RUNG_STEP], others, keep, self.startup, self.margin)
 
 
