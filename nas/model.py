@@ -87,9 +87,9 @@ class ConvNet(nn.Sequential):
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, padding: int,
-                 batchnorm: str) -> list[nn.Module]:
+                 batchnorm: str, stride: int = 1) -> list[nn.Module]:
     return [
-        nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=False),
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False),
         BatchNormAct2d(out_channels, batchnorm),
     ]
 
@@ -138,7 +138,8 @@ def build_model(spec: ArchSpec, batchnorm: str = "pytorch") -> ConvNet:
                 unit = separable_conv(prev_channels, width, block.padding, spec.dw_norm, batchnorm)
             else:
                 kernel = spec.first_kernel if first else 3
-                unit = conv_bn_relu(prev_channels, width, kernel, block.padding * (kernel // 2), batchnorm)
+                unit = conv_bn_relu(prev_channels, width, kernel, block.padding * (kernel // 2), batchnorm,
+                                    spec.first_stride if first else 1)
             layers += [Residual(*unit)] if next(residuals) else unit
             if spec.dropout > 0:
                 layers.append(nn.Dropout2d(spec.dropout))

@@ -5,7 +5,8 @@ tail of 1x1 convs, global average pooling and a 1x1 classifier. No conv has a bi
 the classifier is followed by BatchNorm + ReLU, which is what the seed study's parameter counts show.
 
 Space version 3's ops, each off by default (so every older spec reads and builds as before):
-- the net's first conv may be 5x5 (`first_kernel`); it is always a plain conv;
+- the net's first conv may be 5x5 (`first_kernel`); it is always a plain conv, and may have stride 2
+  (`first_stride`: early downsampling, as MCUNet's nets open and µNAS's convs may);
 - a block's other convs may be depthwise-separable (`op = "sep"`): a depthwise 3x3 conv (one filter
   per channel), then a 1x1 pointwise conv to the block's width; BatchNorm+ReLU after both, or after
   the pointwise conv only (`dw_norm = False`: the two convs are then one factorized linear map);
@@ -30,6 +31,7 @@ class SpecError(NasError):
 
 
 OPS = ("conv", "sep")  # a block's convs: plain 3x3, or depthwise-separable 3x3 (depthwise 3x3 + 1x1)
+STRIDES = (1, 2)  # the first conv's stride
 
 
 @dataclass(frozen=True)
@@ -49,9 +51,10 @@ class Shape:
     classes: int = 10
 
     def arch(self, blocks: tuple[BlockSpec, ...], tail: tuple[int, ...] = (), dropout: float = 0.0,
-             first_kernel: int = 3, dw_norm: bool = True) -> ArchSpec:
+             first_kernel: int = 3, dw_norm: bool = True, first_stride: int = 1) -> ArchSpec:
         return ArchSpec(blocks, tail, dropout, in_channels=self.channels, input_size=self.size,
-                        num_classes=self.classes, first_kernel=first_kernel, dw_norm=dw_norm)
+                        num_classes=self.classes, first_kernel=first_kernel, dw_norm=dw_norm,
+                        first_stride=first_stride)
 
 
 MNIST_SHAPE = Shape()
@@ -67,6 +70,7 @@ class ArchSpec:
     num_classes: int = 10
     first_kernel: int = 3  # the net's first conv: 3x3 or 5x5 (always a plain conv)
     dw_norm: bool = True  # separable convs: BatchNorm+ReLU after the depthwise conv too
+    first_stride: int = 1  # 2: the first conv halves the map (early downsampling)
 
     @property
     def shape(self) -> Shape:
@@ -75,7 +79,7 @@ class ArchSpec:
     @property
     def version3(self) -> bool:
         """Whether it uses any of space version 3's ops."""
-        return (self.first_kernel != 3 or not self.dw_norm
+        return (self.first_kernel != 3 or not self.dw_norm or self.first_stride != 1
                 or any(b.op != "conv" or b.residual for b in self.blocks))
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,7 +90,7 @@ class ArchSpec:
             for name, default in (("op", "conv"), ("residual", False)):
                 if block[name] == default:
                     del block[name]
-        for name, default in (("first_kernel", 3), ("dw_norm", True)):
+        for name, default in (("first_kernel", 3), ("dw_norm", True), ("first_stride", 1)):
             if data[name] == default:
                 del data[name]
         return data
@@ -217,8 +221,10 @@ def layer_table(spec: ArchSpec) -> list[LayerInfo]:
             before = (channels, size, size)
             first = index == 0 and position == 0
             kernel = spec.first_kernel if first else 3
-            size = size + (kernel - 1) * (block.padding - 1)  # padded: kept; else shrunk by kernel - 1
+            stride = spec.first_stride if first else 1
+            size = conv_output_size(size, kernel, block.padding, stride)
             rf += (kernel - 1) * jump
+            jump *= stride
             after = (width, size, size)
             residual = block.residual and before == after
             if block.op == "sep" and not first:
@@ -245,6 +251,13 @@ def layer_table(spec: ArchSpec) -> list[LayerInfo]:
     rows.append(LayerInfo("classifier", (spec.num_classes, 1, 1), channels * spec.num_classes, spec.input_size,
                           channels * spec.num_classes, (channels, 1, 1)))
     return rows
+
+
+def conv_output_size(size: int, kernel: int, padding: int, stride: int = 1) -> int:
+    """The side of a conv's output map: padded (`padding` 1, kernel // 2 pixels a side), it keeps the
+    map's size, else shrinks it by kernel - 1; a stride of 2 then halves it, rounding up (PyTorch's
+    floor((size + 2 pad - kernel) / stride) + 1)."""
+    return (size + 2 * padding * (kernel // 2) - kernel) // stride + 1
 
 
 def _check_size(size: int, layer: str, block: int) -> None:
@@ -298,9 +311,9 @@ def receptive_field(spec: ArchSpec) -> int:
 def layer_string(spec: ArchSpec) -> str:
     """The architecture in one short line: conv widths per block (`p1`: padded), `M` for each
     max-pool, `1x1:` the tail, e.g. Model 3 is `10-10-10p1 M 16-16-8-8 1x1:8-16`. Version 3's ops:
-    `k5` after a 5x5 first conv's width, `s` after a separable conv's, `+` after a conv that adds its
-    input (residual), and `dwlin` at the end where separable convs have no BatchNorm+ReLU between
-    their two convs, e.g. `8k5-12s-12s+p1 M 24s-24s+p1 1x1:16`."""
+    `k5` after a 5x5 first conv's width, `/2` after a first conv of stride 2, `s` after a separable
+    conv's, `+` after a conv that adds its input (residual), and `dwlin` at the end where separable
+    convs have no BatchNorm+ReLU between their two convs, e.g. `8k5/2-12s-12s+p1 M 24s-24s+p1 1x1:16`."""
     residuals = iter(row.residual for row in layer_table(spec) if row.name in ("conv3x3", "conv5x5", "pwconv1x1"))
     blocks = []
     for index, block in enumerate(spec.blocks):
@@ -308,6 +321,7 @@ def layer_string(spec: ArchSpec) -> str:
         for position, width in enumerate(block.widths):
             first = index == 0 and position == 0
             word = str(width) + (f"k{spec.first_kernel}" if first and spec.first_kernel != 3 else "")
+            word += f"/{spec.first_stride}" if first and spec.first_stride != 1 else ""
             word += "s" if block.op == "sep" and not first else ""
             words.append(word + ("+" if next(residuals) else ""))
         blocks.append("-".join(words) + ("p" + str(block.padding) if block.padding else ""))
@@ -331,6 +345,8 @@ def validate_fields(spec: ArchSpec) -> None:
             raise SpecError(f"block {i + 1} op must be one of {', '.join(OPS)}, got {block.op!r}")
     if spec.first_kernel not in (3, 5):
         raise SpecError(f"first_kernel must be 3 or 5, got {spec.first_kernel}")
+    if spec.first_stride not in STRIDES:
+        raise SpecError(f"first_stride must be 1 or 2, got {spec.first_stride}")
     if any(w < 1 for w in spec.tail):
         raise SpecError(f"tail has a width below 1: {spec.tail}")
     if not 0.0 <= spec.dropout < 1.0:

@@ -13,8 +13,8 @@ from typing import Any
 
 from nas.data import DataConfig, DataError
 from nas.errors import NasError
-from nas.space import DEFAULT_VERSION, VERSIONS, Budget, SpaceConfig, smallest_arch
-from nas.spec import OPS, PRESETS, Preset, Shape, SpecError, count_params, load_arch
+from nas.space import DEFAULT_VERSION, VERSIONS, Budget, SpaceConfig, smallest_archs
+from nas.spec import OPS, PRESETS, STRIDES, Preset, Shape, SpecError, count_params, load_arch
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -22,7 +22,7 @@ else:
     import tomli as tomllib
 
 DEFAULT_STUDY_FILE = Path("studies/mnist-8k.toml")
-OBJECTIVES = ("accuracy", "params", "macs", "peak_ram")
+OBJECTIVES = ("accuracy", "params", "macs", "peak_ram", "flash")  # the second: a trial user attribute (int8 costs)
 # The shapes of the data sets that come in one shape, so a study file is checked before any is read.
 KNOWN_SHAPES = {"mnist": Shape(1, 28, 10), "fashion-mnist": Shape(1, 28, 10), "kmnist": Shape(1, 28, 10),
                 "cifar10": Shape(3, 32, 10), "svhn": Shape(3, 32, 10), "digits": Shape(1, 8, 10)}
@@ -42,7 +42,12 @@ class RungConfig:
     (a) at most `margin` percentage points below the best rung score so far and (b) within the top
     `keep` share of all rung scores so far, once there are `startup` earlier ones
     (nas.study.sampling.goes_on). The enqueued presets run first and set the bar. The crowd_*,
-    second_* and curve_* keys are levers on the rung's cost (nas.study.levers), off by default."""
+    second_* and curve_* keys are levers on the rung's cost (nas.study.levers), off by default.
+
+    In a two-objective study (accuracy and a cost) only cheaper rivals count: a candidate stops if
+    its rung score is more than `margin` points below the best rung score of the other trials that
+    cost no more than it does (the second objective); `keep`, `startup` and the levers do not apply
+    (nas.study.front_rung.goes_on_front)."""
 
     subset: int = 10000
     epochs: int = 2
@@ -162,11 +167,12 @@ def check(config: StudyConfig, source: str) -> None:
 def check_fits(config: StudyConfig, shape: Shape, source: str = "study file") -> None:
     """ConfigError unless the space holds a net for inputs and classes of `shape` under the budget."""
     try:
-        arch = smallest_arch(config.space, shape)
-        smallest = count_params(arch)
+        archs = smallest_archs(config.space, shape)
+        smallest = min(map(count_params, archs))
     except SpecError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    broken = [b for b in config.limits.over(arch) if "params" not in b]
+    breaks = [[b for b in config.limits.over(arch) if "params" not in b] for arch in archs]
+    broken = min(breaks, key=len)  # empty where some input side and stride fits every device budget
     if broken:
         raise ConfigError(f"{source}: the smallest architecture in the search space breaks a device budget "
                           f"({'; '.join(broken)}): no net can be trained")
@@ -208,6 +214,17 @@ def check_space(space: SpaceConfig, source: str) -> None:
         chosen = getattr(space, key)
         if not chosen or any(c not in allowed or type(c) is not type(allowed[0]) for c in chosen):
             raise ConfigError(f"{source}: {key} takes choices from {list(allowed)}, got {list(chosen)}")
+    check_device_choices(space, source)
+
+
+def check_device_choices(space: SpaceConfig, source: str) -> None:
+    """`first_stride` (version 3 only: older spaces keep their meaning) and `image_sizes`."""
+    if not space.first_stride or any(s not in STRIDES or type(s) is not int for s in space.first_stride):
+        raise ConfigError(f"{source}: first_stride takes choices from {list(STRIDES)}, got {list(space.first_stride)}")
+    if space.first_stride != (1,) and space.version != 3:
+        raise ConfigError(f"{source}: first_stride is searched by space version 3, not {space.version}")
+    if any(type(s) is not int or s < 1 for s in space.image_sizes) or len(set(space.image_sizes)) < len(space.image_sizes):
+        raise ConfigError(f"{source}: image_sizes takes distinct positive sides in pixels, got {list(space.image_sizes)}")
 
 
 def load_study_config(path: Path) -> StudyConfig:

@@ -195,7 +195,7 @@ def test_the_study_bar_counts_earlier_trials_and_its_clock_ticks_until_closed(ca
     assert not bar.ticker.is_alive()
     out = "".join(printed) + capsys.readouterr().out
     assert "Trials:  40%" in out and "2/5" in out and "best=98.50% (#1)" in out
-    assert "eta=00:00" in out  # the earlier trials took no time (nas.study.progress.expected_seconds)
+    assert "eta=00:00" in out  # the earlier trials took no time (nas.study.eta.eta_seconds)
 
 
 INTERRUPTED_TARGET = '''

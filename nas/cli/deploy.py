@@ -25,6 +25,7 @@ from nas import data
 from nas.cli.args import ArgumentParser, add_data_dir, add_run_flags, fail, run_settings
 from nas.cli.target import add_target_flags, resolve_target
 from nas.cpu import cpu_model, tune_allocator
+from nas.data.resize import resized_data
 from nas.deployment import (CALIBRATION_IMAGES, FP32_FILE, INT8_FILE, DeployError, RawImages, calibration_images,
                             deployable, export_and_measure)
 from nas.errors import NasError
@@ -79,6 +80,7 @@ def from_study(args) -> Trained:
         tune_allocator()
         if run.threads:
             torch.set_num_threads(run.threads)
+        source = resized_data(source, arch.input_size)  # the input side the trial drew, where it drew one
         split = source.split("test", None, torch.device(run.device))
         print(f"Training trial {trial.number} on all {len(split.train_x):,} training images: {config.epochs} "
               f"epochs, seed {config.seed}, {run.describe()}", flush=True)
@@ -89,7 +91,7 @@ def from_study(args) -> Trained:
     model, saved = stored_weights(trial, directory)
     arch = ArchSpec.from_dict(saved["arch"])
     images = saved["run"].get("subset") or len(source.train_x)
-    return Trained(label, arch, model, source, f"the weights trial {trial.number} stored (trained on {images:,} "
+    return Trained(label, arch, model, resized_data(source, arch.input_size), f"the weights trial {trial.number} stored (trained on {images:,} "
                    "training images, validation held out)")
 
 

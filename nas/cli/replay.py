@@ -21,6 +21,7 @@ from torch import nn
 from nas import data
 from nas.cli.args import ArgumentParser, add_data_dir, fail
 from nas.cpu import tune_allocator
+from nas.data.resize import resized_split
 from nas.errors import NasError
 from nas.model import summary_table
 from nas.run.record import BATCHNORM_PATHS
@@ -77,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(run.device)
         root = data.resolve_data_dir(args.data_dir)
         source = open_study_data(study, root, not args.quiet, notify=lambda line: print(line, file=sys.stderr))
-        split = source.split("test" if args.full_train else "valid", run.subset, device)
-        test = source.split("test", None, device)
+        # at the input side the trial drew (nas.data.resize), where the study searched it
+        split = resized_split(source.split("test" if args.full_train else "valid", run.subset, device), arch.input_size)
+        test = resized_split(source.split("test", None, device), arch.input_size)
     except NasError as exc:
         return fail(exc)
 

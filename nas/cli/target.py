@@ -14,6 +14,7 @@ import torch
 from nas import data
 from nas.cli.args import positive_int
 from nas.cpu import tune_allocator
+from nas.data.resize import resized_data, resized_split
 from nas.run.record import RunRecord
 from nas.spec import PRESETS, ArchSpec, SpecError, TrainConfig, count_params, load_arch
 from nas.study.confirm import recorded_run
@@ -34,7 +35,7 @@ class Target:
 
 def resolve_target(args: argparse.Namespace, settings: RunSettings) -> Target:
     """The net `args.model` names, set up to train on all training images of MNIST or of
-    `args.study_file`'s data. Raises SpecError, ConfirmError, ConfigError, ValueError or DataError
+    `args.study_file`'s data (resized to the side it is made for). Raises SpecError, ConfirmError, ConfigError, ValueError or DataError
     (all one line) before anything trains; sets the thread count."""
     recorded = recorded_run(Path(args.model), args.seed, args.candidate)
     if recorded is not None:
@@ -51,9 +52,11 @@ def resolve_target(args: argparse.Namespace, settings: RunSettings) -> Target:
         arch = replace(arch, in_channels=split.shape.channels, input_size=split.shape.size,
                        num_classes=split.shape.classes)
         count_params(arch)  # SpecError where the data's images are too small for it
-    elif arch.shape != split.shape:
+    elif replace(arch.shape, size=split.shape.size) != split.shape:
         raise SpecError(f"{args.model} is made for {arch.in_channels}x{arch.input_size}x{arch.input_size} inputs "
                         f"and {arch.num_classes} classes; the data is {source.describe()}")
+    else:  # made for another side (a study that searched image_sizes): the images are resized to it
+        source, split = resized_data(source, arch.input_size), resized_split(split, arch.input_size)
     tune_allocator()
     if settings.threads:
         torch.set_num_threads(settings.threads)

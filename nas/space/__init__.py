@@ -13,8 +13,12 @@ Version 3 is version 2 with the ops of the best tiny nets (nas.spec): per block 
 depthwise-separable convs (`b1_op`), its own padding (`b1_padding`), and a residual add
 (`b1_residual`, asked of padded blocks of two convs or more, whose convs then share one width,
 `b1_l0_rel`); the first conv's kernel (`first_kernel`), and for separable nets whether BatchNorm+ReLU
-sits between the depthwise and the pointwise conv (`dw_norm`). A study file without `version` still
+sits between the depthwise and the pointwise conv (`dw_norm`), and the first conv's stride
+(`first_stride`: 2 halves the map at once, early downsampling). A study file without `version` still
 means version 2 (DEFAULT_VERSION).
+
+Any version may search the input's side (`image_size`, drawn from `image_sizes`): the net is built
+for that size, its costs counted at it, and the data resized to it (nas.data.resize).
 
 `python -m nas.space --sample 200` shows what a study file's space draws, untrained (draw, sample_report).
 """
@@ -31,8 +35,8 @@ from typing import Any
 
 import optuna
 
-from nas.spec import (MNIST_SHAPE, ArchSpec, BlockSpec, Preset, Shape, SpecError, TrainConfig, costs, count_params,
-                      layer_string, layer_table, receptive_field)
+from nas.spec import (MNIST_SHAPE, ArchSpec, BlockSpec, Preset, Shape, SpecError, TrainConfig, conv_output_size, costs,
+                      count_params, layer_string, layer_table, receptive_field)
 
 VERSIONS = (1, 2, 3)
 DEFAULT_VERSION = 2  # what a study file without `version` searches
@@ -101,6 +105,8 @@ class SpaceConfig:
     residual: tuple[bool, ...] = (False, True)  # a padded block of 2+ convs: whether its convs add their input
     first_kernel: tuple[int, ...] = (3, 5)  # the first conv's kernel
     dw_norm: tuple[bool, ...] = (True, False)  # separable convs: BatchNorm+ReLU between the two convs
+    first_stride: tuple[int, ...] = (1,)  # version 3: the first conv's stride (2: early downsampling)
+    image_sizes: tuple[int, ...] = ()  # input sides a trial draws from (data resized to it); (): the data's own
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SpaceConfig:
@@ -133,9 +139,11 @@ def suggest(
     trial: optuna.Trial, space: SpaceConfig, epochs: int, seed: int, budget: int | Budget | None = None,
     shape: Shape = MNIST_SHAPE,
 ) -> tuple[ArchSpec, TrainConfig]:
-    """The trial's architecture and training config, for inputs and classes of `shape`. A version-2
-    space needs the study's `budget` (strictly more parameters than the net may have); version 1
-    ignores it."""
+    """The trial's architecture and training config, for inputs and classes of `shape` (its side
+    drawn from the space's `image_sizes`, where it has any). A version-2 space needs the study's
+    `budget` (strictly more parameters than the net may have); version 1 ignores it."""
+    if space.image_sizes:
+        shape = dataclasses.replace(shape, size=_choice(trial, "image_size", space.image_sizes))
     if space.version == 1:
         arch = _absolute_arch(trial, space, shape)
     elif budget is None:
@@ -208,8 +216,9 @@ def _scaled_arch_v3(trial: optuna.Trial, space: SpaceConfig, budget: Budget, sha
     n_blocks = _int(trial, "n_blocks", space.blocks)
     first_padding = _choice(trial, "b0_padding", space.first_padding)
     kernel = _choice(trial, "first_kernel", space.first_kernel)
-    size = shape.size
-    n_blocks = min(n_blocks, max(max_blocks(size, first_padding, space.layers[0], kernel), 1))
+    stride = _choice(trial, "first_stride", space.first_stride)
+    n_blocks = min(n_blocks, max(max_blocks(shape.size, first_padding, space.layers[0], kernel, stride), 1))
+    size = conv_output_size(shape.size, kernel, first_padding, stride)  # block 0's map after its first conv
     blocks = []
     for i in range(n_blocks):
         if i > 0:
@@ -217,10 +226,10 @@ def _scaled_arch_v3(trial: optuna.Trial, space: SpaceConfig, budget: Budget, sha
         pad = first_padding if i == 0 else _choice(trial, f"b{i}_padding", space.padding)
         n_layers = _int(trial, f"b{i}_layers", space.layers)
         if not pad:
-            extra = kernel - 3 if i == 0 else 0  # a 5x5 first conv shrinks the map by 2 more
-            room = (size - extra - _size_needed_after(n_blocks - 1 - i, space.layers[0])) // 2
+            first = i == 0  # block 0's first conv is counted in `size` already
+            room = (size - _size_needed_after(n_blocks - 1 - i, space.layers[0])) // 2 + first
             n_layers = min(n_layers, max(room, space.layers[0]))  # no room for the minimum: count_params says so
-            size -= 2 * n_layers + extra
+            size -= 2 * (n_layers - first)
         op = _choice(trial, f"b{i}_op", space.ops) if n_layers > (i == 0) else "conv"  # the first conv is plain
         residual = bool(_choice(trial, f"b{i}_residual", space.residual)) if pad and n_layers >= 2 else False
         if residual:  # one width for the block, so that every conv after its first keeps the shape
@@ -232,15 +241,15 @@ def _scaled_arch_v3(trial: optuna.Trial, space: SpaceConfig, budget: Budget, sha
     tail = tuple(_float(trial, f"tail{k}_rel", space.relative_width) for k in range(n_tail))
     dw_norm = bool(_choice(trial, "dw_norm", space.dw_norm)) if any(b.op == "sep" for b in blocks) else True
     fraction = _float(trial, "budget_fraction", space.budget_fraction)
-    proportions = shape.arch(tuple(blocks), tail, _float(trial, "dropout", space.dropout), kernel, dw_norm)
+    proportions = shape.arch(tuple(blocks), tail, _float(trial, "dropout", space.dropout), kernel, dw_norm, stride)
     return fit_widths(proportions, space.width, lambda arch: budget.within(arch, fraction))
 
 
-def max_blocks(size: int, padding: int, min_layers: int, first_kernel: int = 3) -> int:
+def max_blocks(size: int, padding: int, min_layers: int, first_kernel: int = 3, first_stride: int = 1) -> int:
     """The most blocks of at least `min_layers` 3x3 convs (the first padded by `padding`, a 2x2
-    pool between each two; the net's first conv `first_kernel` wide) that an input of side `size`
-    leaves at least 1x1, later blocks unpadded; 0 if not even one."""
-    first = size if padding else size - 2 * min_layers - (first_kernel - 3)
+    pool between each two; the net's first conv `first_kernel` wide, of stride `first_stride`) that
+    an input of side `size` leaves at least 1x1, later blocks unpadded; 0 if not even one."""
+    first = conv_output_size(size, first_kernel, padding, first_stride) - 2 * (min_layers - 1) * (1 - padding)
     blocks = 0
     while first >= _size_needed_after(blocks, min_layers):
         blocks += 1
@@ -305,6 +314,8 @@ def params_of(arch: ArchSpec, train: TrainConfig, space: SpaceConfig, budget: in
     (widths and shares within its ranges) is for the caller to check, by rebuilding through
     FixedTrial, which warns on a value out of range."""
     params: dict[str, Any] = {"n_blocks": len(arch.blocks), "b0_padding": arch.blocks[0].padding}
+    if space.image_sizes:
+        params["image_size"] = arch.input_size
     for i, block in enumerate(arch.blocks):
         params[f"b{i}_layers"] = len(block.widths)
     params["tail_layers"] = len(arch.tail)
@@ -346,7 +357,8 @@ def _params_of_v3(arch: ArchSpec, train: TrainConfig, space: SpaceConfig, budget
         raise ValueError("a version-3 search space scales widths to the budget: pass budget=")
     widest = max(w for b in arch.blocks for w in (*b.widths, *arch.tail))
     params: dict[str, Any] = {"n_blocks": len(arch.blocks), "b0_padding": arch.blocks[0].padding,
-                              "first_kernel": arch.first_kernel, "tail_layers": len(arch.tail),
+                              "first_kernel": arch.first_kernel, "first_stride": arch.first_stride,
+                              "image_size": arch.input_size, "tail_layers": len(arch.tail),
                               "dw_norm": arch.dw_norm, "dropout": arch.dropout,
                               "budget_fraction": (count_params(arch) + 0.5) / budget}
     for i, block in enumerate(arch.blocks):
@@ -376,10 +388,11 @@ def _asked(params: dict[str, Any], space: SpaceConfig, budget: int | Budget, sha
 def upgraded(params: dict[str, Any], space: SpaceConfig) -> dict[str, Any]:
     """A version-2 trial's params worded for the version-3 `space`: the same widths, shares and
     training, with plain 3x3 convs, later blocks unpadded, no residual and a 3x3 first conv (of
-    those, the params `space` asks). With the same budget it rebuilds the same net; with another,
+    those, the params `space` asks; a space that searches the input's side needs `image_size` among
+    `params`). With the same budget it rebuilds the same net; with another,
     the same shape scaled to it (nas.study.create.enqueue_scaled)."""
     n_blocks = params.get("n_blocks", space.blocks[0])
-    full = {**params, "first_kernel": 3, "dw_norm": True,
+    full = {**params, "first_kernel": 3, "first_stride": 1, "dw_norm": True,
             **{f"b{i}_{key}": value for i in range(n_blocks)
                for key, value in (("op", "conv"), ("padding", 0), ("residual", False)) if i or key != "padding"}}
     return _asked(full, space, budget=10**9)  # which params it asks, not the net: any budget
@@ -404,10 +417,10 @@ def express(params: dict[str, Any], space: SpaceConfig, budget: int | Budget, ep
     return (trial, arch, train) if params_used and fits else None
 
 
-def smallest_arch(space: SpaceConfig, shape: Shape = MNIST_SHAPE) -> ArchSpec:
+def smallest_arch(space: SpaceConfig, shape: Shape = MNIST_SHAPE, first_stride: int = 1) -> ArchSpec:
     """The architecture with the fewest parameters the space can produce for inputs of `shape`
-    (unpadded: a version-2 space caps blocks where the map runs out); SpecError if the input is too
-    small for any of its nets."""
+    (unpadded: a version-2 space caps blocks where the map runs out), its first conv of stride
+    `first_stride`; SpecError if the input is too small for any of its nets."""
     width = space.width[0]
     blocks = space.blocks[0]
     v3 = space.version == 3
@@ -415,16 +428,35 @@ def smallest_arch(space: SpaceConfig, shape: Shape = MNIST_SHAPE) -> ArchSpec:
     kernel = min(space.first_kernel) if v3 else 3
     dw_norm = not (v3 and False in space.dw_norm)
     if space.version != 1:
-        room = max(max_blocks(shape.size, padding, space.layers[0], kernel) for padding in space.first_padding)
+        room = max(max_blocks(shape.size, padding, space.layers[0], kernel, first_stride)
+                   for padding in space.first_padding)
         if room < 1:
             raise SpecError(f"a {shape.size}x{shape.size} input is too small for any net in the search space "
                             f"(its first block has at least {space.layers[0]} 3x3 convs)")
         blocks = min(blocks, room)
-    padding = max(space.first_padding) if blocks > max_blocks(shape.size, 0, space.layers[0], kernel) else 0
+    padding = (max(space.first_padding) if blocks > max_blocks(shape.size, 0, space.layers[0], kernel, first_stride)
+               else 0)
     return shape.arch(
         tuple(BlockSpec((width,) * space.layers[0], padding if i == 0 else 0, op) for i in range(blocks)),
-        (width,) * space.tail_layers[0], first_kernel=kernel, dw_norm=dw_norm,
+        (width,) * space.tail_layers[0], first_kernel=kernel, dw_norm=dw_norm, first_stride=first_stride,
     )
+
+
+def smallest_archs(space: SpaceConfig, shape: Shape = MNIST_SHAPE) -> list[ArchSpec]:
+    """smallest_arch for each input side the space draws (`image_sizes`, else `shape`'s) and each
+    first stride that side leaves room for; SpecError naming a side too small for any net."""
+    archs = []
+    for size in space.image_sizes or (shape.size,):
+        sized, error = [], None
+        for stride in space.first_stride if space.version == 3 else (1,):
+            try:
+                sized.append(smallest_arch(space, dataclasses.replace(shape, size=size), stride))
+            except SpecError as exc:
+                error = error or exc
+        if not sized:
+            raise error
+        archs += sized
+    return archs
 
 
 # --- what a space draws, untrained (python -m nas.space --sample N) --------------------------------

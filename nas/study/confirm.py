@@ -34,11 +34,12 @@ from tqdm import tqdm
 
 from nas import data
 from nas.cpu import cpu_model, tune_allocator
+from nas.data.resize import resize_images, resized_split
 from nas.errors import NasError
 from nas.run.record import RunRecord
-from nas.spec import PRESETS, ArchSpec, SpecError, TrainConfig, count_params
-from nas.study.stored import (BASELINE, config_from_study, confirm_key, confirmed_best, open_study, rebuild,
-                              stored_run)
+from nas.spec import PRESETS, ArchSpec, Shape, SpecError, TrainConfig, count_params
+from nas.study.stored import (BASELINE, DATA_ATTR, config_from_study, confirm_key, confirmed_best, open_study,
+                              rebuild, stored_run)
 from nas.study.trials import epochs_to_target, ranked_trials, score
 from nas.studyfile import StudyConfig
 from nas.train import train
@@ -128,7 +129,7 @@ def pick_candidates(study: optuna.Study, config: StudyConfig, top: int, device: 
     else:
         preset = PRESETS[BASELINE]
         best = chosen[0]
-        shape = best.arch.shape
+        shape = data_shape(study, best.arch.shape)
         arch = replace(preset.arch, in_channels=shape.channels, input_size=shape.size, num_classes=shape.classes)
         try:
             fits = count_params(arch) < config.budget
@@ -138,6 +139,12 @@ def pick_candidates(study: optuna.Study, config: StudyConfig, top: int, device: 
             chosen.append(Candidate(BASELINE, arch, replace(preset.train, epochs=best.train.epochs),
                                     replace(best.run, batchnorm="pytorch"), None))
     return chosen
+
+
+def data_shape(study: optuna.Study, fallback: Shape) -> Shape:
+    """The shape of the study's data as it stored it (a trial's may be resized: [space] image_sizes)."""
+    stored = study.user_attrs.get(DATA_ATTR)
+    return Shape(stored["shape"][0], stored["shape"][1], len(stored["classes"])) if stored else fallback
 
 
 def leaderboard(candidates: list[Candidate], results: dict[str, list[dict]]) -> list[str]:
@@ -348,16 +355,17 @@ def confirm_one(candidate: Candidate, config: TrainConfig, run: RunRecord, *, so
                 splits: dict, score_epochs: int, progress: bool, int8: bool = False) -> dict:
     device = torch.device(run.device)
     which = ("test", run.subset) if test else ("valid", run.subset)
-    if (which, run.device) not in splits:
-        splits[(which, run.device)] = source.split(which[0], which[1], device)
+    size = candidate.arch.input_size  # the side the trial drew, where the study searched it (nas.data.resize)
+    if (which, run.device, size) not in splits:
+        splits[(which, run.device, size)] = resized_split(source.split(which[0], which[1], device), size)
     if run.threads:
         torch.set_num_threads(run.threads)
     if candidate.trial is None:  # Model 3 from its preset: set up for this machine
         settings = RunSettings(device=run.device, precision=run.precision, batchnorm=run.batchnorm,
                                compile=run.compiled, ema=run.weight_average)
-        run = resolve_run(candidate.arch, config, settings, device, len(splits[(which, run.device)].train_x),
+        run = resolve_run(candidate.arch, config, settings, device, len(splits[(which, run.device, size)].train_x),
                           run.subset)
-    split = splits[(which, run.device)]
+    split = splits[(which, run.device, size)]
     result = train(candidate.arch, config, split, run, progress=progress)
     accuracies = [e.eval_acc for e in result.history]
     stored = {"candidate": candidate.label, "trial": candidate.trial.number if candidate.trial else None,
@@ -367,7 +375,8 @@ def confirm_one(candidate: Candidate, config: TrainConfig, run: RunRecord, *, so
         from nas.deployment import int8_accuracy
 
         stored["onnx_fp32_acc"], stored["int8_acc"] = int8_accuracy(result.model, split.mean, split.std,
-                                                                    source.train_x, split.eval_x, split.eval_y)
+                                                                    resize_images(source.train_x, size), split.eval_x,
+                                                                    split.eval_y)
     return stored
 
 

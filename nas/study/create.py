@@ -177,12 +177,14 @@ def enqueue_presets(study: optuna.Study, config: StudyConfig, names: tuple[str, 
         if name in present:
             continue
         preset = design(name)
-        arch = dataclasses.replace(preset.arch, in_channels=shape.channels, input_size=shape.size,
+        # a design made for one of the sides the space draws keeps it; any other is made to the data's
+        size = preset.arch.input_size if preset.arch.input_size in config.space.image_sizes else shape.size
+        arch = dataclasses.replace(preset.arch, in_channels=shape.channels, input_size=size,
                                    num_classes=shape.classes)
         try:
             params = count_params(arch)
         except SpecError as exc:
-            say(f"note: {name} does not fit {shape.size}x{shape.size} inputs ({exc}); not enqueued")
+            say(f"note: {name} does not fit {size}x{size} inputs ({exc}); not enqueued")
             continue
         broken = config.limits.over(arch)
         if broken:

@@ -19,10 +19,12 @@ import torch
 from tqdm import tqdm
 
 from nas.data import Split, describe
+from nas.data.resize import SplitsBySize
 from nas.model import summary_table
 from nas.run.record import RUN_ATTR, RunRecord
 from nas.space import suggest
 from nas.spec import ArchSpec, SpecError, TrainConfig, cost_lines, costs, count_params, layer_string, receptive_field
+from nas.study.front_rung import front_rung_verdict
 from nas.study.levers import SECOND_RUNG_ATTR, keep_share, second_rung_pays, second_rung_scores
 from nas.study.progress import TrialProgress
 from nas.study.sampling import RUNG_STEP, goes_on, rung_pays
@@ -55,6 +57,7 @@ class Objective:
     def __init__(self, config: StudyConfig, options: SearchOptions, split: Split, device: torch.device,
                  artifact_dir: Path | None):
         self.config, self.options, self.split, self.device = config, options, split, device
+        self.sized = SplitsBySize(split)  # the split at each input side the trials draw, resized once
         self.artifact_dir = artifact_dir
         self.multi = len(config.objectives) > 1
         self.nested = False  # True while a study bar is drawn above the epoch bars (run_worker)
@@ -64,6 +67,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         arch, train_config = suggest(trial, self.config.space, self.options.epochs, self.options.seed,
                                      budget=self.config.limits, shape=self.split.shape)
+        trial.set_user_attr("image_size", arch.input_size)
         try:
             params = count_params(arch)
         except SpecError as exc:
@@ -83,16 +87,18 @@ class Objective:
         trial.set_user_attr("arch", arch.to_dict())
         trial.set_user_attr("train", train_config.to_dict())
         trial.set_user_attr("worker", self.options.worker)
-        run = resolve_run(arch, train_config, self.options.run, self.device, len(self.split.train_x),
+        split = self.sized(arch.input_size)
+        run = resolve_run(arch, train_config, self.options.run, self.device, len(split.train_x),
                           self.options.subset)
         trial.set_user_attr(RUN_ATTR, run.to_dict())
-        self.say(f"Trial {trial.number}: {params:,} params, {layer_string(arch)}; {train_config.optimizer} "
+        side = f" at {arch.input_size}x{arch.input_size}" if self.config.space.image_sizes else ""
+        self.say(f"Trial {trial.number}: {params:,} params{side}, {layer_string(arch)}; {train_config.optimizer} "
                  f"lr {train_config.lr:.3g}, batch {train_config.batch_size}, {train_config.scheduler}, "
                  f"augment {train_config.augment:.2f}", detail=True)
-        if self.config.pruner == "rung" and not self.multi and rung_pays(self.config, train_config.epochs,
-                                                                            len(self.split.train_x)):
-            self.run_rung(trial, arch, train_config, run)
-            self.run_second_rung(trial, arch, train_config, run)
+        if self.config.pruner == "rung" and rung_pays(self.config, train_config.epochs, len(split.train_x)):
+            self.run_rung(trial, arch, train_config, run, split)
+            if not self.multi:
+                self.run_second_rung(trial, arch, train_config, run, split)
         accuracies: list[float] = []
         int8: list[float] = []  # score = "int8": the int8 model's accuracy in each scored epoch
         steps = Steps(self.progress, self.options.worker, trial.number, "preset" in trial.user_attrs)
@@ -103,7 +109,7 @@ class Objective:
             steps.epoch(result.epoch, result.eval_acc)
             trial.set_user_attr("epoch_acc", accuracies)
             if self.config.score == "int8" and result.epoch > train_config.epochs - self.config.score_epochs:
-                int8.append(self.int8_accuracy(model))
+                int8.append(self.int8_accuracy(model, split))
                 trial.set_user_attr("int8_acc", int8)
             if self.bars:
                 tqdm.write(f"Epoch {result.epoch}: {epoch_line(result, 'valid')}", file=sys.stdout)
@@ -116,7 +122,7 @@ class Objective:
                 raise optuna.TrialPruned(f"pruned after epoch {result.epoch}")
 
         try:
-            result = train(arch, train_config, self.split, run, on_epoch=on_epoch, progress=self.bars,
+            result = train(arch, train_config, split, run, on_epoch=on_epoch, progress=self.bars,
                            nested=self.nested)
         except DivergedError as exc:
             trial.set_user_attr("failed_reason", str(exc))
@@ -135,24 +141,24 @@ class Objective:
         trial.set_user_attr("train_seconds", round(result.seconds, 2))
         self.save_weights(trial, arch, train_config, run, result.model)
         save_layer_note(trial, arch, train_config)
-        second = {"params": params, "macs": cost.macs, "peak_ram": cost.peak_ram}.get(self.config.objectives[-1])
-        return (value, float(second)) if self.multi else value
+        return (value, float(trial.user_attrs[self.config.objectives[-1]])) if self.multi else value
 
-    def int8_accuracy(self, model: torch.nn.Module) -> float:
+    def int8_accuracy(self, model: torch.nn.Module, split: Split) -> float:
         """The model's validation accuracy as the int8 ONNX model nas.deploy would ship (an export,
         a calibration on training images and an ONNX Runtime pass over the validation images)."""
         from nas.deployment import int8_accuracy
 
-        split = self.split
         _, int8 = int8_accuracy(model, split.mean, split.std, split.train_x, split.eval_x, split.eval_y)
         return int8
 
-    def run_rung(self, trial: optuna.Trial, arch: ArchSpec, train_config: TrainConfig, run: RunRecord) -> None:
+    def run_rung(self, trial: optuna.Trial, arch: ArchSpec, train_config: TrainConfig, run: RunRecord,
+                 split: Split) -> None:
         """The cheap first rung (config.rung): a short run on the first images, scored on the
-        validation split and reported at step RUNG_STEP; the pruner decides whether full training follows."""
+        validation split; the pruner (one objective: the score reported at step RUNG_STEP) or the
+        two-objective rule (nas.study.front_rung) decides whether full training follows."""
         rung = self.config.rung
         short = dataclasses.replace(train_config, epochs=rung.epochs)
-        split = self.split.head(rung.subset)
+        split = split.head(rung.subset)
         try:
             if self.progress is not None:
                 self.progress(TrialProgress(self.options.worker, trial.number, "rung",
@@ -162,22 +168,28 @@ class Objective:
         except DivergedError:
             value = 0.0
         trial.set_user_attr("rung_acc", value)
-        trial.report(value, RUNG_STEP)
-        if trial.should_prune():
+        if self.multi:
+            stops = not front_rung_verdict(trial.study, trial, value, self.config.objectives[-1], rung.margin)
+        else:
+            trial.report(value, RUNG_STEP)
+            stops = trial.should_prune()
+        if stops:
             trial.set_user_attr("pruned_at", RUNG_STEP)
+            why = " (a trial that costs no more beat it there)" if self.multi else ""
             self.say(f"Trial {trial.number}: stopped at the rung, {value:.2f}% validation after {rung.epochs} "
-                     f"epochs on {len(split.train_x):,} images")
+                     f"epochs on {len(split.train_x):,} images{why}")
             raise optuna.TrialPruned("not among the rung's best")
         self.say(f"Trial {trial.number}: rung {value:.2f}% validation, moves on to full training", detail=True)
 
-    def run_second_rung(self, trial: optuna.Trial, arch: ArchSpec, train_config: TrainConfig, run: RunRecord) -> None:
+    def run_second_rung(self, trial: optuna.Trial, arch: ArchSpec, train_config: TrainConfig, run: RunRecord,
+                        split: Split) -> None:
         """The second, longer rung (nas.study.levers, lever b), where the study file asks for one and it
         costs less than full training: a run of rung.second_epochs on the first rung.second_subset
         images, held to the rung's margin and keep share against the other trials' second-rung scores."""
         rung = self.config.rung
-        if not second_rung_pays(rung, train_config.epochs, len(self.split.train_x)):
+        if not second_rung_pays(rung, train_config.epochs, len(split.train_x)):
             return
-        split = self.split.head(rung.second_subset or len(self.split.train_x))
+        split = split.head(rung.second_subset or len(split.train_x))
         if self.progress is not None:
             self.progress(TrialProgress(self.options.worker, trial.number, "rung 2",
                                         preset="preset" in trial.user_attrs))

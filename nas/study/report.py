@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial
 
 from nas.errors import NasError, writing
 from nas.study.trials import (
+    cost_objective,
     is_multi_objective,
     pareto_trials,
     ranked_trials,
@@ -52,7 +53,8 @@ def budget_of(study: optuna.Study) -> int | None:
 # The cost a Pareto figure puts on its x axis: the study's second objective (parameters where it has
 # none): the trial user attribute, the axis label, the study file key of its budget.
 SIZE_AXES = {"params": ("params", "parameters", "budget"), "macs": ("macs", "MACs", "max_macs"),
-             "peak_ram": ("peak_ram", "peak activation RAM (int8 bytes)", "max_peak_ram")}
+             "peak_ram": ("peak_ram", "peak activation RAM (int8 bytes)", "max_peak_ram"),
+             "flash": ("flash", "flash (int8 weight bytes)", "max_flash")}
 
 
 def size_axis(study: optuna.Study) -> tuple[str, str, int | None]:
@@ -155,12 +157,13 @@ def intermediate_figure(study: optuna.Study) -> tuple[Figure | None, str]:
 
 
 def pareto_figure(study: optuna.Study) -> Figure:
-    """Validation error against size (the study's second objective: params, MACs or peak RAM) for
+    """Validation error against size (the study's second objective: params, MACs, peak RAM or flash) for
     every completed trial, the front joined by a step line.
 
     Error (100 - accuracy) on a log axis: 0.6% and 0.8% are far apart where the good trials sit,
     and a hopeless trial at 15% still fits on the same axis without squashing them."""
     key, label, budget = size_axis(study)
+    sizes = bool(study.user_attrs.get("config", {}).get("space", {}).get("image_sizes"))
     done = [t for t in ranked_trials(study) if key in t.user_attrs]
     front = pareto_trials(study)
     front_numbers = {t.number for t in front}
@@ -181,9 +184,8 @@ def pareto_figure(study: optuna.Study) -> Figure:
                label=f"Pareto front ({len(front)})")
     right = max([t.user_attrs[key] for t in done] + [budget or 0])
     for t in front:
-        name = t.user_attrs.get("preset")
         near_the_edge = t.user_attrs[key] > 0.96 * right  # label below left, inside the axes
-        ax.annotate(f"#{t.number}" + (f" {name}" if name else "") + f" {accuracy(t):.2f}%",
+        ax.annotate(front_label(t, key, sizes),
                     (t.user_attrs[key], error(t)), textcoords="offset points",
                     xytext=(-4, -4) if near_the_edge else (4, 4), ha="right" if near_the_edge else "left",
                     va="top" if near_the_edge else "bottom", fontsize=8)
@@ -213,6 +215,17 @@ def pareto_figure(study: optuna.Study) -> Figure:
     return fig
 
 
+def front_label(trial: FrozenTrial, key: str, sizes: bool = False) -> str:
+    """A front point's label: its number (and preset), accuracy and cost, with `sizes` (a study
+    that searched them) its input side, and a first conv of stride 2 as `/2`."""
+    name = trial.user_attrs.get("preset")
+    arch = trial.user_attrs.get("arch", {})
+    shape = [f"{arch['input_size']}px"] if sizes and "input_size" in arch else []
+    shape += ["/2"] if arch.get("first_stride", 1) != 1 else []
+    return (f"#{trial.number}" + (f" {name}" if name else "") + f" {accuracy(trial):.2f}%, "
+            f"{trial.user_attrs[key]:,}" + (f" ({' '.join(shape)})" if shape else ""))
+
+
 # Tick values (percent error) dense enough that 0.6% and 0.7% are told apart where the good
 # trials sit, and sparse enough to read across a wide range.
 LEGEND_LINES = 12  # trials a per-epoch figure names in a legend
@@ -238,7 +251,7 @@ def matplotlib_percent():
 
 def objectives_text(study: optuna.Study) -> str:
     if is_multi_objective(study):
-        return "validation accuracy (maximized) and parameter count (minimized): a Pareto front"
+        return f"validation accuracy (maximized) and {size_axis(study)[1]} (minimized): a Pareto front"
     return "validation accuracy (maximized), mean of the last epochs"
 
 
@@ -265,7 +278,7 @@ def index_markdown(study: optuna.Study, url: str, sections: list[Section], top: 
         "",
         "Completed trials that no other completed trial beats on both validation accuracy and size.",
         "",
-        trials_table(front),
+        trials_table(front, device=is_multi_objective(study) and cost_objective(study) != "params"),
         "",
         f"## Top {top} trials by validation accuracy",
         "",

@@ -26,7 +26,8 @@ from nas.storage.outage import lost_to_a_peer
 from nas.study.objective import Objective, SearchOptions
 from nas.study.progress import ProgressBar, TrialProgress
 from nas.study.sampling import make_pruner, make_sampler
-from nas.study.trials import counts, finished_trials, is_multi_objective, results_table, trial_counts
+from nas.study.trials import (COST_UNITS, cost_objective, counts, finished_trials, is_multi_objective,
+                              results_table, trial_counts)
 from nas.studyfile import StudyConfig
 from nas.workers import Line, Outbox, Slots, run_processes
 
@@ -155,7 +156,8 @@ def summary_lines(study: optuna.Study, storage_url: str) -> list[str]:
     lines = [f"Study {study.study_name!r}: " + ", ".join(f"{v} {k}" for k, v in counts.items()), ""]
     replay = f"python -m nas.replay --storage {storage_url} --study {study.study_name}"
     if is_multi_objective(study):
-        lines += ["Pareto front (validation accuracy up, params down), most accurate first:", ""]
+        lines += [f"Pareto front (validation accuracy up, {COST_UNITS[cost_objective(study)].removeprefix('B ')} "
+                  "down), most accurate first:", ""]
     lines += [results_table(study), ""]
     dashboard = f"optuna-dashboard {storage_url}"
     dashboard += f" --artifact-dir {artifact_dir_for(storage_url)}"

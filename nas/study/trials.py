@@ -80,12 +80,24 @@ def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
     return [sized[i] for i in keep]
 
 
+# How a line names each cost a two-objective study may trade accuracy against (its trial user attribute).
+COST_UNITS = {"params": "params", "macs": "MACs", "peak_ram": "B peak RAM", "flash": "B flash"}
+
+
+def cost_objective(study: optuna.Study) -> str:
+    """The cost a two-objective study minimizes beside accuracy (its study file's second
+    objective); "params" for one objective, or a study stored without its config."""
+    objectives = study.user_attrs.get("config", {}).get("objectives") or ["accuracy"]
+    return objectives[-1] if len(objectives) > 1 else "params"
+
+
 def front_note(study: optuna.Study, trial: FrozenTrial, picked: bool) -> str:
     """Where `trial` sits on a two-objective study's Pareto front, naming the front's trials;
     `picked`: it was chosen by default (the front's most accurate), not asked for by number."""
     front = pareto_trials(study)
     numbers = ", ".join(str(t.number) for t in front)
-    size = f"{trial.values[0]:.2f}% validation accuracy, {trial.user_attrs.get('params', 0):,} params"
+    cost = cost_objective(study)
+    size = f"{trial.values[0]:.2f}% validation accuracy, {trial.user_attrs.get(cost, 0):,} {COST_UNITS[cost]}"
     if picked:
         return (f"Trial {trial.number} is the most accurate of the Pareto front ({size}); "
                 f"front trials: {numbers} (pick one with --trial N)")
@@ -94,15 +106,22 @@ def front_note(study: optuna.Study, trial: FrozenTrial, picked: bool) -> str:
     return f"note: trial {trial.number} is not on the Pareto front ({size}); front trials: {numbers}"
 
 
-def trials_table(trials: list[FrozenTrial]) -> str:
-    """Markdown rows of completed trials, in the order given."""
-    rows = ["| # | val acc (mean last) | params | RF | epochs to 99.4 | optimizer | lr | batch | scheduler | augment |",
-            "|--:|--:|--:|--:|--:|:--|--:|--:|:--|--:|"]
+def trials_table(trials: list[FrozenTrial], device: bool = False) -> str:
+    """Markdown rows of completed trials, in the order given; with `device`, also each one's input
+    side, first stride and int8 costs (a front against a device's cost)."""
+    head = "| # | val acc (mean last) | params |" + (" side | stride | MACs | peak RAM B | flash B |" if device else "")
+    rows = [head + " RF | epochs to 99.4 | optimizer | lr | batch | scheduler | augment |",
+            "|--:|--:|--:|" + ("--:|--:|--:|--:|--:|" if device else "") + "--:|--:|:--|--:|--:|:--|--:|"]
     for t in trials:
-        cfg = t.user_attrs.get("train", {})
+        cfg, attrs = t.user_attrs.get("train", {}), t.user_attrs
+        costs = ""
+        if device:
+            arch = attrs.get("arch", {})
+            costs = (f" {arch.get('input_size', '')} | {arch.get('first_stride', 1)} | {attrs.get('macs', 0):,} | "
+                     f"{attrs.get('peak_ram', 0):,} | {attrs.get('flash', 0):,} |")
         rows.append(
-            f"| {t.number} | {t.values[0]:.2f} | {t.user_attrs.get('params', 0):,} | "
-            f"{t.user_attrs.get('receptive_field', '')} | {t.user_attrs.get('epochs_to_99_4') or '-'} | "
+            f"| {t.number} | {t.values[0]:.2f} | {attrs.get('params', 0):,} |{costs} "
+            f"{attrs.get('receptive_field', '')} | {attrs.get('epochs_to_99_4') or '-'} | "
             f"{cfg.get('optimizer', '')} | {cfg.get('lr', 0):.4g} | {cfg.get('batch_size', '')} | "
             f"{cfg.get('scheduler', '')} | {cfg.get('augment', 0):.2f} |"
         )
@@ -112,7 +131,7 @@ def trials_table(trials: list[FrozenTrial]) -> str:
 def results_table(study: optuna.Study, top: int = 10) -> str:
     """The `top` most accurate trials; a two-objective study's whole Pareto front instead."""
     if is_multi_objective(study):
-        return trials_table(pareto_trials(study))
+        return trials_table(pareto_trials(study), device=cost_objective(study) != "params")
     return trials_table(ranked_trials(study)[:top])
 
 
