@@ -42,11 +42,12 @@ class RungConfig:
     images, scored on the validation split. It goes on to full training only if its rung score is
     (a) at most `margin` percentage points below the best rung score so far and (b) within the top
     `keep` share of all rung scores so far, once there are `startup` earlier ones
-    (nas.study.sampling.goes_on). The enqueued presets run first and set the bar.
+    (nas.study.sampling.goes_on). The enqueued presets run first and set the bar. The crowd_*,
+    second_* and curve_* keys are levers on the rung's cost (nas.study.levers), off by default.
 
     In a two-objective study (accuracy and a cost) only cheaper rivals count: a candidate stops if
     its rung score is more than `margin` points below the best rung score of the other trials that
-    cost no more than it does (the second objective); `keep` and `startup` do not apply
+    cost no more than it does (the second objective); `keep`, `startup` and the levers do not apply
     (nas.study.front_rung.goes_on_front)."""
 
     subset: int = 10000
@@ -54,6 +55,17 @@ class RungConfig:
     keep: float = 1 / 3
     startup: int = 3  # earlier rung scores needed before (b) applies; (a) applies from the second trial
     margin: float = 1.0  # a study stored before the margin existed reads back NO_MARGIN, the rule it ran under
+    # The levers on the rung's cost (nas.study.levers), each off by default:
+    crowd_noise: float = 0.0  # the keep tightens to crowd_keep while the last crowd_window rung scores'
+    crowd_window: int = 10  # middle half spans at most crowd_noise points (0: never)
+    crowd_keep: float = 1 / 6
+    second_epochs: int = 0  # a second rung of this many epochs (0: none) on the first second_subset
+    second_subset: int = 0  # training images (0: all), held to the same margin and keep
+    curve_epochs: tuple[int, ...] = ()  # a full training stops after one of these epochs if it trails the
+    curve_margin: float = 0.3  # best completed trial's accuracy there by more than curve_margin points
+
+    def __post_init__(self):
+        object.__setattr__(self, "curve_epochs", tuple(self.curve_epochs))  # a TOML or stored list
 
 
 @dataclass(frozen=True)
@@ -144,6 +156,12 @@ def check(config: StudyConfig, source: str) -> None:
     rung = config.rung
     if rung.subset < 1 or rung.epochs < 1 or rung.startup < 0 or not 0 < rung.keep <= 1 or rung.margin < 0:
         raise ConfigError(f"{source}: [rung] needs subset and epochs >= 1, startup and margin >= 0, keep in (0, 1]")
+    if rung.crowd_noise < 0 or rung.crowd_window < 4 or not 0 < rung.crowd_keep <= 1:
+        raise ConfigError(f"{source}: [rung] needs crowd_noise >= 0, crowd_window >= 4, crowd_keep in (0, 1]")
+    if rung.second_epochs < 0 or rung.second_subset < 0 or rung.curve_margin < 0:
+        raise ConfigError(f"{source}: [rung] needs second_epochs, second_subset and curve_margin >= 0")
+    if any(type(e) is not int or e < 1 for e in rung.curve_epochs):
+        raise ConfigError(f"{source}: [rung] curve_epochs must be epochs (1 or more), got {list(rung.curve_epochs)}")
     for name in config.enqueue:
         if name not in PRESETS:
             design(name, source)

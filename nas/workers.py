@@ -3,12 +3,19 @@ implementation behind nas.search --workers, nas.confirm --workers and nas.fideli
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import io
 import multiprocessing
 import os
+import queue
 import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -44,18 +51,104 @@ def resolve_workers(workers: int | str, device: torch.device) -> int:
 
 STOP_GRACE = 3.0  # seconds an interrupted run gives its processes to end on their own first
 STOP_PATIENCE = 30.0  # then, told again, to fail their work cleanly; then they are terminated
+PARENT_POLL = 1.0  # seconds between a process's checks that its parent still runs
 
 
-def run_processes(target: Callable[[int, int], None], processes: int, watch: Callable[[], None] | None = None,
-                  every: float = 2.0) -> list[str]:
+class Slots:
+    """How many more trials a run may start, shared by its processes: each claims a slot before it
+    asks the study for a trial and gives it back if that trial does not count (rejected, failed),
+    so a run of N trials ends with exactly N however many processes share it. Shared is a
+    multiprocessing value (pass it to spawned processes as an argument); else a count in this one."""
+
+    def __init__(self, count: int, shared: bool = False):
+        self.left = SPAWN.Value("i", max(0, count)) if shared else _Count(max(0, count))
+
+    def claim(self) -> bool:
+        with self.left.get_lock():
+            if self.left.value <= 0:
+                return False
+            self.left.value -= 1
+            return True
+
+    def release(self) -> None:
+        with self.left.get_lock():
+            self.left.value += 1
+
+
+class _Count:
+    def __init__(self, value: int):
+        self.value, self.lock = value, threading.Lock()
+
+    def get_lock(self) -> threading.Lock:
+        return self.lock
+
+
+@dataclass(frozen=True)
+class Line:
+    """A line a spawned process printed, on its way to the parent's terminal."""
+
+    text: str
+    err: bool = False  # printed to stderr
+
+
+class Outbox:
+    """A spawned process's way to its parent (run_processes with `relay`): `send` takes anything
+    picklable; the parent's relay sees it in order."""
+
+    def __init__(self, channel):
+        self.channel = channel
+
+    def send(self, item: Any) -> None:
+        self.channel.put(item)
+
+
+class _Printer(io.TextIOBase):
+    """sys.stdout or sys.stderr of a spawned process with an outbox: every whole line it is given
+    goes to the parent as a Line, which prints it above its bars."""
+
+    def __init__(self, outbox: Outbox, err: bool):
+        super().__init__()
+        self.outbox, self.err, self.pending = outbox, err, ""
+
+    @property
+    def encoding(self) -> str:
+        return "utf-8"
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            self.outbox.send(Line(line.rsplit("\r", 1)[-1], self.err))  # a redrawn bar: its last state
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.outbox.send(Line(self.pending, self.err))
+            self.pending = ""
+
+    def writable(self) -> bool:
+        return True
+
+
+def run_processes(target: Callable[..., None], processes: int, watch: Callable[[], None] | None = None,
+                  every: float = 2.0, relay: Callable[[Any], None] | None = None) -> list[str]:
     """Runs target(worker, threads) in `processes` spawned processes, threads_each(processes)
     threads each, and calls `watch` every `every` seconds while any runs, and once when all have
     ended. Returns one line for each process that failed (none: all exited 0). `target` must be
     importable by name (a module-level function, or a functools.partial of one): spawn pickles it.
-    On KeyboardInterrupt it stops the processes (`stop`), then re-raises."""
+    With `relay`, target(worker, threads, outbox) gets an Outbox, its process's printed lines go
+    through it too (as Line), and this process calls relay(item) for each item, in a thread of its
+    own, until all have ended. Each process leaves when this one dies, even by SIGKILL
+    (_watch_parent). On KeyboardInterrupt it stops the processes (`stop`), then re-raises."""
     threads = threads_each(processes)
-    procs = [SPAWN.Process(target=functools.partial(_interruptible, target), args=(i, threads))
+    channel = SPAWN.Queue() if relay is not None else None
+    outbox = Outbox(channel) if channel is not None else None
+    procs = [SPAWN.Process(target=functools.partial(_interruptible, target, os.getpid(), outbox), args=(i, threads))
              for i in range(processes)]
+    ended = threading.Event()
+    reader = threading.Thread(target=_relay, args=(channel, relay, ended), daemon=True) if channel else None
+    if reader:
+        reader.start()
     for p in procs:
         p.start()
     try:
@@ -67,12 +160,28 @@ def run_processes(target: Callable[[int, int], None], processes: int, watch: Cal
         stop(procs, STOP_GRACE, STOP_PATIENCE)  # read now, not when stop was defined
         raise
     finally:
+        ended.set()
+        if reader:
+            reader.join()
         if watch is not None:
             watch()
     for p in procs:
         p.join()
     return [f"worker {i} was killed by signal {-p.exitcode}" if p.exitcode < 0
             else f"worker {i} exited with status {p.exitcode}" for i, p in enumerate(procs) if p.exitcode != 0]
+
+
+def _relay(channel, relay: Callable[[Any], None], ended: threading.Event) -> None:
+    """Hands each item on, until the processes have ended and their last items are read (a
+    process's queue is flushed before it exits)."""
+    while True:
+        try:
+            item = channel.get(timeout=0.2)
+        except queue.Empty:
+            if ended.is_set():
+                return
+            continue
+        relay(item)
 
 
 def stop(procs: list, grace: float = STOP_GRACE, patience: float = STOP_PATIENCE) -> None:
@@ -107,14 +216,56 @@ def _join(procs: list, seconds: float) -> None:
         p.join(max(0.0, deadline - time.monotonic()))
 
 
-def _interruptible(target: Callable[[int, int], None], worker: int, threads: int) -> None:
-    """A spawned process's start: its first SIGINT is a KeyboardInterrupt, later ones are ignored,
-    so that a second Ctrl-C cannot break into the cleanup (failing its trial, storing that) that
-    the first began. The parent terminates it if it takes too long (`stop`)."""
+def _interruptible(target: Callable[..., None], parent: int, outbox: Outbox | None, worker: int,
+                  threads: int) -> None:
+    """A spawned process's start: its first SIGINT or SIGTERM is a KeyboardInterrupt; after it,
+    SIGINT is ignored and SIGTERM ends the process at once, so that a second Ctrl-C cannot break
+    into the cleanup (failing its trial, storing that) that the first began, and the parent's
+    terminate still can (`stop`). It leaves when `parent` dies (_watch_parent), failing its work
+    as an interrupted process does."""
     signal.signal(signal.SIGINT, _interrupt_once)
-    target(worker, threads)
+    signal.signal(signal.SIGTERM, _interrupt_once)
+    if outbox is not None:
+        sys.stdout, sys.stderr = _Printer(outbox, err=False), _Printer(outbox, err=True)
+    _watch_parent(parent, outbox)
+    try:
+        if outbox is None:
+            target(worker, threads)
+        else:
+            target(worker, threads, outbox)
+    finally:
+        if outbox is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+
+
+_interrupted = threading.Event()  # this process had its first SIGINT or SIGTERM
 
 
 def _interrupt_once(signum, frame) -> None:
+    _interrupted.set()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise KeyboardInterrupt
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _watch_parent(parent: int, outbox: Outbox | None) -> None:
+    """Has this process sent SIGTERM when `parent` dies: by the kernel on Linux (PR_SET_PDEATHSIG),
+    and by a thread that checks the parent every PARENT_POLL seconds anywhere (and on Linux too, in
+    case the parent died before the kernel was asked). Messages still queued for the dead parent
+    are then dropped instead of held at exit."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL)
+        if outbox is not None:
+            outbox.channel.cancel_join_thread()
+        if not _interrupted.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="watch-parent").start()

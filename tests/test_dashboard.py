@@ -62,6 +62,7 @@ def test_dashboard_serves_the_study_its_trials_and_layer_notes(backend, searched
             studies = get_json(f"http://127.0.0.1:{port}/api/studies", server)["study_summaries"]
             assert [s["study_name"] for s in studies] == ["mnist-8k"]
             detail = get_json(f"http://127.0.0.1:{port}/api/studies/{studies[0]['study_id']}", server)
+            assert detail["objective_names"] == ["validation accuracy"]  # not "Objective 0"
             trials = detail["trials"]
             assert [t["state"] for t in trials if t["state"] == "Complete"] == ["Complete"]
             model3 = trials[0]

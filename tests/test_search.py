@@ -129,3 +129,22 @@ def test_a_changed_study_file_does_not_silently_reshape_a_stored_study(searched,
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert "space.lr: (0.0005, 0.05) stored, (0.001, 0.05) in the file" in err and "--study name" in err
     assert [(t.number, t.state, t.params) for t in load(url).trials] == before
+
+
+@pytest.mark.parametrize("objectives, names", [
+    (("accuracy",), ["validation accuracy"]),
+    (("accuracy", "params"), ["validation accuracy", "parameters"]),
+    (("accuracy", "peak_ram"), ["validation accuracy", "peak RAM (bytes)"]),
+])
+def test_the_dashboard_names_the_objectives(objectives, names):
+    from nas.study.create import create_or_load
+    from nas.studyfile import StudyConfig
+
+    storage = optuna.storages.InMemoryStorage()
+    config = StudyConfig(objectives=objectives)
+    study = create_or_load(storage, "named", config, seed=0, epochs=1, enqueue=())
+    assert study.metric_names == names
+    # A study made before studies named them gets its names when it is loaded again
+    old = optuna.create_study(storage=storage, study_name="old", directions=config.directions)
+    old.set_user_attr("config", config.to_stored())
+    assert create_or_load(storage, "old", config, seed=0, epochs=1, enqueue=()).metric_names == names

@@ -3,6 +3,7 @@ way workers on many machines share it. The CLI runs as users run it, in subproce
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -22,7 +23,8 @@ from nas.storage import open_storage
 from nas.study.progress import ProgressBar
 from nas.study.sampling import make_sampler
 from nas.study.trials import finished_trials
-from nas.workers import available_cpus
+from nas.study.search import run_trials
+from nas.workers import Slots, available_cpus
 from tests.pg import rdb_storage
 from tests.waiting import wait_for
 
@@ -44,8 +46,12 @@ def trained(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in study.trials if "rejected" not in t.user_attrs and t.state != TrialState.FAIL]
 
 
-def assert_shared_cleanly(study: optuna.Study, trials: int, workers: int) -> None:
-    # The count is reached; a worker finishes the trial it is in when another reaches it, no more.
+def assert_shared_cleanly(study: optuna.Study, trials: int, workers: int, one_command: bool = True) -> None:
+    # One command's workers share its count of trials left to start: exactly the count. Commands
+    # started apart (compose's workers, other machines) each finish the trial they are in when
+    # another reaches it, no more.
+    if one_command:
+        assert len(finished_trials(study)) == trials
     assert trials <= len(finished_trials(study)) <= trials + workers - 1
     assert not [t for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     # Model 3 enqueued once however many workers started together; no trial trained twice.
@@ -99,7 +105,7 @@ def test_two_independent_workers_share_a_postgresql_study(postgres, data_dir):
         _, stderr = worker.communicate(timeout=240)
         assert worker.returncode == 0, stderr
     with rdb_storage(url) as storage:
-        assert_shared_cleanly(optuna.load_study(study_name=STUDY, storage=storage), 3, workers=2)
+        assert_shared_cleanly(optuna.load_study(study_name=STUDY, storage=storage), 3, workers=2, one_command=False)
 
 
 def test_a_killed_worker_trial_is_failed_by_heartbeat_and_retried(postgres, data_dir, monkeypatch):
@@ -189,7 +195,7 @@ def test_the_study_bar_counts_earlier_trials_and_its_clock_ticks_until_closed(ca
     assert not bar.ticker.is_alive()
     out = "".join(printed) + capsys.readouterr().out
     assert "Trials:  40%" in out and "2/5" in out and "best=98.50% (#1)" in out
-    assert "eta=00:00" in out  # the earlier trials took no time (nas.study.progress.expected_seconds)
+    assert "eta=00:00" in out  # the earlier trials took no time (nas.study.eta.eta_seconds)
 
 
 INTERRUPTED_TARGET = '''
@@ -276,3 +282,91 @@ def test_ctrl_c_pressed_twice_gets_out_at_once_without_a_traceback(tmp_path):
     assert parent.returncode == 130 and stderr.strip() == "interrupted", stderr
     assert not any((tmp_path / f"cleaned-{i}").exists() for i in range(2))
     assert all(_gone(int((tmp_path / f"ready-{i}").read_text())) for i in range(2))
+
+
+def test_slots_are_claimed_until_none_is_left_and_given_back():
+    slots = Slots(2)
+    assert slots.claim() and slots.claim() and not slots.claim()
+    slots.release()
+    assert slots.claim() and not slots.claim()
+    assert not Slots(-3).claim()  # a study already past its target
+
+
+def _tiny_trials(url: str, target: int, slots: Slots, worker: int, threads: int) -> None:
+    """A spawned worker of a study whose objective takes a moment (so that the workers' trials
+    overlap when the target is reached) and rejects every third candidate, as an over-budget one is."""
+    study = optuna.load_study(study_name="tiny", storage=url)
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0.0, 1.0)
+        if trial.number % 3 == 1:
+            trial.set_user_attr("rejected", "over budget")
+            raise optuna.TrialPruned("over budget")
+        time.sleep(0.3)  # the work of a trial
+        return x
+
+    run_trials(study, objective, slots, target=target, worker=worker)
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_a_run_of_n_trials_ends_with_exactly_n_with_any_number_of_workers(tmp_path, processes):
+    url = f"sqlite:///{tmp_path / 'tiny.db'}"
+    study = optuna.create_study(study_name="tiny", storage=url, direction="maximize")
+    study.add_trial(optuna.trial.create_trial(value=0.5, params={"x": 0.5},
+                                              distributions={"x": optuna.distributions.FloatDistribution(0, 1)}))
+    target = 7
+    slots = Slots(target - len(finished_trials(study)), shared=True)
+    assert workers.run_processes(functools.partial(_tiny_trials, url, target, slots), processes, every=0.2) == []
+    trials = optuna.load_study(study_name="tiny", storage=url).trials
+    assert len(finished_trials(optuna.load_study(study_name="tiny", storage=url))) == target
+    assert any("rejected" in t.user_attrs for t in trials)  # rejected ones gave their slots back
+    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+
+
+def _children(pid: int) -> set[int]:
+    """Processes whose parent is `pid` (from /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def _runs(pid: int) -> bool:
+    """Whether the process exists and has not exited (a zombie that no one reaped has)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers in /proc")
+def test_a_sigkilled_search_leaves_no_worker_behind(tmp_path, data_dir):
+    """`kill -9` of nas.search (the OOM killer, a closed SSH session): its workers notice, fail
+    their trials as an interrupted trial is failed, and exit; none keeps training."""
+    url = f"sqlite:///{tmp_path / 'orphans.db'}"
+    parent = subprocess.Popen(search_command(url, data_dir, 20, "--workers", "2", "--epochs", "50"), cwd=REPO_ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        def training() -> bool:
+            assert parent.poll() is None, "the search ended before it could be killed"
+            if not (tmp_path / "orphans.db").exists() or STUDY not in optuna.study.get_all_study_names(storage=url):
+                return False
+            running = optuna.load_study(study_name=STUDY, storage=url).get_trials(states=(TrialState.RUNNING,))
+            return len(running) == 2 and len(_children(parent.pid)) >= 2
+
+        wait_for(training, "both workers to be in a trial", timeout=180, every=0.5)
+        spawned = _children(parent.pid)
+    finally:
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+    wait_for(lambda: not any(_runs(pid) for pid in spawned), "the workers to leave", timeout=60)
+    trials = optuna.load_study(study_name=STUDY, storage=url).trials
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert len([t for t in trials if t.state == TrialState.FAIL]) == 2

@@ -4,6 +4,7 @@ presets queued once, and a warm start from another study's export."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 
 import optuna
@@ -36,6 +37,7 @@ def create_or_load(storage: optuna.storages.BaseStorage, name: str, config: Stud
         study.set_user_attr("config", config.to_stored())
         if identity is not None:
             study.set_user_attr(DATA_ATTR, identity)
+        name_metrics(study, config)
         created = True
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner)
@@ -60,6 +62,8 @@ def create_or_load(storage: optuna.storages.BaseStorage, name: str, config: Stud
             check_data(study, identity)
             if DATA_ATTR not in study.user_attrs:  # made before studies stored their data: MNIST's
                 study.set_user_attr(DATA_ATTR, identity)
+        if study.metric_names is None:  # made before studies named them
+            name_metrics(study, config)
     if warm is not None and created:
         added, skipped = warm_start(study, warm, config, shape)
         say(f"Warm start from study {warm['study']!r}: {added} trials added to the history, "
@@ -72,6 +76,25 @@ def create_or_load(storage: optuna.storages.BaseStorage, name: str, config: Stud
     return study
 
 
+
+
+# What the dashboard calls each study-file objective (instead of "Objective 0").
+METRIC_NAMES = {"accuracy": "validation accuracy", "params": "parameters", "macs": "multiply-accumulates",
+                "peak_ram": "peak RAM (bytes)"}
+
+
+def metric_names(config: StudyConfig) -> list[str]:
+    """The study's objectives as the dashboard names them; an int8-scored accuracy says so."""
+    names = [METRIC_NAMES[o] for o in config.objectives]
+    if config.score == "int8":
+        names[0] = f"int8 {names[0]}"
+    return names
+
+
+def name_metrics(study: optuna.Study, config: StudyConfig) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # set_metric_names is, in Optuna 5
+        study.set_metric_names(metric_names(config))
 
 
 def warm_start(study: optuna.Study, export: dict, config: StudyConfig, shape: Shape = MNIST_SHAPE) -> tuple[int, int]:

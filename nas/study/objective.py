@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,9 @@ from nas.run.record import RUN_ATTR, RunRecord
 from nas.space import suggest
 from nas.spec import ArchSpec, SpecError, TrainConfig, cost_lines, count_params, layer_string, receptive_field
 from nas.study.front_rung import front_rung_verdict
-from nas.study.sampling import RUNG_STEP, rung_pays
+from nas.study.levers import SECOND_RUNG_ATTR, keep_share, second_rung_pays, second_rung_scores
+from nas.study.progress import TrialProgress
+from nas.study.sampling import RUNG_STEP, goes_on, rung_pays
 from nas.study.stored import DATA_ATTR
 from nas.study.trials import epochs_to_target, score
 from nas.studyfile import StudyConfig
@@ -58,6 +62,8 @@ class Objective:
         self.artifact_dir = artifact_dir
         self.multi = len(config.objectives) > 1
         self.nested = False  # True while a study bar is drawn above the epoch bars (run_worker)
+        self.bars = not options.quiet  # epoch bars and lines (a spawned worker's steps show in the parent's bar)
+        self.progress: Callable[[TrialProgress], None] | None = None  # hears each trial's steps
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         arch, train_config = suggest(trial, self.config.space, self.options.epochs, self.options.seed,
@@ -90,19 +96,24 @@ class Objective:
         side = f" at {arch.input_size}x{arch.input_size}" if self.config.space.image_sizes else ""
         self.say(f"Trial {trial.number}: {params:,} params{side}, {layer_string(arch)}; {train_config.optimizer} "
                  f"lr {train_config.lr:.3g}, batch {train_config.batch_size}, {train_config.scheduler}, "
-                 f"augment {train_config.augment:.2f}")
+                 f"augment {train_config.augment:.2f}", detail=True)
         if self.config.pruner == "rung" and rung_pays(self.config, train_config.epochs, len(split.train_x)):
             self.run_rung(trial, arch, train_config, run, split)
+            if not self.multi:
+                self.run_second_rung(trial, arch, train_config, run, split)
         accuracies: list[float] = []
         int8: list[float] = []  # score = "int8": the int8 model's accuracy in each scored epoch
+        steps = Steps(self.progress, self.options.worker, trial.number, "preset" in trial.user_attrs)
+        steps.training(train_config.epochs)
 
         def on_epoch(result: EpochResult, model: torch.nn.Module) -> None:
             accuracies.append(result.eval_acc)
+            steps.epoch(result.epoch, result.eval_acc)
             trial.set_user_attr("epoch_acc", accuracies)
             if self.config.score == "int8" and result.epoch > train_config.epochs - self.config.score_epochs:
                 int8.append(self.int8_accuracy(model, split))
                 trial.set_user_attr("int8_acc", int8)
-            if not self.options.quiet:
+            if self.bars:
                 tqdm.write(f"Epoch {result.epoch}: {epoch_line(result, 'valid')}", file=sys.stdout)
             if self.multi:
                 return
@@ -113,7 +124,7 @@ class Objective:
                 raise optuna.TrialPruned(f"pruned after epoch {result.epoch}")
 
         try:
-            result = train(arch, train_config, split, run, on_epoch=on_epoch, progress=not self.options.quiet,
+            result = train(arch, train_config, split, run, on_epoch=on_epoch, progress=self.bars,
                            nested=self.nested)
         except DivergedError as exc:
             trial.set_user_attr("failed_reason", str(exc))
@@ -151,7 +162,10 @@ class Objective:
         short = dataclasses.replace(train_config, epochs=rung.epochs)
         split = split.head(rung.subset)
         try:
-            result = train(arch, short, split, run, progress=not self.options.quiet, nested=self.nested)
+            if self.progress is not None:
+                self.progress(TrialProgress(self.options.worker, trial.number, "rung",
+                                            preset="preset" in trial.user_attrs))
+            result = train(arch, short, split, run, progress=self.bars, nested=self.nested)
             value = result.history[-1].eval_acc
         except DivergedError:
             value = 0.0
@@ -167,7 +181,33 @@ class Objective:
             self.say(f"Trial {trial.number}: stopped at the rung, {value:.2f}% validation after {rung.epochs} "
                      f"epochs on {len(split.train_x):,} images{why}")
             raise optuna.TrialPruned("not among the rung's best")
-        self.say(f"Trial {trial.number}: rung {value:.2f}% validation, moves on to full training")
+        self.say(f"Trial {trial.number}: rung {value:.2f}% validation, moves on to full training", detail=True)
+
+    def run_second_rung(self, trial: optuna.Trial, arch: ArchSpec, train_config: TrainConfig, run: RunRecord,
+                        split: Split) -> None:
+        """The second, longer rung (nas.study.levers, lever b), where the study file asks for one and it
+        costs less than full training: a run of rung.second_epochs on the first rung.second_subset
+        images, held to the rung's margin and keep share against the other trials' second-rung scores."""
+        rung = self.config.rung
+        if not second_rung_pays(rung, train_config.epochs, len(split.train_x)):
+            return
+        split = split.head(rung.second_subset or len(split.train_x))
+        if self.progress is not None:
+            self.progress(TrialProgress(self.options.worker, trial.number, "rung 2",
+                                        preset="preset" in trial.user_attrs))
+        try:
+            value = train(arch, dataclasses.replace(train_config, epochs=rung.second_epochs), split, run,
+                          progress=self.bars, nested=self.nested).history[-1].eval_acc
+        except DivergedError:
+            value = 0.0
+        others = second_rung_scores(trial.study.get_trials(deepcopy=False), trial.number)
+        trial.set_user_attr(SECOND_RUNG_ATTR, value)
+        if not goes_on(value, others, keep_share(others, rung.keep, rung), rung.startup, rung.margin):
+            trial.set_user_attr("pruned_at", RUNG_STEP)
+            self.say(f"Trial {trial.number}: stopped at the second rung, {value:.2f}% validation after "
+                     f"{rung.second_epochs} epochs on {len(split.train_x):,} images")
+            raise optuna.TrialPruned("not among the second rung's best")
+        self.say(f"Trial {trial.number}: second rung {value:.2f}% validation, moves on to full training", detail=True)
 
     def reject(self, trial: optuna.Trial, reason: str, over: float) -> Any:
         """Never train it, but tell the sampler how far out it was (Optuna's constraints)."""
@@ -176,8 +216,11 @@ class Objective:
         self.say(f"Trial {trial.number}: rejected, {reason} (never trained)")
         raise optuna.TrialPruned(reason)
 
-    def say(self, line: str) -> None:
-        """One line per trial event, above any progress bars (kept under --quiet)."""
+    def say(self, line: str, detail: bool = False) -> None:
+        """A line of the trial's story, above any progress bars; under --quiet only its end (one
+        line a trial), not the `detail` on the way."""
+        if detail and self.options.quiet:
+            return
         tqdm.write(line if self.options.worker == 0 else f"[worker {self.options.worker}] {line}", file=sys.stdout)
 
     def save_weights(self, trial: optuna.Trial, arch: ArchSpec, config: TrainConfig, run: RunRecord,
@@ -216,3 +259,26 @@ def save_layer_note(trial: optuna.Trial, arch: ArchSpec, config: TrainConfig) ->
         f"Training config:\n\n```json\n{json.dumps(config.to_dict(), indent=2)}\n```\n"
     )
     save_note(trial, body)
+
+
+class Steps:
+    """A trial's steps as its Objective reports them (TrialProgress) to whoever draws the bar: full
+    training begun, then each epoch with its accuracy and the epochs' mean wall time so far."""
+
+    def __init__(self, progress: Callable[[TrialProgress], None] | None, worker: int, trial: int, preset: bool):
+        self.progress, self.worker, self.trial, self.preset = progress, worker, trial, preset
+        self.epochs, self.started = 0, time.monotonic()
+
+    def training(self, epochs: int) -> None:
+        self.epochs, self.started = epochs, time.monotonic()
+        self.send(0, None)
+
+    def epoch(self, epoch: int, accuracy: float) -> None:
+        self.send(epoch, accuracy)
+
+    def send(self, epoch: int, accuracy: float | None) -> None:
+        if self.progress is None:
+            return
+        seconds = (time.monotonic() - self.started) / epoch if epoch else None
+        self.progress(TrialProgress(self.worker, self.trial, "train", epoch, self.epochs, accuracy, seconds,
+                                    self.preset))

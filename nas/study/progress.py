@@ -1,5 +1,6 @@
-"""A search's progress: the bar over the study's finished trials with an ETA that knows the rung,
-and the callback that stops the study at its target count."""
+"""A search's progress on the screen: the bar over the study's finished trials, with its ETA
+(nas.study.eta) and each running trial's step in its postfix, and the lines of every worker written
+above it, never on its line."""
 
 from __future__ import annotations
 
@@ -8,101 +9,64 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from statistics import fmean
 
 import optuna
 from optuna.trial import FrozenTrial
 from tqdm import tqdm
 
-from nas.study.trials import best_trial, finished_trials, is_rejected, stopped_at_rung
+from nas.study.eta import Running, eta_seconds, finished_times
+from nas.study.trials import best_trial, finished_trials, is_rejected
 
-PRIOR_TRIALS = 3  # how many trials the expected share of full trainings weighs, against this run's own
 BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"  # tqdm's, less its uniform-rate ETA
 
 
-class StopAtTarget:
-    """Stops the study once it holds `target` finished trials (every worker checks after each trial)."""
+@dataclass(frozen=True)
+class TrialProgress:
+    """What a worker reports of the trial it runs, at each step, to the process that draws the bar."""
 
-    def __init__(self, target: int):
-        self.target = target
+    worker: int
+    trial: int | None  # None: between trials
+    phase: str = "rung"  # "rung": being screened; "train": in full training
+    epoch: int = 0  # epochs done (train)
+    epochs: int = 0  # epochs in all (train)
+    accuracy: float | None = None  # the last epoch's validation accuracy
+    epoch_seconds: float | None = None  # mean wall time of its epochs so far, evaluation included
+    preset: bool = False
 
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if len(finished_trials(study)) >= self.target:
-            study.stop()
+    def label(self) -> str:
+        """How the bar's postfix shows it, e.g. `#28 ep 7/15 98.90%` or `#29 rung`."""
+        if self.phase != "train":
+            return f"#{self.trial} {self.phase}"
+        return f"#{self.trial} ep {self.epoch}/{self.epochs}" + (
+            "" if self.accuracy is None else f" {self.accuracy:.2f}%")
 
 
 @dataclass(frozen=True)
-class Finished:
-    """A finished trial, as the ETA sees it."""
-
-    seconds: float  # wall time, start to end
-    at_rung: bool  # stopped at the rung; otherwise it went on to full training (or ran no rung)
-    rung_seconds: float | None = None  # one that went on: its time outside full training (None: no rung)
-    preset: bool = False  # enqueued presets run first and go on, so they tell nothing of the share
-    earlier: bool = False  # finished in an earlier run of the study
-
-
-def finished_times(trials: list[FrozenTrial], since: datetime) -> list[Finished]:
-    """`trials` (finished, counting toward --trials: rejected ones take no time) with their wall
-    times, those started before `since` marked earlier."""
-    return [Finished(seconds=(t.datetime_complete - t.datetime_start).total_seconds(),
-                     at_rung=stopped_at_rung(t), rung_seconds=_rung_seconds(t),
-                     preset="preset" in t.user_attrs, earlier=t.datetime_start < since)
-            for t in trials]
-
-
-def _rung_seconds(trial: FrozenTrial) -> float | None:
-    if stopped_at_rung(trial) or "rung_acc" not in trial.user_attrs or "train_seconds" not in trial.user_attrs:
-        return None
-    return (trial.datetime_complete - trial.datetime_start).total_seconds() - trial.user_attrs["train_seconds"]
-
-
-def expected_seconds(finished: list[Finished], remaining: int, full_share: float, workers: int = 1) -> float | None:
-    """The expected wall time of `remaining` trials on `workers` workers: remaining x (share of rung
-    stops x mean rung stop + share of full trainings x mean full trial) / workers.
-
-    Durations are this run's; a kind this run has not finished yet takes the earlier runs' mean, and
-    a rung stop with none at all the time full trials spent outside full training (their rung).
-    The share of full trainings is this run's among the candidates the rung screened (presets
-    aside), starting from `full_share` (the rung's keep), which weighs as PRIOR_TRIALS trials. If no
-    trial ran the rung (another pruner, or a rung that does not pay), every trial is a full one.
-    None until a full trial has finished."""
-    if remaining <= 0:
-        return 0.0
-
-    def mean_of(kind: list[Finished]) -> float | None:
-        own = [f.seconds for f in kind if not f.earlier]
-        seconds = own or [f.seconds for f in kind]
-        return fmean(seconds) if seconds else None
-
-    full = mean_of([f for f in finished if not f.at_rung])
-    if full is None:
-        return None
-    rungs = [f.rung_seconds for f in finished if f.rung_seconds is not None]
-    if not rungs and not any(f.at_rung for f in finished):
-        return remaining * full / workers
-    stop = mean_of([f for f in finished if f.at_rung])
-    if stop is None:
-        stop = fmean(rungs)
-    screened = [f for f in finished if not f.earlier and not f.preset]
-    share = (sum(not f.at_rung for f in screened) + full_share * PRIOR_TRIALS) / (len(screened) + PRIOR_TRIALS)
-    return remaining * (share * full + (1 - share) * stop) / workers
+class _Seen:
+    report: TrialProgress
+    started: float  # monotonic time its trial was first reported
+    at: float  # monotonic time of this report
 
 
 class ProgressBar:
-    """A bar over the study's finished trials: finished / target, elapsed time, the ETA
-    (expected_seconds over this run's finished trials, counting down between them; `full_share` and
-    `workers` as there), the rejected count and the best value so far. It stays on the top line
-    while trials train beneath it, and its clock ticks every second."""
+    """A bar over the study's finished trials: finished / target, elapsed time, the ETA, the
+    rejected count, the best value so far and each running trial's step (reported to `progress`).
+    The ETA (nas.study.eta.eta_seconds over this run's trials, `workers` sharing them) is estimated
+    again when a trial finishes or reports a step, and counts down in between. Lines are written
+    above it (`write`) under the same lock as its redraws, so no line is ever written on its line;
+    its clock ticks every second."""
 
-    def __init__(self, study: optuna.Study, target: int, disable: bool, full_share: float = 1.0, workers: int = 1):
+    def __init__(self, study: optuna.Study, target: int, disable: bool, workers: int = 1):
         self.since = datetime.now()  # Optuna's trial times are naive local times too
-        self.full_share, self.workers = full_share, workers
-        self.lock = threading.Lock()
-        self.postfix: dict[str, object] = {}
+        self.workers = workers
+        self.lock = threading.RLock()
+        self.postfix = ""
         self.eta: float | None = None
         self.counted = -1  # finished trials when the ETA was last estimated
         self.estimated_at = time.monotonic()
+        self.running: dict[int, _Seen] = {}  # by worker
+        self.ended = 0  # trials their workers ended since the study was last read: neither running nor to start
+        self.finished: list[FrozenTrial] = []
         done = min(len(finished_trials(study)), target)
         self.bar = tqdm(total=target, initial=done, desc="Trials", unit="trial", disable=disable, file=sys.stdout,
                         position=0, dynamic_ncols=True, bar_format=BAR_FORMAT)
@@ -117,32 +81,72 @@ class ProgressBar:
             self.draw()
 
     def update(self, study: optuna.Study, trial: FrozenTrial | None = None) -> None:
+        """Reads the study again (an Optuna callback after each trial, or a watcher's poll)."""
         finished = finished_trials(study)
         best = best_trial(study)
         rejected = sum(1 for t in study.get_trials(deepcopy=False) if is_rejected(t))
-        eta = expected_seconds(finished_times(finished, self.since), self.bar.total - len(finished),
-                               self.full_share, self.workers)
         with self.lock:
-            if len(finished) != self.counted or self.eta is None:  # a watcher polls between trials:
-                self.eta, self.estimated_at = eta, time.monotonic()  # keep counting down until one ends
-            self.counted = len(finished)
+            self.finished = finished
+            done = {t.number for t in finished}
+            self.running = {w: s for w, s in self.running.items() if s.report.trial not in done}
+            self.ended = 0
             self.bar.n = min(len(finished), self.bar.total)
-            self.postfix = {"rejected": rejected}
+            self.postfix = f"rejected={rejected}"
             if best is not None:
-                self.postfix["best"] = f"{best.values[0]:.2f}% (#{best.number})"
+                self.postfix += f", best={best.values[0]:.2f}% (#{best.number})"
+            if len(finished) != self.counted or self.eta is None:  # a watcher polls between trials:
+                self.estimate()  # keep counting down until one ends or reports
+            self.counted = len(finished)
         self.draw()
 
     __call__ = update
+
+    def progress(self, report: TrialProgress) -> None:
+        """A worker's report of the trial it runs (None: it is between trials)."""
+        now = time.monotonic()
+        with self.lock:
+            seen = self.running.get(report.worker)
+            if report.trial is None:
+                gone = self.running.pop(report.worker, None)
+                self.ended += gone is not None and all(t.number != gone.report.trial for t in self.finished)
+            else:
+                started = seen.started if seen and seen.report.trial == report.trial else now
+                self.running[report.worker] = _Seen(report, started, now)
+            self.estimate()
+        self.draw()
+
+    def write(self, line: str, err: bool = False) -> None:
+        """A line above the bar."""
+        with self.lock:
+            tqdm.write(line, file=sys.stderr if err else sys.stdout)
+
+    def estimate(self) -> None:
+        now = time.monotonic()
+        running = [_running(seen, now) for seen in self.running.values()]
+        not_started = max(0, self.bar.total - len(self.finished) - len(running) - self.ended)
+        self.eta = eta_seconds(finished_times(self.finished, self.since), running, not_started, self.workers)
+        self.estimated_at = now
 
     def draw(self) -> None:
         with self.lock:
             left = "?" if self.eta is None else tqdm.format_interval(
                 max(0.0, self.eta - (time.monotonic() - self.estimated_at)))
-            self.bar.set_postfix({"eta": left, **self.postfix}, refresh=False)
+            steps = [seen.report.label() for _, seen in sorted(self.running.items())]
+            self.bar.set_postfix_str(", ".join([f"eta={left}", self.postfix, *steps]), refresh=False)
             self.bar.refresh()
 
     def close(self) -> None:
         self.stopped.set()
         if self.ticker.is_alive():
             self.ticker.join()
-        self.bar.close()
+        with self.lock:
+            self.bar.close()
+
+
+def _running(seen: _Seen, now: float) -> Running:
+    report = seen.report
+    training = report.phase == "train"
+    return Running(number=report.trial, seconds=now - seen.started, training=training,
+                   epochs_left=report.epochs - report.epoch if training else 0,
+                   epoch_seconds=report.epoch_seconds, in_epoch=now - seen.at if training else 0.0,
+                   preset=report.preset)

@@ -11,9 +11,11 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from nas.studyfile import StudyConfig
+from nas.study.levers import keep_share, stops_on_the_curve
+from nas.studyfile import RungConfig, StudyConfig
 
 RUNG_STEP = 0  # the rung's score is the trial's intermediate value at step 0; epochs are steps 1..N
+TPE_STARTUP = 10  # TPE's first trials are random draws (n_startup_trials)
 
 
 def make_pruner(config: StudyConfig, epochs: int) -> optuna.pruners.BasePruner:
@@ -52,22 +54,25 @@ class RungPruner(optuna.pruners.BasePruner):
     """Prunes at the cheap first rung (step RUNG_STEP) a trial that does not go on (goes_on) against
     the rung scores of every other trial that ran the rung, whatever became of it (completed,
     pruned there, still training, carried over by a warm start); the enqueued presets run first, so
-    they set the bar from the second trial on. It never prunes during full training. Optuna's own
+    they set the bar from the second trial on. During full training it prunes only by the curve lever
+    (nas.study.levers, off by default); its keep share tightens by the crowd lever. Optuna's own
     pruners don't fit a rung that is a separate, cheaper run: Median and Percentile compare against
     completed trials only, so the bar would rise with each promotion, and successive halving's rungs
     sit at steps >= 1 of the same run."""
 
-    def __init__(self, keep: float, startup: int, margin: float, patience: float = 900.0):
+    def __init__(self, keep: float, startup: int, margin: float, patience: float = 900.0,
+                 levers: RungConfig | None = None):
         self.keep, self.startup, self.margin = keep, startup, margin
         self.patience = patience  # seconds a verdict waits at most for a running preset's rung score
+        self.levers = levers or RungConfig()  # its crowd_* and curve_* keys (nas.study.levers); default: off
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         if trial.last_step != RUNG_STEP:
-            return False
+            return stops_on_the_curve(study, trial, self.levers)
         waited = 0.0
         while True:
             trials = study.get_trials(deepcopy=False)
-            others = [t.intermediate_values[RUNG_STEP] for t in trials
+            others = [t.intermediate_values[RUNG_STEP] for t in sorted(trials, key=lambda t: t.number)
                       if t.number != trial.number and RUNG_STEP in t.intermediate_values]
             # With several workers a candidate can reach the rung before the preset that sets the bar
             # (Model 3, trial 0, started at the same moment) has: its verdict waits for the preset's score.
@@ -75,7 +80,8 @@ class RungPruner(optuna.pruners.BasePruner):
                 break
             time.sleep(PRESET_POLL_SECONDS)
             waited += PRESET_POLL_SECONDS
-        return not goes_on(trial.intermediate_values[RUNG_STEP], others, self.keep, self.startup, self.margin)
+        keep = keep_share(others, self.keep, self.levers)
+        return not goes_on(trial.intermediate_values[RUNG_STEP], others, keep, self.startup, self.margin)
 
 
 # Each study-file pruner name and how to make it from the study's config and its epochs per trial.
@@ -83,7 +89,8 @@ PRUNERS: dict[str, Callable[[StudyConfig, int], optuna.pruners.BasePruner]] = {
     "median": lambda config, epochs: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2),
     "hyperband": lambda config, epochs: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs,
                                                                         reduction_factor=3),
-    "rung": lambda config, epochs: RungPruner(config.rung.keep, config.rung.startup, config.rung.margin),
+    "rung": lambda config, epochs: RungPruner(config.rung.keep, config.rung.startup, config.rung.margin,
+                                              levers=config.rung),
     "none": lambda config, epochs: optuna.pruners.NopPruner(),
 }
 
@@ -130,4 +137,5 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 
 def make_sampler(seed: int) -> optuna.samplers.BaseSampler:
     # constant_liar keeps parallel workers from sampling the same point while trials run.
-    return TrialSeededSampler(seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=10)
+    return TrialSeededSampler(seed, multivariate=True, group=True, constant_liar=True,
+                              n_startup_trials=TPE_STARTUP)

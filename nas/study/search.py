@@ -1,5 +1,6 @@
 """One process's share of a search: trials until the study holds the target, with the study's bar
-above the epoch bars; and the lines that sum a study up at the end."""
+above the epoch bars, or several spawned processes' shares under one bar; and the lines that sum a
+study up at the end."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import functools
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
 import torch
+from optuna.trial import FrozenTrial
 from tqdm import tqdm
 
 from nas import data
@@ -20,12 +24,12 @@ from nas.run.device import resolve_device
 from nas.storage import artifact_dir_for, open_storage
 from nas.storage.outage import lost_to_a_peer
 from nas.study.objective import Objective, SearchOptions
-from nas.study.progress import ProgressBar, StopAtTarget
+from nas.study.progress import ProgressBar, TrialProgress
 from nas.study.sampling import make_pruner, make_sampler
-from nas.study.trials import (COST_UNITS, cost_objective, finished_trials, is_multi_objective, results_table,
-                              trial_counts)
+from nas.study.trials import (COST_UNITS, cost_objective, counts, finished_trials, is_multi_objective,
+                              results_table, trial_counts)
 from nas.studyfile import StudyConfig
-from nas.workers import run_processes
+from nas.workers import Line, Outbox, Slots, run_processes
 
 def artifact_dir(options: SearchOptions) -> Path:
     return Path(options.artifact_dir) if options.artifact_dir else artifact_dir_for(options.storage)
@@ -45,20 +49,34 @@ def quiet_optuna() -> None:
 def run_search(options: SearchOptions, config: StudyConfig, workers: int, study: optuna.Study,
                split: data.Split | None = None) -> list[str]:
     """Trials until `study` holds options.trials: in this process, or in `workers` spawned ones
-    (this one then only draws the bar). Returns a line for each worker that failed."""
+    sharing a count of the trials left to start (Slots), so that exactly options.trials finish.
+    Spawned workers send their lines and each trial's steps here, where they are written above the
+    study's bar and shown in its postfix. Returns a line for each worker that failed."""
+    slots = Slots(options.trials - len(finished_trials(study)), shared=workers > 1)
     if workers == 1:
-        run_worker(options, config, split)
+        run_worker(options, config, split, slots=slots)
         return []
-    bar = ProgressBar(study, options.trials, disable=options.quiet, full_share=config.rung.keep, workers=workers)
+    bar = ProgressBar(study, options.trials, disable=options.quiet, workers=workers)
+
+    def relay(item: object) -> None:
+        if isinstance(item, Line):
+            bar.write(item.text, item.err)
+        elif isinstance(item, TrialProgress):
+            bar.progress(item)
+
     try:
-        return run_processes(functools.partial(_worker_entry, options, config), workers,
-                             watch=lambda: bar.update(study))
+        return run_processes(functools.partial(_worker_entry, options, config, slots), workers,
+                             watch=lambda: bar.update(study), relay=relay)
     finally:
         bar.close()
 
 
-def run_worker(options: SearchOptions, config: StudyConfig, split: data.Split | None = None) -> None:
-    """One process's share of the search: trials until the study holds options.trials."""
+def run_worker(options: SearchOptions, config: StudyConfig, split: data.Split | None = None, *,
+               slots: Slots | None = None, outbox: Outbox | None = None) -> None:
+    """One process's share of the search: trials until the study holds options.trials, each one
+    started only with a slot claimed from `slots` (default: a count of this process's own). In a
+    spawned worker, `outbox` takes its trials' steps (TrialProgress) to the parent's bar; alone,
+    this process draws the study's bar above the epoch bars itself."""
     tune_allocator()
     if options.run.threads:
         torch.set_num_threads(options.run.threads)
@@ -73,31 +91,55 @@ def run_worker(options: SearchOptions, config: StudyConfig, split: data.Split | 
         return
     if "config" in study.user_attrs:  # a study counts device costs as it was made to (nas.costmodel)
         config = dataclasses.replace(config, cost_model=StudyConfig.from_stored(study.user_attrs["config"]).cost_model)
+    if slots is None:
+        slots = Slots(options.trials - len(finished_trials(study)))
     objective = Objective(config, options, split, device, artifact_dir(options))
-    callbacks: list = [StopAtTarget(options.trials)]
     bar = None
-    if not options.quiet:
-        bar = ProgressBar(study, options.trials, disable=False, full_share=config.rung.keep)
-        callbacks.append(bar)
+    if outbox is not None:
+        objective.bars = False
+        objective.progress = outbox.send
+    elif not options.quiet:
+        bar = ProgressBar(study, options.trials, disable=False)
         objective.nested = True
+        objective.progress = bar.progress
     deadline = None if options.timeout is None else time.monotonic() + options.timeout
     try:
-        while len(finished_trials(study)) < options.trials:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                study.optimize(objective, timeout=timeout, callbacks=callbacks, catch=(), gc_after_trial=False)
-                break
-            except (optuna.exceptions.UpdateFinishedTrialError, ValueError, AssertionError) as exc:
-                if not lost_to_a_peer(exc):
-                    raise
-                print(f"worker {options.worker}: a peer failed this worker's trial as stale while the storage "
-                      "was unreachable, and queued its retry; this result is dropped", file=sys.stderr, flush=True)
+        run_trials(study, objective, slots, target=options.trials, deadline=deadline, callbacks=[bar] if bar else None,
+                   worker=options.worker, between=objective.progress)
     finally:
         if bar:
             bar.close()
 
 
-def _worker_entry(options: SearchOptions, config: StudyConfig, worker: int, threads: int) -> None:
+def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], Any], slots: Slots, *, target: int,
+               deadline: float | None = None, callbacks: list | None = None, worker: int = 0,
+               between: Callable[[TrialProgress], None] | None = None) -> None:
+    """Trials of `objective`, one at a time, until the study holds `target` counted trials, no
+    slot is left or the `deadline` (monotonic seconds) has passed. Each needs a slot claimed first;
+    a trial that does not count (rejected, failed, lost to a peer) gives it back. `between` hears
+    that `worker` is between trials."""
+    ended: list[FrozenTrial] = []
+    callbacks = [lambda study, trial: ended.append(trial), *(callbacks or [])]
+    while len(finished_trials(study)) < target and (deadline is None or time.monotonic() < deadline):
+        if not slots.claim():
+            return
+        ended.clear()
+        try:
+            study.optimize(objective, n_trials=1, callbacks=callbacks, catch=(), gc_after_trial=False)
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError, AssertionError) as exc:
+            if not lost_to_a_peer(exc):
+                raise
+            print(f"worker {worker}: a peer failed this worker's trial as stale while the storage "
+                  "was unreachable, and queued its retry; this result is dropped", file=sys.stderr, flush=True)
+        finally:
+            if not (ended and counts(ended[-1])):
+                slots.release()
+            if between is not None:
+                between(TrialProgress(worker, None))
+
+
+def _worker_entry(options: SearchOptions, config: StudyConfig, slots: Slots, worker: int, threads: int,
+                  outbox: Outbox) -> None:
     """One spawned worker process (run_search)."""
     # tqdm's default lock is a multiprocessing semaphore that no one releases at exit, and the
     # resource tracker then warns of a leak; bars in one process need only a thread lock.
@@ -105,7 +147,7 @@ def _worker_entry(options: SearchOptions, config: StudyConfig, worker: int, thre
     quiet_optuna()
     run = dataclasses.replace(options.run, threads=options.run.threads or threads)
     try:
-        run_worker(dataclasses.replace(options, worker=worker, run=run, quiet=True), config)
+        run_worker(dataclasses.replace(options, worker=worker, run=run), config, slots=slots, outbox=outbox)
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -31,10 +31,15 @@ def is_rejected(trial: FrozenTrial) -> bool:
     return "rejected" in trial.user_attrs
 
 
+def counts(trial: FrozenTrial) -> bool:
+    """Whether the trial counts toward --trials: trained to its end (completed or pruned), not a
+    rejected candidate nor one a warm start brought in."""
+    return trial.state in FINISHED and not is_rejected(trial) and "warm_start" not in trial.user_attrs
+
+
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
     """Trials this study trained, which count toward --trials (not those a warm start brought in)."""
-    return [t for t in study.get_trials(deepcopy=False, states=FINISHED)
-            if not is_rejected(t) and "warm_start" not in t.user_attrs]
+    return [t for t in study.get_trials(deepcopy=False, states=FINISHED) if counts(t)]
 
 
 def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
