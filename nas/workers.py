@@ -51,7 +51,7 @@ def resolve_workers(workers: int | str, device: torch.device) -> int:
 
 STOP_GRACE = 3.0  # seconds an interrupted run gives its processes to end on their own first
 STOP_PATIENCE = 30.0  # then, told again, to fail their work cleanly; then they are terminated
-PARENT_POLL = 1.0  # seconds between a process's checks that its parent still runs
+PARENT_POLL = 0.5  # seconds between a process's checks that its parent still runs (and SIGTERM came)
 
 
 class Slots:
@@ -189,8 +189,10 @@ def stop(procs: list, grace: float = STOP_GRACE, patience: float = STOP_PATIENCE
     and they end on their own within `grace`; a SIGINT sent to the parent alone did not, so those
     still running get one, and `patience` to fail their work and store that. Any still running
     then, or when a second KeyboardInterrupt comes (Ctrl-C pressed again: get out now), is
-    terminated; a trial it held is failed as stale and retried on resume (nas.storage's
-    heartbeats). None is left behind for multiprocessing's exit handler to wait on."""
+    terminated: it runs its cleanup (when_leaving: a search worker fails its trial) and exits, and
+    is killed if it has not within `patience` (a trial it held is then failed as stale and retried
+    on resume: nas.storage's heartbeats). None is left behind for multiprocessing's exit handler
+    to wait on."""
     try:
         _join(procs, grace)
         for p in procs:
@@ -206,6 +208,10 @@ def stop(procs: list, grace: float = STOP_GRACE, patience: float = STOP_PATIENCE
                 if p.is_alive():
                     p.terminate()
             _join(procs, patience)
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+            _join(procs, patience)
         finally:
             signal.signal(signal.SIGINT, previous)
 
@@ -218,13 +224,12 @@ def _join(procs: list, seconds: float) -> None:
 
 def _interruptible(target: Callable[..., None], parent: int, outbox: Outbox | None, worker: int,
                   threads: int) -> None:
-    """A spawned process's start: its first SIGINT or SIGTERM is a KeyboardInterrupt; after it,
-    SIGINT is ignored and SIGTERM ends the process at once, so that a second Ctrl-C cannot break
-    into the cleanup (failing its trial, storing that) that the first began, and the parent's
-    terminate still can (`stop`). It leaves when `parent` dies (_watch_parent), failing its work
-    as an interrupted process does."""
+    """A spawned process's start: its first SIGINT is a KeyboardInterrupt and later ones are
+    ignored, so that a second Ctrl-C cannot break into the cleanup (failing its trial, storing that)
+    that the first began. SIGTERM (the parent's terminate, `stop`) and its parent's death end it
+    (_watch_parent)."""
     signal.signal(signal.SIGINT, _interrupt_once)
-    signal.signal(signal.SIGTERM, _interrupt_once)
+    signal.signal(signal.SIGTERM, _terminated)
     if outbox is not None:
         sys.stdout, sys.stderr = _Printer(outbox, err=False), _Printer(outbox, err=True)
     _watch_parent(parent, outbox)
@@ -239,33 +244,51 @@ def _interruptible(target: Callable[..., None], parent: int, outbox: Outbox | No
             sys.stderr.flush()
 
 
-_interrupted = threading.Event()  # this process had its first SIGINT or SIGTERM
-
-
 def _interrupt_once(signum, frame) -> None:
-    _interrupted.set()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise KeyboardInterrupt
 
 
+def _terminated(signum, frame) -> None:
+    # The watcher (_watch_parent) does the rest. No lock here (an Event's, say): the signal comes
+    # again and again while the parent's threads end, and a handler run inside itself would wait
+    # on the lock it holds.
+    global _leaving
+    _leaving = True
+
+
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_leaving = False  # SIGTERM came: the parent's terminate, or the kernel's word that it died
+_cleanups: list[Callable[[], None]] = []  # what this process does before it leaves (when_leaving)
+
+
+def when_leaving(cleanup: Callable[[], None]) -> None:
+    """In a process that run_processes started: `cleanup` runs (in another thread, while the main
+    one goes on) when the process leaves because its parent died or terminated it; it replaces an
+    earlier one."""
+    _cleanups[:] = [cleanup]
 
 
 def _watch_parent(parent: int, outbox: Outbox | None) -> None:
-    """Has this process sent SIGTERM when `parent` dies: by the kernel on Linux (PR_SET_PDEATHSIG),
-    and by a thread that checks the parent every PARENT_POLL seconds anywhere (and on Linux too, in
-    case the parent died before the kernel was asked). Messages still queued for the dead parent
-    are then dropped instead of held at exit."""
+    """Makes this process leave when `parent` dies, even by SIGKILL, or sends SIGTERM: the kernel
+    sends it SIGTERM when the parent dies on Linux (PR_SET_PDEATHSIG; once for each of the parent's
+    threads as they end, so SIGTERM only ever wakes the watcher), and a thread checks the parent
+    every PARENT_POLL seconds anywhere. That thread, not the main one, runs the cleanup
+    (when_leaving) and ends the process (exit status 130): an exception raised in the main thread
+    at whatever it was doing (an import, a database commit) could leave its work half failed, or
+    worse. Messages still queued for a dead parent are dropped."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while not _leaving and os.getppid() == parent:
             time.sleep(PARENT_POLL)
-        if outbox is not None:
+        if outbox is not None and os.getppid() != parent:
             outbox.channel.cancel_join_thread()
-        if not _interrupted.is_set():
-            os.kill(os.getpid(), signal.SIGTERM)
+        try:
+            for cleanup in _cleanups:
+                cleanup()
+        finally:
+            os._exit(130)
 
     threading.Thread(target=watch, daemon=True, name="watch-parent").start()

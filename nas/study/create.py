@@ -80,7 +80,7 @@ def create_or_load(storage: optuna.storages.BaseStorage, name: str, config: Stud
 
 # What the dashboard calls each study-file objective (instead of "Objective 0").
 METRIC_NAMES = {"accuracy": "validation accuracy", "params": "parameters", "macs": "multiply-accumulates",
-                "peak_ram": "peak RAM (bytes)"}
+                "peak_ram": "peak RAM (bytes)", "flash": "flash (bytes)"}
 
 
 def metric_names(config: StudyConfig) -> list[str]:

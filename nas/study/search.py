@@ -15,7 +15,7 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from nas import data
@@ -29,7 +29,7 @@ from nas.study.sampling import make_pruner, make_sampler
 from nas.study.trials import (COST_UNITS, cost_objective, counts, finished_trials, is_multi_objective,
                               results_table, trial_counts)
 from nas.studyfile import StudyConfig
-from nas.workers import Line, Outbox, Slots, run_processes
+from nas.workers import Line, Outbox, Slots, run_processes, when_leaving
 
 def artifact_dir(options: SearchOptions) -> Path:
     return Path(options.artifact_dir) if options.artifact_dir else artifact_dir_for(options.storage)
@@ -117,15 +117,28 @@ def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], Any], sl
     """Trials of `objective`, one at a time, until the study holds `target` counted trials, no
     slot is left or the `deadline` (monotonic seconds) has passed. Each needs a slot claimed first;
     a trial that does not count (rejected, failed, lost to a peer) gives it back. `between` hears
-    that `worker` is between trials."""
+    that `worker` is between trials. An interrupted trial is failed; so is the trial under way when
+    a spawned worker's parent dies or terminates it (nas.workers.when_leaving)."""
     ended: list[FrozenTrial] = []
     callbacks = [lambda study, trial: ended.append(trial), *(callbacks or [])]
+    started: list[int] = []  # the trial ids this process asked for
+
+    def tracked(trial: optuna.Trial) -> Any:
+        started.append(trial._trial_id)
+        return objective(trial)
+
+    when_leaving(lambda: started and fail_if_running(study, started[-1]))
+
     while len(finished_trials(study)) < target and (deadline is None or time.monotonic() < deadline):
         if not slots.claim():
             return
         ended.clear()
         try:
-            study.optimize(objective, n_trials=1, callbacks=callbacks, catch=(), gc_after_trial=False)
+            study.optimize(tracked, n_trials=1, callbacks=callbacks, catch=(), gc_after_trial=False)
+        except KeyboardInterrupt:
+            if started:
+                fail_if_running(study, started[-1])
+            raise
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError, AssertionError) as exc:
             if not lost_to_a_peer(exc):
                 raise
@@ -136,6 +149,19 @@ def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], Any], sl
                 slots.release()
             if between is not None:
                 between(TrialProgress(worker, None))
+
+
+def fail_if_running(study: optuna.Study, trial_id: int) -> None:
+    """Fails a trial that is still running in the storage, as Optuna fails an interrupted one: a
+    trial abandoned because its worker's parent died or terminated it, or one whose interruption
+    came in the middle of a storage call, which Optuna does not fail (the heartbeat would, much
+    later, as stale)."""
+    storage = study._storage
+    if storage.get_trial(trial_id).state == TrialState.RUNNING:
+        try:
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # Optuna's own fail came first after all
 
 
 def _worker_entry(options: SearchOptions, config: StudyConfig, slots: Slots, worker: int, threads: int,
