@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nas.errors import NasError
 from nas.spec import ArchSpec, Costs, layer_table
 from nas.spec import costs as mcunet_costs
 
@@ -48,8 +49,8 @@ FILE_PER_OPTIONS = 48  # an options table (ops with equal options share one)
 FILE_PER_CODE = 20  # an OperatorCode
 
 
-class CostModelError(ValueError):
-    """An unknown count."""
+class CostModelError(NasError):
+    """An unknown count (say, a study stored by a newer nas)."""
 
 
 @dataclass(frozen=True)
