@@ -212,6 +212,8 @@ def test_each_running_trial_shows_its_step_in_the_bar_until_it_ends():
     bar.draw()
     assert bar.bar.postfix.endswith("#3 rung, #2 ep 7/15 98.91%")
     assert bar.eta is not None  # trial 2's epochs tell a full training's time
+    assert TrialProgress(worker=1, trial=2, phase="train", epoch=7, epochs=15, accuracy=98.91).line() == (
+        "[worker 1] Trial 2: epoch 7/15, 98.91% validation")  # the line above the bar
     bar.progress(TrialProgress(worker=1, trial=None))  # worker 1 is between trials
     bar.draw()
     assert "#2" not in bar.bar.postfix and "#3 rung" in bar.bar.postfix

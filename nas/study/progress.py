@@ -33,6 +33,12 @@ class TrialProgress:
     epoch_seconds: float | None = None  # mean wall time of its epochs so far, evaluation included
     preset: bool = False
 
+    def line(self) -> str:
+        """The line a finished epoch writes above the bar, as the trial's other lines are written
+        (nas.study.objective.Objective.say): `[worker 1] Trial 28: epoch 7/15, 98.90% validation`."""
+        prefix = "" if self.worker == 0 else f"[worker {self.worker}] "
+        return f"{prefix}Trial {self.trial}: epoch {self.epoch}/{self.epochs}, {self.accuracy:.2f}% validation"
+
     def label(self) -> str:
         """How the bar's postfix shows it, e.g. `#28 ep 7/15 98.90%` or `#29 rung`."""
         if self.phase != "train":

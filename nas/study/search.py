@@ -51,7 +51,8 @@ def run_search(options: SearchOptions, config: StudyConfig, workers: int, study:
     """Trials until `study` holds options.trials: in this process, or in `workers` spawned ones
     sharing a count of the trials left to start (Slots), so that exactly options.trials finish.
     Spawned workers send their lines and each trial's steps here, where they are written above the
-    study's bar and shown in its postfix. Returns a line for each worker that failed."""
+    study's bar (a line for each epoch too, unless quiet) and shown in its postfix. Returns a line
+    for each worker that failed."""
     slots = Slots(options.trials - len(finished_trials(study)), shared=workers > 1)
     if workers == 1:
         run_worker(options, config, split, slots=slots)
@@ -63,6 +64,8 @@ def run_search(options: SearchOptions, config: StudyConfig, workers: int, study:
             bar.write(item.text, item.err)
         elif isinstance(item, TrialProgress):
             bar.progress(item)
+            if item.phase == "train" and item.epoch and not options.quiet:
+                bar.write(item.line())
 
     try:
         return run_processes(functools.partial(_worker_entry, options, config, slots), workers,
