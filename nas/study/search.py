@@ -97,18 +97,18 @@ def run_worker(options: SearchOptions, config: StudyConfig, split: data.Split | 
     if slots is None:
         slots = Slots(options.trials - len(finished_trials(study)))
     objective = Objective(config, options, split, device, artifact_dir(options))
-    bar = None
+    bar, progress = None, None
     if outbox is not None:
         objective.bars = False
-        objective.progress = outbox.send
+        progress = objective.progress = outbox.send
     elif not options.quiet:
         bar = ProgressBar(study, options.trials, disable=False)
         objective.nested = True
-        objective.progress = bar.progress
+        progress = objective.progress = bar.progress
     deadline = None if options.timeout is None else time.monotonic() + options.timeout
     try:
         run_trials(study, objective, slots, target=options.trials, deadline=deadline, callbacks=[bar] if bar else None,
-                   worker=options.worker, between=objective.progress)
+                   worker=options.worker, between=progress)
     finally:
         if bar:
             bar.close()
