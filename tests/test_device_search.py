@@ -23,7 +23,7 @@ from nas.data.resize import SplitsBySize, resize_images, resized_data, resized_s
 from nas.data.sources import Images
 from nas.deployment import FP32_FILE, deployable, export_and_measure
 from nas.model import build_model
-from nas.space import SpaceConfig, draw, express, max_blocks, params_of, suggest
+from nas.space import Budget, SpaceConfig, draw, express, max_blocks, params_of, suggest
 from nas.spec import MNIST_SHAPE, ArchSpec, BlockSpec, SpecError, TrainConfig, costs, count_params, layer_string, \
     layer_table, load_arch, receptive_field
 from nas.study.create import create_or_load, warm_start
@@ -40,6 +40,23 @@ RAM_STUDY = STUDIES / "mnist-ram.toml"
 @pytest.fixture(autouse=True)
 def quiet_optuna():
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+# --- a net described in a space with a RAM budget -------------------------------------------------
+
+def test_a_net_its_ram_budget_binds_is_described_at_its_share_of_that_budget():
+    """`budget_fraction` scales widths against every budget at once, so a design's share is that of
+    the budget it fills most: here 6,000 B of 8,192 B of RAM, not 1,092 of 8,000 params (a share
+    that small would rebuild it narrower, and the study would skip it as outside its space)."""
+    space = load_study_config(RAM_STUDY).space
+    arch = ArchSpec(blocks=(BlockSpec((12,), padding=1), BlockSpec((8,))), input_size=20)
+    assert (count_params(arch), costs(arch).peak_ram) == (1092, 6000)
+    train = TrainConfig(epochs=15)
+    ram = Budget(8000, peak_ram=8192, cost_model="mcunet")
+    params = params_of(arch, train, space, ram)
+    assert params["budget_fraction"] == pytest.approx(6000.5 / 8192)
+    assert express(params, space, ram, 15, 0, MNIST_SHAPE)[1] == arch
+    assert params_of(arch, train, space, 8000)["budget_fraction"] == pytest.approx(1092.5 / 8000)
 
 
 # --- a stride-2 first conv ------------------------------------------------------------------------

@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 
+import optuna
 import pytest
+from optuna.trial import TrialState
 
 from nas.data import MEAN, STD, VALID_SIZE, DataConfig
 from nas.space import SpaceConfig
-from nas.studyfile import (DEFAULT_STUDY_FILE, ConfigError, RungConfig, StudyConfig, differences, load_study_config,
+from nas.study.create import enqueue_presets
+from nas.studyfile import (DEFAULT_STUDY_FILE, KNOWN_SHAPES, ConfigError, RungConfig, StudyConfig, differences, load_study_config,
                            parse_study_config, resolve_study_file)
 from tests.conftest import REPO_ROOT
 
@@ -18,6 +21,22 @@ def test_the_shipped_study_files_parse_and_round_trip_through_a_study():
     for path in sorted((REPO_ROOT / "studies").glob("*.toml")):
         config = load_study_config(path)
         assert StudyConfig.from_stored(config.to_stored()) == config, path.name
+
+
+def test_the_shipped_study_files_enqueue_every_design_they_name(monkeypatch):
+    """Each preset or design a shipped study file names lies within its space and budget, so that
+    a fresh study queues it (a net outside is skipped with a note, and the study never runs it)."""
+    monkeypatch.chdir(REPO_ROOT)  # design files are named relative to the repository
+    for path in sorted((REPO_ROOT / "studies").glob("*.toml")):
+        config = load_study_config(path)
+        if not config.enqueue:
+            continue
+        study = optuna.create_study(directions=config.directions)
+        notes = []
+        enqueue_presets(study, config, config.enqueue, fresh=True, shape=KNOWN_SHAPES[config.data.dataset],
+                        say=notes.append)
+        assert notes == [], path.name
+        assert len(study.get_trials(states=(TrialState.WAITING,))) == len(config.enqueue), path.name
 
 
 REFERENCE = REPO_ROOT / "studies" / "reference.toml"

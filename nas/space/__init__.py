@@ -308,14 +308,16 @@ def fit_widths(shape: ArchSpec, bounds: tuple[int, int], limit: float | Callable
     return scaled(shape, low, bounds)
 
 
-def params_for(preset: Preset, space: SpaceConfig | None = None, budget: int | None = None) -> dict[str, Any]:
+def params_for(preset: Preset, space: SpaceConfig | None = None, budget: int | Budget | None = None) -> dict[str, Any]:
     """The trial params that make `suggest` (with this `space` and `budget`) rebuild a preset, as
     used to enqueue the seed's models. Without a space: version 1's params."""
     return params_of(preset.arch, preset.train, space or SpaceConfig(version=1), budget)
 
 
-def params_of(arch: ArchSpec, train: TrainConfig, space: SpaceConfig, budget: int | None = None) -> dict[str, Any]:
-    """The trial params that describe `arch` and `train` in `space`. Whether the space holds them
+def params_of(arch: ArchSpec, train: TrainConfig, space: SpaceConfig, budget: int | Budget | None = None
+              ) -> dict[str, Any]:
+    """The trial params that describe `arch` and `train` in `space` under `budget` (the study's
+    whole budget: its share, `budget_fraction`, is that of the tightest limit). Whether the space holds them
     (widths and shares within its ranges) is for the caller to check, by rebuilding through
     FixedTrial, which warns on a value out of range."""
     params: dict[str, Any] = {"n_blocks": len(arch.blocks), "b0_padding": arch.blocks[0].padding}
@@ -337,9 +339,7 @@ def params_of(arch: ArchSpec, train: TrainConfig, space: SpaceConfig, budget: in
         for i, block in enumerate(arch.blocks):
             params.update({f"b{i}_l{j}_rel": w / widest for j, w in enumerate(block.widths)})
         params.update({f"tail{k}_rel": w / widest for k, w in enumerate(arch.tail)})
-        # Half a parameter above the net's count: the widest scaling within it is this net, and
-        # floating-point error in fraction * budget cannot push it under.
-        params["budget_fraction"] = (count_params(arch) + 0.5) / budget
+        params["budget_fraction"] = budget_share(arch, budget)
     params.update(
         dropout=arch.dropout,
         scheduler=train.scheduler,
@@ -354,7 +354,22 @@ def params_of(arch: ArchSpec, train: TrainConfig, space: SpaceConfig, budget: in
     return params
 
 
-def _params_of_v3(arch: ArchSpec, train: TrainConfig, space: SpaceConfig, budget: int | None) -> dict[str, Any]:
+def budget_share(arch: ArchSpec, budget: int | Budget) -> float:
+    """The `budget_fraction` whose widest scaling is `arch`: its share of the budget it fills most.
+    Half a unit above each count (a parameter, a MAC, a byte), so that floating-point error in
+    fraction * limit cannot push `arch` out of its own share."""
+    budget = as_budget(budget)
+    share = (count_params(arch) + 0.5) / budget.params
+    if budget.macs or budget.peak_ram or budget.flash:
+        cost = costs(arch, budget.cost_model)
+        share = max([share] + [(value + 0.5) / limit for value, limit in
+                               ((cost.macs, budget.macs), (cost.peak_ram, budget.peak_ram),
+                                (cost.flash, budget.flash)) if limit])
+    return share
+
+
+def _params_of_v3(arch: ArchSpec, train: TrainConfig, space: SpaceConfig, budget: int | Budget | None
+                  ) -> dict[str, Any]:
     """Version 3's params of `arch`: every one version 3 could ask, then just those it does ask of
     them (a residual block's one width, `dw_norm` only where a block is separable, a fixed choice
     not at all)."""
@@ -365,7 +380,7 @@ def _params_of_v3(arch: ArchSpec, train: TrainConfig, space: SpaceConfig, budget
                               "first_kernel": arch.first_kernel, "first_stride": arch.first_stride,
                               "image_size": arch.input_size, "tail_layers": len(arch.tail),
                               "dw_norm": arch.dw_norm, "dropout": arch.dropout,
-                              "budget_fraction": (count_params(arch) + 0.5) / budget}
+                              "budget_fraction": budget_share(arch, budget)}
     for i, block in enumerate(arch.blocks):
         params.update({f"b{i}_padding": block.padding, f"b{i}_layers": len(block.widths), f"b{i}_op": block.op,
                        f"b{i}_residual": block.residual})

@@ -158,7 +158,7 @@ def _reexpress(stored: FrozenTrial, config: StudyConfig, shape: Shape) -> optuna
         return None
     for params in (stored.params, None):
         try:
-            params = params if params is not None else params_of(arch, train_config, config.space, config.budget)
+            params = params if params is not None else params_of(arch, train_config, config.space, config.limits)
         except (ValueError, SpecError):
             continue
         taken = express(params, config.space, config.limits, train_config.epochs, train_config.seed, shape)
@@ -195,7 +195,7 @@ def enqueue_presets(study: optuna.Study, config: StudyConfig, names: tuple[str, 
             say(f"note: {name} is over this study's budget on this data ({'; '.join(broken)}); not enqueued")
             continue
         preset = Preset(arch, preset.train)
-        params = params_for(preset, config.space, config.budget)
+        params = params_for(preset, config.space, config.limits)
         taken = express(params, config.space, config.limits, preset.train.epochs, preset.train.seed, shape)
         if taken is None or taken[1:] != (preset.arch, preset.train):
             say(f"note: {name} lies outside this study's search space; not enqueued")
