@@ -277,6 +277,36 @@ def test_a_v3_net_exports_to_onnx_and_runs_as_in_pytorch(tmp_path):
     assert np.allclose(logits(tmp_path / "m.onnx", images), expected, atol=1e-4)
 
 
+def test_the_ram_campaigns_confirmed_points_fit_its_budgets_and_train_at_their_side(data_dir, capsys):
+    """studies/results/mnist-ram-test.json: the front points of studies/mnist-ram.toml confirmed on
+    test over seeds 1-3 with int8 (ONNX Runtime and TFLM), each within the study's parameter and
+    RAM budgets by the study's count, and trainable from the file at its own input side."""
+    from nas.cli import train
+    from nas.costmodel import costs
+    from nas.studyfile import load_study_config
+
+    path = STUDIES / "results" / "mnist-ram-test.json"
+    results = json.loads(path.read_text())
+    config = load_study_config(STUDIES / "mnist-ram.toml")
+    points = [c for c in results["candidates"] if c["label"] != "model3"]
+    assert len(points) == 3
+    for point in points:
+        arch = ArchSpec.from_dict(point["arch"])
+        assert count_params(arch) == point["params"] < config.budget
+        assert costs(arch, config.cost_model).peak_ram <= config.max_peak_ram
+        assert arch.input_size in config.space.image_sizes and arch.first_stride in config.space.first_stride
+        assert sorted(run["seed"] for run in point["runs"]) == [1, 2, 3]
+        assert all(run["int8_acc"] and run["tflm_int8_acc"] for run in point["runs"])
+    small = min(points, key=lambda c: costs(ArchSpec.from_dict(c["arch"]), config.cost_model).peak_ram)
+    side = small["arch"]["input_size"]
+    assert train.main(["--model", str(path), "--candidate", small["label"], "--epochs", "1", "--subset", "2000",
+                       "--data-dir", str(data_dir), "--quiet"]) == 0
+    out = capsys.readouterr().out  # seed 0 has no recorded run: the candidate, trained afresh
+    assert f"{small['params']:,} params, {side}x{side} inputs" in out
+    assert train.main(["--model", "model3", "--candidate", small["label"], "--data-dir", str(data_dir)]) == 2
+    assert "needs a nas.confirm results file" in capsys.readouterr().err
+
+
 # Each space-version-3 campaign's test confirm.
 @pytest.mark.parametrize("name", ["mnist-2k-test.json", "mnist-1k-test.json", "mnist-5k-v3-test.json"])
 def test_a_small_campaigns_winner_is_under_budget_with_3_seeds_and_trains(name, data_dir, capsys):

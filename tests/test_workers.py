@@ -218,11 +218,17 @@ def work(worker, threads):
 
 INTERRUPTED_DRIVER = '''
 import os, sys
+from pathlib import Path
 import target
 from nas import workers
 
+def stop(*args, **kwargs):  # says when the parent has taken the first Ctrl-C: a second one sent
+    Path(os.environ["WORK_DIR"], "stopping").write_text("")  # sooner may merge with it, as signals do
+    return stopping(*args, **kwargs)
+
 if __name__ == "__main__":
     workers.STOP_PATIENCE = float(os.environ["STOP_PATIENCE"])
+    stopping, workers.stop = workers.stop, stop
     try:
         workers.run_processes(target.work, 2, every=0.2)
     except KeyboardInterrupt:
@@ -278,7 +284,8 @@ def test_ctrl_c_pressed_twice_gets_out_at_once_without_a_traceback(tmp_path):
     end the run within the (generous) deadline; no wall time is asserted."""
     parent = _interruptible_run(tmp_path, cleanup_seconds=3600, patience=3600)
     os.killpg(parent.pid, signal.SIGINT)
-    wait_for(lambda: all((tmp_path / f"cleaning-{i}").exists() for i in range(2)), "the workers' cleanup to begin")
+    wait_for(lambda: all((tmp_path / f"cleaning-{i}").exists() for i in range(2)) and (tmp_path / "stopping").exists(),
+             "the workers' cleanup to begin and the parent to stop them")
     os.killpg(parent.pid, signal.SIGINT)
     _, stderr = parent.communicate(timeout=300)
     assert parent.returncode == 130 and stderr.strip() == "interrupted", stderr

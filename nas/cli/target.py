@@ -17,7 +17,7 @@ from nas.cpu import tune_allocator
 from nas.data.resize import resized_data, resized_split
 from nas.run.record import RunRecord
 from nas.spec import PRESETS, ArchSpec, SpecError, TrainConfig, count_params, load_arch
-from nas.study.confirm import recorded_run
+from nas.study.confirm import recorded_run, results_candidate
 from nas.studyfile import load_study_config
 from nas.train.setup import RunSettings, resolve_run
 
@@ -41,6 +41,8 @@ def resolve_target(args: argparse.Namespace, settings: RunSettings) -> Target:
     if recorded is not None:
         label, arch, config, run = recorded
         settings = replace(settings, device=run.device, precision=run.precision, threads=run.threads)
+    elif args.candidate:  # a seed the results file has no run of: the candidate, trained afresh
+        arch, config = results_candidate(Path(args.model), args.candidate)
     else:
         arch, config = load_arch(args.model)
     device = settings.resolve_device()  # an impossible device or precision fails before the data
@@ -66,14 +68,14 @@ def resolve_target(args: argparse.Namespace, settings: RunSettings) -> Target:
             config = replace(config, epochs=args.epochs)
         run = replace(run, subset=args.subset)
     else:
-        name = args.model
+        name = f"{args.model} ({args.candidate})" if args.candidate else args.model
         config = replace(config or TrainConfig(), seed=args.seed)
         if args.epochs:
             config = replace(config, epochs=args.epochs)
         run = resolve_run(arch, config, settings, device, len(split.train_x), args.subset)
     label = Path(args.model).stem if Path(args.model).suffix else args.model
-    if recorded is not None:
-        label = f"{label}-{recorded[0]}"
+    if recorded is not None or args.candidate:
+        label = f"{label}-{recorded[0] if recorded is not None else args.candidate}"
     return Target(name, label, arch, config, run, source, split)
 
 

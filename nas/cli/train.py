@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     except NasError as exc:
         return fail(exc)
     arch, config, split = target.arch, target.config, target.split
-    print(f"{target.name}: {count_params(arch):,} params, {config.epochs} epochs, seed {config.seed}, "
-          f"{target.run.describe()}")
+    print(f"{target.name}: {count_params(arch):,} params, {arch.input_size}x{arch.input_size} inputs, "
+          f"{config.epochs} epochs, seed {config.seed}, {target.run.describe()}")
 
     def report(result: EpochResult, model: nn.Module) -> None:
         print(epoch_line(result, split.eval_name), flush=True)

@@ -414,13 +414,30 @@ def recorded_run(path: Path, seed: int, label: str | None = None) -> tuple[str, 
     if not isinstance(body, dict) or body.get("format") != RESULTS_FORMAT:
         return None
     label = label or body["winner"]
-    found = [c for c in body["candidates"] if c["label"] == label]
-    if not found:
-        raise ConfirmError(f"{path} has no candidate {label!r}; it holds "
-                           f"{', '.join(c['label'] for c in body['candidates'])}")
-    candidate = found[0]
+    candidate = _candidate(path, body, label)
     runs = [r for r in candidate["runs"] if r["seed"] == seed]
     if not runs:
         return None
     arch, train_config = ArchSpec.from_dict(candidate["arch"]), TrainConfig.from_dict(candidate["train"])
     return label, arch, replace(train_config, seed=seed), RunRecord.from_dict(runs[0]["run"])
+
+
+def results_candidate(path: Path, label: str) -> tuple[ArchSpec, TrainConfig]:
+    """The spec and training config of candidate `label` of the results file `path` (a seed it
+    has no run of: trained afresh); ConfirmError where `path` is no results file or lacks it."""
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, ValueError):
+        body = None
+    if not isinstance(body, dict) or body.get("format") != RESULTS_FORMAT:
+        raise ConfirmError(f"--candidate {label} needs a nas.confirm results file as --model; {path} is none")
+    candidate = _candidate(path, body, label)
+    return ArchSpec.from_dict(candidate["arch"]), TrainConfig.from_dict(candidate["train"])
+
+
+def _candidate(path: Path, body: dict, label: str) -> dict:
+    found = [c for c in body["candidates"] if c["label"] == label]
+    if not found:
+        raise ConfirmError(f"{path} has no candidate {label!r}; it holds "
+                           f"{', '.join(c['label'] for c in body['candidates'])}")
+    return found[0]
