@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -237,8 +238,11 @@ if __name__ == "__main__":
 '''
 
 
+@contextlib.contextmanager
 def _interruptible_run(tmp_path: Path, cleanup_seconds: float,
-                       patience: float = workers.STOP_PATIENCE) -> subprocess.Popen:
+                       patience: float = workers.STOP_PATIENCE) -> Iterator[subprocess.Popen]:
+    """The driver above, started in a session of its own; where the test fails (a wait timing out, an
+    assertion), its group is killed on the way out, so no driver or worker outlives it."""
     (tmp_path / "target.py").write_text(INTERRUPTED_TARGET)
     (tmp_path / "driver.py").write_text(INTERRUPTED_DRIVER)
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO_ROOT}", "WORK_DIR": str(tmp_path),
@@ -252,8 +256,14 @@ def _interruptible_run(tmp_path: Path, cleanup_seconds: float,
         assert parent.poll() is None, parent.communicate()
         return all((tmp_path / f"ready-{i}").exists() for i in range(2))
 
-    wait_for(started, "the workers to start", timeout=120)
-    return parent
+    try:
+        wait_for(started, "the workers to start", timeout=120)
+        yield parent
+    except BaseException:  # only then: a test that passes must have seen its group end by itself
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)
+        parent.communicate()
+        raise
 
 
 def _gone(pid: int) -> bool:
@@ -267,12 +277,12 @@ def _gone(pid: int) -> bool:
 def test_a_sigint_to_the_parent_alone_reaches_its_workers_which_end_cleanly(tmp_path):
     """`kill -INT <pid>` of nas.search (not its group): the workers are told too, fail their trials
     cleanly, and nothing is left for multiprocessing's exit handler to wait on."""
-    parent = _interruptible_run(tmp_path, cleanup_seconds=0.5)
-    parent.send_signal(signal.SIGINT)
-    _, stderr = parent.communicate(timeout=60)
-    assert parent.returncode == 130 and stderr.strip() == "interrupted", stderr
-    assert all((tmp_path / f"cleaned-{i}").exists() for i in range(2))
-    assert all(_gone(int((tmp_path / f"ready-{i}").read_text())) for i in range(2))
+    with _interruptible_run(tmp_path, cleanup_seconds=0.5) as parent:
+        parent.send_signal(signal.SIGINT)
+        _, stderr = parent.communicate(timeout=60)
+        assert parent.returncode == 130 and stderr.strip() == "interrupted", stderr
+        assert all((tmp_path / f"cleaned-{i}").exists() for i in range(2))
+        assert all(_gone(int((tmp_path / f"ready-{i}").read_text())) for i in range(2))
 
 
 def test_ctrl_c_pressed_twice_gets_out_at_once_without_a_traceback(tmp_path):
@@ -282,15 +292,15 @@ def test_ctrl_c_pressed_twice_gets_out_at_once_without_a_traceback(tmp_path):
 
     The workers' cleanup and the parent's patience both last an hour, so only the second Ctrl-C can
     end the run within the (generous) deadline; no wall time is asserted."""
-    parent = _interruptible_run(tmp_path, cleanup_seconds=3600, patience=3600)
-    os.killpg(parent.pid, signal.SIGINT)
-    wait_for(lambda: all((tmp_path / f"cleaning-{i}").exists() for i in range(2)) and (tmp_path / "stopping").exists(),
-             "the workers' cleanup to begin and the parent to stop them")
-    os.killpg(parent.pid, signal.SIGINT)
-    _, stderr = parent.communicate(timeout=300)
-    assert parent.returncode == 130 and stderr.strip() == "interrupted", stderr
-    assert not any((tmp_path / f"cleaned-{i}").exists() for i in range(2))
-    assert all(_gone(int((tmp_path / f"ready-{i}").read_text())) for i in range(2))
+    with _interruptible_run(tmp_path, cleanup_seconds=3600, patience=3600) as parent:
+        os.killpg(parent.pid, signal.SIGINT)
+        wait_for(lambda: all((tmp_path / f"cleaning-{i}").exists() for i in range(2))
+                 and (tmp_path / "stopping").exists(), "the workers' cleanup to begin and the parent to stop them")
+        os.killpg(parent.pid, signal.SIGINT)
+        _, stderr = parent.communicate(timeout=300)
+        assert parent.returncode == 130 and stderr.strip() == "interrupted", stderr
+        assert not any((tmp_path / f"cleaned-{i}").exists() for i in range(2))
+        assert all(_gone(int((tmp_path / f"ready-{i}").read_text())) for i in range(2))
 
 
 def test_slots_are_claimed_until_none_is_left_and_given_back():
