@@ -3,6 +3,7 @@ case by case and against a recorded run replayed trial by trial; the bar that sh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from datetime import datetime, timedelta
@@ -18,6 +19,8 @@ from nas.study.progress import ProgressBar, TrialProgress
 from nas.study.sampling import RUNG_STEP, TPE_STARTUP
 
 TIMELINE = Path(__file__).parent / "data" / "main-job-2026-12-07.json"
+# the default study with all three levers on (studies/levers/all.toml): a second rung, curve stops
+LEVERS_TIMELINE = Path(__file__).parent / "data" / "main-job-levers-2026-12-07.json"
 MODEL3 = Finished(200.0, at_rung=False, rung_seconds=20.0, preset=True)  # went on; 20 s of it the rung
 
 
@@ -92,6 +95,31 @@ def test_trials_to_start_take_the_expected_time_of_a_trial_at_the_expected_share
     assert more > eta_seconds(finished, [], 10, 1) + 15 * 12.0
 
 
+def test_a_second_rung_splits_the_candidates_that_pass_the_first_in_two():
+    """With a second rung (lever b), a stop there is neither a first-rung stop nor a full training:
+    of the candidates past the first rung (expected_share), the recent share past the second trains
+    in full, the rest stop at the second rung's time (its stops, and the full trainings' rungs)."""
+    model3 = Finished(200.0, at_rung=False, rung_seconds=20.0, preset=True, second_rung=True)
+    finished = [model3, stop(10.0, TPE_STARTUP), stop(12.0, TPE_STARTUP + 1),
+                Finished(100.0, at_rung=True, number=TPE_STARTUP + 2, second_rung=True),
+                Finished(180.0, at_rung=False, rung_seconds=60.0, number=TPE_STARTUP + 3, second_rung=True)]
+    first = expected_share(full_share([False, False, True, True]), 10)
+    second = full_share([False, True])  # the preset tells nothing of it either
+    full_mean, second_end = (200.0 + 180.0) / 2, (100.0 + 20.0 + 60.0) / 3
+    after_first = (1 - second) * second_end + second * full_mean
+    trial = first * after_first + (1 - first) * 11.0
+    assert eta_seconds(finished, [], 10, 1) == pytest.approx(10 * trial)
+    assert eta_seconds(finished, [], 10, 2) == pytest.approx((10 * trial + first * second * full_mean / 2) / 2)
+    # A trial at the second rung has passed the first: it is expected to take after_first, less its time
+    assert eta_seconds(finished, [Running(20, seconds=70.0, training=False, second_rung=True)], 0, 1) \
+        == pytest.approx(after_first - 70.0)
+    # Without the second rung's stop, the same study reads as before: first-rung stops or full trainings
+    plain = [f for f in finished if not (f.at_rung and f.second_rung)]
+    plain = [dataclasses.replace(f, second_rung=False) for f in plain]
+    share = expected_share(full_share([False, False, True]), 10)
+    assert eta_seconds(plain, [], 10, 1) == pytest.approx(10 * (share * full_mean + (1 - share) * 11.0))
+
+
 def test_finished_trials_are_read_as_rung_stops_or_full_trials_with_their_times():
     since = datetime(2026, 12, 3, 12, 0, 0)
 
@@ -105,7 +133,8 @@ def test_finished_trials_are_read_as_rung_stops_or_full_trials_with_their_times(
     trials = [trial(-500, 300, preset="model3", rung_acc=97.0, train_seconds=260.0),
               trial(10, 30, TrialState.PRUNED, rung_acc=80.0, pruned_at=RUNG_STEP),
               trial(40, 200, rung_acc=97.0, train_seconds=170.0),
-              trial(250, 90)]  # another pruner's trial: no rung
+              trial(250, 90),  # another pruner's trial: no rung
+              trial(400, 120, TrialState.PRUNED, rung_acc=97.5, rung2_acc=98.9, pruned_at=RUNG_STEP)]  # lever b
     for number, t in enumerate(trials):
         t.number = number
     assert finished_times(trials, since) == [
@@ -113,6 +142,7 @@ def test_finished_trials_are_read_as_rung_stops_or_full_trials_with_their_times(
         Finished(30.0, at_rung=True, number=1),
         Finished(200.0, at_rung=False, rung_seconds=30.0, number=2),
         Finished(90.0, at_rung=False, number=3),
+        Finished(120.0, at_rung=True, number=4, second_rung=True),
     ]
 
 
@@ -121,34 +151,38 @@ def test_finished_trials_are_read_as_rung_stops_or_full_trials_with_their_times(
 
 def timeline_at(trials: list[dict], now: float, epochs: int) -> tuple[list[Finished], list[Running], int]:
     """What the bar knew `now` seconds into the recorded run: the finished trials, the running ones
-    (a full training's epochs spread evenly over its recorded training seconds, which end it), and
-    how many had not started."""
+    (a full training's epochs spread evenly over its recorded training seconds, which end it; at a
+    second rung from the first rung's recorded end to the training), and how many had not started."""
     finished, running = [], []
     for t in trials:
         seconds, trained = t["end_s"] - t["start_s"], t["train_seconds"]
         rung = seconds - trained if trained else seconds
+        second = t.get("rung2_acc") is not None
         if t["end_s"] <= now:
+            recorded = trained and not t.get("train_seconds_estimated")  # as finished_times reads it
             finished.append(Finished(seconds, at_rung=t["pruned_at"] == RUNG_STEP,
-                                     rung_seconds=rung if trained else None, preset=t["number"] == 0,
-                                     number=t["number"]))
+                                     rung_seconds=rung if recorded else None, preset=t["number"] == 0,
+                                     number=t["number"], second_rung=second))
         elif t["start_s"] <= now:
             since = now - t["start_s"]
             if trained and since >= rung:
-                epoch = trained / epochs
+                epoch = trained / (t.get("epochs_run") or epochs)  # a curve stop ended it early
                 done = min(epochs - 1, int((since - rung) // epoch))
                 running.append(Running(t["number"], since, training=True, epochs_left=epochs - done,
                                        epoch_seconds=epoch if done else None, in_epoch=since - rung - done * epoch,
                                        preset=t["number"] == 0))
             else:
-                running.append(Running(t["number"], since, training=False, preset=t["number"] == 0))
+                at_second = second and t.get("rung_end_s") is not None and now >= t["rung_end_s"]
+                running.append(Running(t["number"], since, training=False, preset=t["number"] == 0,
+                                       second_rung=at_second))
     return finished, running, len(trials) - len(finished) - len(running)
 
 
-def replayed_errors() -> dict[int, float]:
-    """The ETA's relative error at each finished trial of the recorded run (2 workers, --trials 50,
-    which ran 51 then: the replay's target is the 51 it ran), from the 10th to the one before the
-    last: (ETA - time actually left) / time actually left."""
-    run = json.loads(TIMELINE.read_text())
+def replayed_errors(timeline: Path = TIMELINE) -> dict[int, float]:
+    """The ETA's relative error at each finished trial of a recorded run (2 workers, --trials 50,
+    which ran 51 in the first: the replay's target is the number it ran), from the 10th to the one
+    before the last: (ETA - time actually left) / time actually left."""
+    run = json.loads(timeline.read_text())
     trials = run["trials"]
     last = max(t["end_s"] for t in trials)
     errors = {}
@@ -176,6 +210,21 @@ def test_the_replayed_run_holds_what_it_was_measured_at():
                    "43rd finished trial on (docs/performance.md, 2026-12-07)")
 def test_the_replayed_run_holds_the_issues_target_throughout():
     assert max(abs(e) for e in replayed_errors().values()) <= 0.25
+
+
+def test_the_replayed_levered_run_holds_far_closer_than_the_eta_it_showed():
+    """The default study with all three levers (tests/data/main-job-levers-2026-12-07.json: 50 trials,
+    6 trained in full, 1 stopped on the curve, 10 at the second rung, AVX2-only EPYC, 77 min), replayed.
+    The ETA it showed counted a second-rung stop as a rung stop and expected half the candidates to
+    train in full: +148%, +64%, +56%, -9% at the 10th, 20th, 30th and 40th finished trial (the replay of
+    that estimate: +140%, +63%, +56%, -13%). Weighing the second rung's survivors apart, with no constant
+    chosen on this run: within 30% at those four, 23% off on average; not the issue's 25% throughout
+    (73% at the 12th, when Model 3, the first full training and the slowest, finished)."""
+    errors = replayed_errors(LEVERS_TIMELINE)
+    assert len(errors) == 40
+    assert all(abs(errors[count]) <= 0.30 for count in (10, 20, 30, 40)), errors
+    assert sum(abs(e) for e in errors.values()) / len(errors) <= 0.25
+    assert max(abs(e) for e in errors.values()) <= 0.75
 
 
 # --- the bar -------------------------------------------------------------------------------------

@@ -8,7 +8,12 @@ the two by the share of full trainings, and that share is not fixed: the first T
 are random draws, most of them far below the best, while TPE's later proposals sit near the best
 and pass the rung more and more often. The share is therefore read from TPE's trials only, recent
 ones weighing most (full_share). A running full training has a known number of epochs left at its
-own measured epoch time; that part is exact where the old estimate guessed."""
+own measured epoch time; that part is exact where the old estimate guessed.
+
+A study with a second rung (nas.study.levers, lever b) screens twice: a candidate that passes the
+first rung stops at the second or trains in full. Its expected trial weighs the three ends by the
+share that passes the first rung (as above) and the share of those that passes the second (recent
+ones weighing most, the same prior); without one, the second share is 1 and the two ends above remain."""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from statistics import fmean
 
 from optuna.trial import FrozenTrial
 
+from nas.study.levers import SECOND_RUNG_ATTR
 from nas.study.sampling import TPE_STARTUP
 from nas.study.trials import stopped_at_rung
 
@@ -43,6 +49,7 @@ class Finished:
     preset: bool = False  # enqueued presets run first and go on, so they tell nothing of the share
     earlier: bool = False  # finished in an earlier run of the study
     number: int = 0  # its trial number: TPE_STARTUP and the share's weights follow it
+    second_rung: bool = False  # it ran a second rung (and stopped there if at_rung)
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ class Running:
     epoch_seconds: float | None = None  # training: its own mean epoch time so far (None: no epoch done yet)
     in_epoch: float = 0.0  # training: seconds since its last epoch ended (or training began)
     preset: bool = False
+    second_rung: bool = False  # being screened at a second rung now
 
 
 def finished_times(trials: list[FrozenTrial], since: datetime) -> list[Finished]:
@@ -63,7 +71,8 @@ def finished_times(trials: list[FrozenTrial], since: datetime) -> list[Finished]
     times, those started before `since` marked earlier."""
     return [Finished(seconds=(t.datetime_complete - t.datetime_start).total_seconds(),
                      at_rung=stopped_at_rung(t), rung_seconds=_rung_seconds(t),
-                     preset="preset" in t.user_attrs, earlier=t.datetime_start < since, number=t.number)
+                     preset="preset" in t.user_attrs, earlier=t.datetime_start < since, number=t.number,
+                     second_rung=SECOND_RUNG_ATTR in t.user_attrs)
             for t in trials]
 
 
@@ -111,11 +120,12 @@ def _left_in_training(trial: Running, full: float) -> float:
 def eta_seconds(finished: list[Finished], running: list[Running], not_started: int, workers: int = 1) -> float | None:
     """Seconds until the search ends: the expected work left, shared by `workers`, and never less
     than the longest running trial's remaining time. The work left is not_started trials at the
-    expected time of one (expected_share of full trainings), each running trial's remaining time
-    (its epochs left at its own epoch time once it trains in full), and, while trials remain to be
-    started, half a full training for each worker but one: the search ends when its last worker
-    does, and the others wait for it. None while no full training's time is known (neither
-    finished nor measured for an epoch)."""
+    expected time of one (expected_share of them past the first rung, and of those, the recent share
+    past a second rung where the study has one), each running trial's remaining time (its epochs
+    left at its own epoch time once it trains in full), and, while trials remain to be started, half
+    a full training for each worker but one: the search ends when its last worker does, and the
+    others wait for it. None while no full training's time is known (neither finished nor measured
+    for an epoch)."""
     full = _mean([f for f in finished if not f.at_rung])
     if full is None:  # none finished yet: a running one's epochs tell
         guesses = [t.seconds + _left_in_training(t, 0.0) for t in running
@@ -123,21 +133,34 @@ def eta_seconds(finished: list[Finished], running: list[Running], not_started: i
         full = fmean(guesses) if guesses else None
     if full is None:
         return None if not_started or running else 0.0
-    stop = _mean([f for f in finished if f.at_rung])
+    second = any(f.second_rung for f in finished) or any(t.second_rung for t in running)
+    stop = _mean([f for f in finished if f.at_rung and not f.second_rung])
     if stop is None:
-        rungs = [f.rung_seconds for f in finished if f.rung_seconds is not None]
+        rungs = [f.rung_seconds for f in finished if f.rung_seconds is not None and not f.second_rung]
         stop = fmean(rungs) if rungs else None
+    past_second = 1.0  # the share of the first rung's survivors that trains in full
+    after_first = full  # the expected seconds of a trial that passes the first rung
     if stop is None:  # no trial ran the rung: every trial is a full one
         share, stop = 1.0, full
     else:
-        screened = sorted([(f.number, not f.at_rung) for f in finished if not f.preset and f.number >= TPE_STARTUP]
+        screened = sorted([(f.number, not f.at_rung or f.second_rung) for f in finished
+                           if not f.preset and f.number >= TPE_STARTUP]
                           + [(t.number, True) for t in running
-                             if t.training and not t.preset and t.number >= TPE_STARTUP])
+                             if (t.training or t.second_rung) and not t.preset and t.number >= TPE_STARTUP])
         share = expected_share(full_share([went_on for _, went_on in screened]), not_started)
-    trial = share * full + (1 - share) * stop
-    left = [_left_in_training(t, full) if t.training or t.preset else max(0.0, trial - t.seconds)
-            for t in running]
+        if second:
+            # time to the second rung's verdict: a stop there, or a full training's rungs
+            ends = ([f.seconds for f in finished if f.at_rung and f.second_rung]
+                    + [f.rung_seconds for f in finished if not f.at_rung and f.second_rung and f.rung_seconds])
+            if ends:
+                past_second = full_share([not f.at_rung for f in sorted(finished, key=lambda f: f.number)
+                                          if f.second_rung and not f.preset]
+                                         + [True for t in running if t.training and not t.preset])
+                after_first = (1 - past_second) * fmean(ends) + past_second * full
+    trial = share * after_first + (1 - share) * stop
+    left = [_left_in_training(t, full) if t.training or t.preset
+            else max(0.0, (after_first if t.second_rung else trial) - t.seconds) for t in running]
     work = not_started * trial + sum(left)
     if not_started:
-        work += (workers - 1) * share * full / 2
+        work += (workers - 1) * share * past_second * full / 2
     return max(work / workers, max(left, default=0.0))

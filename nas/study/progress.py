@@ -155,4 +155,4 @@ def _running(seen: _Seen, now: float) -> Running:
     return Running(number=report.trial, seconds=now - seen.started, training=training,
                    epochs_left=report.epochs - report.epoch if training else 0,
                    epoch_seconds=report.epoch_seconds, in_epoch=now - seen.at if training else 0.0,
-                   preset=report.preset)
+                   preset=report.preset, second_rung=report.phase == "rung 2")
