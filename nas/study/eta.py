@@ -151,7 +151,8 @@ def eta_seconds(finished: list[Finished], running: list[Running], not_started: i
         if second:
             # time to the second rung's verdict: a stop there, or a full training's rungs
             ends = ([f.seconds for f in finished if f.at_rung and f.second_rung]
-                    + [f.rung_seconds for f in finished if not f.at_rung and f.second_rung and f.rung_seconds])
+                    + [f.rung_seconds for f in finished
+                       if not f.at_rung and f.second_rung and f.rung_seconds is not None])
             if ends:
                 past_second = full_share([not f.at_rung for f in sorted(finished, key=lambda f: f.number)
                                           if f.second_rung and not f.preset]
