@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -375,6 +376,60 @@ def _runs(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+class _HeldSampler(optuna.samplers.RandomSampler):
+    """Holds each trial in its sampling (after Optuna has created it RUNNING in the storage) until
+    `proceed` is set; `sampling` says it is there."""
+
+    def __init__(self):
+        super().__init__(seed=0)
+        self.sampling, self.proceed = threading.Event(), threading.Event()
+
+    def before_trial(self, study, trial):
+        self.sampling.set()
+        assert self.proceed.wait(timeout=60)
+
+
+def test_a_worker_whose_parent_dies_while_its_trial_is_created_fails_that_trial(tmp_path):
+    """The parent's death can come between Optuna's creation of the next trial and its first
+    suggestion (the sampler's work): the leaving worker fails that trial too, instead of leaving it
+    RUNNING until the heartbeat's grace period ends."""
+    sampler = _HeldSampler()
+    study = optuna.create_study(study_name="tiny", storage=open_storage(f"sqlite:///{tmp_path / 'tiny.db'}"),
+                                sampler=sampler, direction="maximize")
+    finish = threading.Event()
+
+    def objective(trial: optuna.Trial) -> float:
+        assert finish.wait(timeout=60)
+        raise RuntimeError("the process would have left")
+
+    one = Slots(1)
+    one.release = lambda: None  # the failed trial's slot is not given back: one trial, then run_trials returns
+    errors = []
+    main = threading.Thread(target=lambda: _catch(errors, run_trials, study, objective, one, target=1))
+    main.start()
+    try:
+        assert sampler.sampling.wait(timeout=60)
+        assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]
+        leaving = threading.Thread(target=workers._cleanups[-1])  # what the parent watcher runs
+        leaving.start()
+        sampler.proceed.set()
+        leaving.join(timeout=60)
+        assert not leaving.is_alive()
+        assert [t.state for t in study.get_trials()] == [TrialState.FAIL]
+    finally:
+        sampler.proceed.set()
+        finish.set()
+        main.join(timeout=60)
+    assert not main.is_alive()
+
+
+def _catch(errors: list, function, *args, **kwargs) -> None:
+    try:
+        function(*args, **kwargs)
+    except Exception as exc:  # the objective's, or Optuna's on telling a failed trial
+        errors.append(exc)
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers in /proc")

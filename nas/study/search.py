@@ -31,6 +31,9 @@ from nas.study.trials import (COST_UNITS, cost_objective, counts, finished_trial
 from nas.studyfile import StudyConfig
 from nas.workers import Line, Outbox, Slots, run_processes, when_leaving
 
+ASK_WAIT = 10  # seconds a leaving worker waits for the trial it is creating (run_trials)
+
+
 def artifact_dir(options: SearchOptions) -> Path:
     return Path(options.artifact_dir) if options.artifact_dir else artifact_dir_for(options.storage)
 
@@ -125,19 +128,34 @@ def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], Any], sl
     ended: list[FrozenTrial] = []
     callbacks = [lambda study, trial: ended.append(trial), *(callbacks or [])]
     started: list[int] = []  # the trial ids this process asked for
+    asking = threading.Lock()  # held while a trial is created and sampled, before its id is known
+    ask = study.ask
 
-    def tracked(trial: optuna.Trial) -> Any:
-        started.append(trial._trial_id)
-        return objective(trial)
+    def ask_and_track(*args: Any, **kwargs: Any) -> optuna.Trial:
+        # Optuna's optimize asks through the study: the trial is RUNNING in the storage from
+        # the moment ask creates it, before the sampler has proposed anything.
+        with asking:
+            trial = ask(*args, **kwargs)
+            started.append(trial._trial_id)
+        return trial
 
-    when_leaving(lambda: started and fail_if_running(study, started[-1]))
+    def leaving() -> None:
+        # A trial being created when the parent died is failed too: wait for its id, though
+        # not through an outage (a creation that waits on the storage has not landed), and keep
+        # the lock, so that no trial is asked for after this one.
+        asking.acquire(timeout=ASK_WAIT)
+        if started:
+            fail_if_running(study, started[-1])
+
+    study.ask = ask_and_track
+    when_leaving(leaving)
 
     while len(finished_trials(study)) < target and (deadline is None or time.monotonic() < deadline):
         if not slots.claim():
             return
         ended.clear()
         try:
-            study.optimize(tracked, n_trials=1, callbacks=callbacks, catch=(), gc_after_trial=False)
+            study.optimize(objective, n_trials=1, callbacks=callbacks, catch=(), gc_after_trial=False)
         except KeyboardInterrupt:
             if started:
                 fail_if_running(study, started[-1])
