@@ -21,6 +21,9 @@ from nas.study.sampling import RUNG_STEP, TPE_STARTUP
 TIMELINE = Path(__file__).parent / "data" / "main-job-2026-12-07.json"
 # the default study with all three levers on (studies/levers/all.toml): a second rung, curve stops
 LEVERS_TIMELINE = Path(__file__).parent / "data" / "main-job-levers-2026-12-07.json"
+# the default study, levers off, on an AVX2-only EPYC: 13 of 50 trained in full (a stopped and resumed
+# run, reconstructed as one: its note)
+AVX2_TIMELINE = Path(__file__).parent / "data" / "main-job-none-avx2-2026-12-08.json"
 MODEL3 = Finished(200.0, at_rung=False, rung_seconds=20.0, preset=True)  # went on; 20 s of it the rung
 
 
@@ -210,6 +213,41 @@ def test_the_replayed_run_holds_what_it_was_measured_at():
                    "43rd finished trial on (docs/performance.md, 2026-12-07)")
 def test_the_replayed_run_holds_the_issues_target_throughout():
     assert max(abs(e) for e in replayed_errors().values()) <= 0.25
+
+
+def test_the_replay_gives_the_eta_the_bar_showed():
+    """The levers-off run on the AVX2 EPYC, unbroken to its 34th finished trial: its replay gives, at
+    the 10th, 20th and 30th, the ETA its bar showed (+65%, +27%, +94% of the time actually left;
+    the bar's frames differ from the trials' ends by a second or two)."""
+    run = json.loads(AVX2_TIMELINE.read_text())
+    shown = {s["finished"]: s["eta_shown_s"] for s in run["eta_shown"]}
+    errors = replayed_errors(AVX2_TIMELINE)
+    left = {count: run["wall_seconds"] - s["bar_elapsed_s"] for count, s in
+            ((s["finished"], s) for s in run["eta_shown"])}
+    for count in (10, 20, 30):
+        assert errors[count] == pytest.approx((shown[count] - left[count]) / left[count], abs=0.02)
+    assert all(errors[count] > 0.2 for count in (10, 20, 30))  # far too long on this run: few trained in full
+
+
+def test_no_share_of_full_trainings_known_in_advance_holds_the_issues_target(monkeypatch):
+    """Why the target is not met: the fates of the trials still to come, not the estimate of their
+    share, decide the time left. Given each recorded run's own final share of TPE candidates past
+    the first rung (hindsight no estimate has) from its first trial on, the replayed ETA is still more
+    than 25% off somewhere between the 10th and the 42nd finished trial in two of the three runs,
+    and in all three before their last."""
+    from nas.study import eta
+
+    worst = {}
+    for timeline in (TIMELINE, LEVERS_TIMELINE, AVX2_TIMELINE):
+        tpe = [t for t in json.loads(timeline.read_text())["trials"] if t["number"] >= TPE_STARTUP]
+        share = sum(t["pruned_at"] is None or t.get("rung2_acc") is not None for t in tpe) / len(tpe)
+        monkeypatch.setattr(eta, "full_share", lambda fates, share=share: share)
+        monkeypatch.setattr(eta, "expected_share", lambda now, trials: now)
+        errors = replayed_errors(timeline)
+        worst[timeline.name] = (max(abs(e) for count, e in errors.items() if count <= 42),
+                                max(abs(e) for e in errors.values()))
+    assert sum(before > 0.25 for before, _ in worst.values()) == 2, worst
+    assert all(end > 0.5 for _, end in worst.values()), worst
 
 
 def test_the_replayed_levered_run_holds_far_closer_than_the_eta_it_showed():

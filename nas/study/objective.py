@@ -27,7 +27,7 @@ from nas.space import suggest
 from nas.spec import ArchSpec, SpecError, TrainConfig, cost_lines, count_params, layer_string, receptive_field
 from nas.study.front_rung import front_rung_verdict
 from nas.study.levers import SECOND_RUNG_ATTR, keep_share, second_rung_pays, second_rung_scores
-from nas.study.progress import TrialProgress
+from nas.study.progress import RUNG, SECOND_RUNG, TRAIN, TrialProgress
 from nas.study.sampling import RUNG_STEP, goes_on, rung_pays
 from nas.study.stored import DATA_ATTR
 from nas.study.trials import epochs_to_target, score
@@ -163,7 +163,7 @@ class Objective:
         split = split.head(rung.subset)
         try:
             if self.progress is not None:
-                self.progress(TrialProgress(self.options.worker, trial.number, "rung",
+                self.progress(TrialProgress(self.options.worker, trial.number, RUNG,
                                             preset="preset" in trial.user_attrs))
             result = train(arch, short, split, run, progress=self.bars, nested=self.nested)
             value = result.history[-1].eval_acc
@@ -193,7 +193,7 @@ class Objective:
             return
         split = split.head(rung.second_subset or len(split.train_x))
         if self.progress is not None:
-            self.progress(TrialProgress(self.options.worker, trial.number, "rung 2",
+            self.progress(TrialProgress(self.options.worker, trial.number, SECOND_RUNG,
                                         preset="preset" in trial.user_attrs))
         try:
             value = train(arch, dataclasses.replace(train_config, epochs=rung.second_epochs), split, run,
@@ -280,5 +280,5 @@ class Steps:
         if self.progress is None:
             return
         seconds = (time.monotonic() - self.started) / epoch if epoch else None
-        self.progress(TrialProgress(self.worker, self.trial, "train", epoch, self.epochs, accuracy, seconds,
+        self.progress(TrialProgress(self.worker, self.trial, TRAIN, epoch, self.epochs, accuracy, seconds,
                                     self.preset))

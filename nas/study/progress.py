@@ -20,13 +20,17 @@ from nas.study.trials import best_trial, finished_trials, is_rejected
 BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"  # tqdm's, less its uniform-rate ETA
 
 
+# TrialProgress.phase: what a trial in flight is doing (the bar shows it as written)
+RUNG, SECOND_RUNG, TRAIN = "rung", "rung 2", "train"
+
+
 @dataclass(frozen=True)
 class TrialProgress:
     """What a worker reports of the trial it runs, at each step, to the process that draws the bar."""
 
     worker: int
     trial: int | None  # None: between trials
-    phase: str = "rung"  # "rung": being screened; "train": in full training
+    phase: str = RUNG  # RUNG or SECOND_RUNG: being screened; TRAIN: in full training
     epoch: int = 0  # epochs done (train)
     epochs: int = 0  # epochs in all (train)
     accuracy: float | None = None  # the last epoch's validation accuracy
@@ -41,7 +45,7 @@ class TrialProgress:
 
     def label(self) -> str:
         """How the bar's postfix shows it, e.g. `#28 ep 7/15 98.90%` or `#29 rung`."""
-        if self.phase != "train":
+        if self.phase != TRAIN:
             return f"#{self.trial} {self.phase}"
         return f"#{self.trial} ep {self.epoch}/{self.epochs}" + (
             "" if self.accuracy is None else f" {self.accuracy:.2f}%")
@@ -151,8 +155,8 @@ class ProgressBar:
 
 def _running(seen: _Seen, now: float) -> Running:
     report = seen.report
-    training = report.phase == "train"
+    training = report.phase == TRAIN
     return Running(number=report.trial, seconds=now - seen.started, training=training,
                    epochs_left=report.epochs - report.epoch if training else 0,
                    epoch_seconds=report.epoch_seconds, in_epoch=now - seen.at if training else 0.0,
-                   preset=report.preset, second_rung=report.phase == "rung 2")
+                   preset=report.preset, second_rung=report.phase == SECOND_RUNG)
